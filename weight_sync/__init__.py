@@ -1,0 +1,49 @@
+"""Moving weights from trainer ranks to vLLM engine workers: buckets, transports, verification.
+
+Pure parts (bucket layout, transfer-group planning, fingerprints) need no Ray; the transports
+run inside trainer actors and inside vLLM workers (as a worker extension).
+"""
+
+from weight_sync.buckets import (
+    DEFAULT_FUSED_GROUPS,
+    Bucket,
+    BucketPlan,
+    BucketPlanError,
+    TensorMeta,
+    default_bucket_bytes,
+    fused_group_key,
+    plan_buckets,
+)
+from weight_sync.fingerprint import Fingerprint, WeightSyncError, compare, fingerprint
+from weight_sync.groups import Receiver, TransferGroup, plan_transfer_groups
+from weight_sync.receiver import EXTENSION_QUALNAME, ReceiverSetup, SyncRequest
+from weight_sync.sources import DeepSpeedSource, ModuleSource, WeightSource, source_for
+from weight_sync.transport import Backend, Rendezvous, choose_backend
+
+__all__ = [
+    "DEFAULT_FUSED_GROUPS",
+    "EXTENSION_QUALNAME",
+    "Backend",
+    "Bucket",
+    "BucketPlan",
+    "BucketPlanError",
+    "DeepSpeedSource",
+    "Fingerprint",
+    "ModuleSource",
+    "Receiver",
+    "ReceiverSetup",
+    "Rendezvous",
+    "SyncRequest",
+    "TensorMeta",
+    "TransferGroup",
+    "WeightSource",
+    "WeightSyncError",
+    "choose_backend",
+    "compare",
+    "default_bucket_bytes",
+    "fingerprint",
+    "fused_group_key",
+    "plan_buckets",
+    "plan_transfer_groups",
+    "source_for",
+]

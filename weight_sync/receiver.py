@@ -1,0 +1,207 @@
+"""The receiving side, inside every vLLM worker, as a worker extension (``worker_extension_cls``).
+
+Why an extension rather than a backend of vLLM 0.32's weight-transfer API: the extension is
+reached through ``collective_rpc`` in-process and in multi-process (TP) executors alike, needs
+no plugin registration inside worker processes, and lets one call stream every bucket with the
+next receive posted before the current apply (the API drives one ``update_weights`` RPC per
+chunk). Both apply through the same layer-wise reload machinery.
+
+Per sync, in each worker: open one layer-wise reload session; for each bucket, wait for it, post
+the receive of the next, fingerprint what arrived (if verifying), ``load_weights`` it (vLLM's
+own weight loaders shard it for this TP rank, fuse q/k/v and gate/up, and repack on CPU), then
+tell the transport the buffer is free; close the session. Only metadata arrives by RPC.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from weight_sync.buckets import BucketPlan
+from weight_sync.fingerprint import Fingerprint, WeightSyncError, fingerprint
+from weight_sync.transport import ReceiverTransport, Rendezvous, make_receiver
+
+__all__ = [
+    "ReceiverSetup",
+    "SyncRequest",
+    "ReceiveReport",
+    "WeightSyncWorkerExtension",
+    "EXTENSION_QUALNAME",
+]
+
+EXTENSION_QUALNAME = "weight_sync.receiver.WeightSyncWorkerExtension"
+
+# vLLM logs one warning per layer it is not given during a reload session (and one for the
+# rotary embedding even on a full reload): tens of thousands of lines per sync on big models.
+logging.getLogger("vllm.model_executor.model_loader.reload").setLevel(logging.ERROR)
+
+
+@dataclass(frozen=True)
+class ReceiverSetup:
+    """Sent once to every worker of an engine.
+
+    Attributes:
+        rendezvous: The group each TP rank joins (index = TP rank): on CUDA, TP ranks that
+            share a GPU with different trainer ranks join different CUDA IPC groups.
+        group_ranks: Group rank of each TP rank of this engine (index = TP rank).
+        plan: The bucket layout every sync follows.
+    """
+
+    rendezvous: tuple[Rendezvous, ...]
+    group_ranks: tuple[int, ...]
+    plan: BucketPlan
+
+
+@dataclass(frozen=True)
+class SyncRequest:
+    """Sent with every sync: the version the weights will carry, and whether to fingerprint."""
+
+    version: int
+    verify: bool = True
+
+
+@dataclass
+class ReceiveReport:
+    """What one worker received in one sync."""
+
+    version: int
+    tp_rank: int
+    bytes_received: int = 0
+    seconds: float = 0.0
+    wait_s: float = 0.0
+    apply_s: float = 0.0
+    fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
+
+
+class _State:
+    def __init__(self, setup: ReceiverSetup, tp_rank: int, transport: ReceiverTransport):
+        self.setup = setup
+        self.tp_rank = tp_rank
+        self.transport = transport
+        self.faults: set[str] = set()
+
+
+class WeightSyncWorkerExtension:
+    """Mixed into vLLM's worker class; its methods are called with ``llm.collective_rpc``."""
+
+    def ws_setup(self, setup: ReceiverSetup) -> dict:
+        """Joins the transfer group; must run concurrently with the sender's setup."""
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        self.ws_teardown()
+        tp_rank = get_tensor_model_parallel_rank()
+        rank = setup.group_ranks[tp_rank]
+        transport = make_receiver(
+            setup.rendezvous[tp_rank], rank, setup.plan.max_bucket_bytes, torch.device(self.device)
+        )
+        self._ws_state = _State(setup, tp_rank, transport)
+        return {"tp_rank": tp_rank, "group_rank": rank}
+
+    def ws_receive(self, request: SyncRequest) -> ReceiveReport:
+        """Receives and applies every bucket of the plan (see the module docstring)."""
+        from vllm.config import set_current_vllm_config
+
+        state = self._ws_require()
+        with set_current_vllm_config(self.vllm_config), torch.no_grad():
+            report = self._ws_stream(state, request)
+        for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
+            # What vLLM's own reload_weights resets after loading, minus the prefix cache,
+            # which lives in the scheduler: the engine actor resets it.
+            getattr(self.model_runner, reset, lambda: None)()
+        return report
+
+    def _ws_stream(self, state: _State, request: SyncRequest) -> ReceiveReport:
+        from vllm.model_executor.model_loader.reload import (
+            finalize_layerwise_reload,
+            initialize_layerwise_reload,
+        )
+
+        plan = state.setup.plan
+        model = self.model_runner.model
+        report = ReceiveReport(version=request.version, tp_rank=state.tp_rank)
+        start = time.perf_counter()
+        initialize_layerwise_reload(model)
+        try:
+            pending = state.transport.receive(plan.buckets[0]) if plan.buckets else None
+            for i, bucket in enumerate(plan.buckets):
+                t0 = time.perf_counter()
+                buffer = pending.wait()
+                t1 = time.perf_counter()
+                if i + 1 < len(plan.buckets):
+                    pending = state.transport.receive(plan.buckets[i + 1])
+                if "corrupt_next_bucket" in state.faults:
+                    state.faults.discard("corrupt_next_bucket")
+                    buffer[: bucket.nbytes : 4099].add_(1)  # flip a few bytes, as a bad link would
+                views = bucket.views(buffer)
+                if request.verify:
+                    report.fingerprints.update((n, fingerprint(v)) for n, v in views)
+                model.load_weights(iter(views))
+                _detach_pending_loads(buffer)
+                state.transport.done(bucket)
+                report.bytes_received += bucket.nbytes
+                report.wait_s += t1 - t0
+                report.apply_s += time.perf_counter() - t1
+        finally:
+            t0 = time.perf_counter()
+            finalize_layerwise_reload(model, self.model_runner.model_config)
+            report.apply_s += time.perf_counter() - t0
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def ws_applied_fingerprints(self) -> dict[str, Fingerprint]:
+        """Fingerprints of the applied parameters that are readable on this platform.
+
+        On CUDA every parameter is readable. The CPU backend repacks linear weights into
+        opaque kernels (their parameters read as shape [0]); those are skipped here, and what
+        the worker received is fingerprinted instead.
+        """
+        out = {}
+        for name, param in self.model_runner.model.named_parameters():
+            if param.numel() > 0:
+                out[name] = fingerprint(param.data)
+        return out
+
+    def ws_inject_fault(self, fault: str) -> None:
+        """Test hook: ``"corrupt_next_bucket"`` flips bytes of the next bucket received."""
+        if fault != "corrupt_next_bucket":
+            raise ValueError(f"unknown fault {fault!r}; known: 'corrupt_next_bucket'")
+        self._ws_require().faults.add(fault)
+
+    def ws_teardown(self) -> None:
+        """Leaves the group and frees the receive buffers. Idempotent."""
+        state = getattr(self, "_ws_state", None)
+        if state is not None:
+            state.transport.close()
+            self._ws_state = None
+
+    def _ws_require(self) -> _State:
+        state = getattr(self, "_ws_state", None)
+        if state is None:
+            raise WeightSyncError("weight sync is not set up on this worker; call ws_setup first")
+        return state
+
+
+def _detach_pending_loads(buffer: torch.Tensor) -> None:
+    """Copies out tensors that vLLM holds, unprocessed, as views of our receive buffer.
+
+    A layer whose parameter has padding (e.g. a vocabulary padded to a multiple of 64) never
+    reaches its full element count, so vLLM defers it to the end of the session while holding
+    views of the receive buffer, which the next bucket overwrites. Those few tensors are
+    cloned; complete layers were already copied into their parameters.
+    """
+    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+
+    lo = buffer.data_ptr()
+    hi = lo + buffer.numel() * buffer.element_size()
+    for info in LAYERWISE_INFO.values():
+        for _, bound in info.loaded_weights:
+            for key, value in bound.arguments.items():
+                if (
+                    key != "param"
+                    and isinstance(value, torch.Tensor)
+                    and lo <= value.data_ptr() < hi
+                ):
+                    bound.arguments[key] = value.clone()

@@ -1,0 +1,105 @@
+"""The trainer side of a sync: gather, cast and pack each bucket, send it, two buckets in flight.
+
+Order per bucket ``i`` (buffer ``i % 2``): wait until that buffer's previous send finished;
+gather the bucket's parameters (a collective under ZeRO-3, entered by every trainer rank in
+the same order); cast-copy them into the buffer; fingerprint what was packed (if verifying);
+start sending. Packing bucket ``i + 1`` thus overlaps the transfer of bucket ``i``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from weight_sync.buckets import BucketPlan
+from weight_sync.fingerprint import Fingerprint, fingerprint
+from weight_sync.sources import WeightSource
+from weight_sync.transport import Pending, SenderTransport
+
+__all__ = ["SendReport", "WeightSender"]
+
+
+@dataclass
+class SendReport:
+    """What one trainer rank did in one sync."""
+
+    version: int
+    bytes_sent: int = 0
+    seconds: float = 0.0
+    gather_s: float = 0.0
+    pack_s: float = 0.0
+    wait_s: float = 0.0
+    fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
+
+
+class WeightSender:
+    """Streams a source's weights through zero or more transports, following a bucket plan.
+
+    A trainer rank with no transports still walks the plan when the source is collective
+    (ZeRO-3): its shards are needed for every gather.
+    """
+
+    def __init__(self, source: WeightSource, plan: BucketPlan, device: torch.device):
+        self.source = source
+        self.plan = plan
+        self.device = device
+        self.transports: list[SenderTransport] = []
+        self.buffers: tuple[torch.Tensor, ...] = ()
+
+    def allocate_buffers(self) -> tuple[torch.Tensor, ...]:
+        """Allocates (and touches) the two bucket buffers; idempotent."""
+        if not self.buffers:
+            size = self.plan.max_bucket_bytes
+            self.buffers = tuple(
+                torch.zeros(size, dtype=torch.uint8, device=self.device) for _ in range(2)
+            )
+        return self.buffers
+
+    def send(self, version: int, *, verify: bool) -> SendReport:
+        """Runs one sync through every transport; returns timings and fingerprints if verifying."""
+        report = SendReport(version=version)
+        start = time.perf_counter()
+        sending = bool(self.transports)
+        if not sending and not self.source.collective:
+            return report
+        if sending:
+            self.allocate_buffers()
+        in_flight: list[list[Pending]] = [[], []]
+        for bucket in self.plan.buckets:
+            slot = bucket.index % 2
+            t0 = time.perf_counter()
+            for op in in_flight[slot]:
+                op.wait()
+            in_flight[slot] = []
+            t1 = time.perf_counter()
+            with self.source.gathered(bucket.names) as tensors:
+                t2 = time.perf_counter()
+                if sending:
+                    buffer = self.buffers[slot]
+                    for name, view in bucket.views(buffer):
+                        view.copy_(tensors[name])
+                        if verify:
+                            report.fingerprints[name] = fingerprint(view)
+            t3 = time.perf_counter()
+            if sending:
+                in_flight[slot] = [t.send(bucket, buffer) for t in self.transports]
+                report.bytes_sent += bucket.nbytes
+            report.wait_s += t1 - t0
+            report.gather_s += t2 - t1
+            report.pack_s += t3 - t2
+        t0 = time.perf_counter()
+        for ops in in_flight:
+            for op in ops:
+                op.wait()
+        report.wait_s += time.perf_counter() - t0
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def close(self) -> None:
+        """Closes every transport and frees the buffers."""
+        for t in self.transports:
+            t.close()
+        self.transports = []
+        self.buffers = ()

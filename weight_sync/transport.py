@@ -1,0 +1,151 @@
+"""The transport interface, its rendezvous description, and the factory that picks one.
+
+A transport moves one bucket (a flat byte buffer) from a trainer rank to engine workers. Every
+operation is asynchronous and returns a handle whose ``wait()`` is bounded by the rendezvous
+timeout, so that at most two buckets are in flight per side (double buffering) and a dead peer
+becomes an error instead of a hang.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from weight_sync.buckets import Bucket
+
+__all__ = [
+    "Backend",
+    "Rendezvous",
+    "Pending",
+    "SenderTransport",
+    "ReceiverTransport",
+    "choose_backend",
+    "make_sender",
+    "make_receiver",
+]
+
+
+class Backend(enum.Enum):
+    """How bytes travel from a trainer rank to an engine worker."""
+
+    GLOO = "gloo"  # torch.distributed over TCP, CPU tensors
+    NCCL = "nccl"  # torch.distributed over NCCL, sender and receiver on different GPUs
+    CUDA_IPC = "cuda_ipc"  # shared CUDA buffers, sender and receiver on one GPU
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where and how the members of one transfer group meet.
+
+    Attributes:
+        host: Address of the store, hosted by the sender. Loopback on a single node, so that
+            nothing listens on a routable interface unless the topology needs it.
+        port: The store's port (chosen free by the sender's OS).
+        world_size: Members: the sender (rank 0) plus the receivers.
+        key: Per-run prefix of every store key, so two jobs on one node never cross.
+        timeout_s: Bound on every store wait and every collective.
+        backend: The transport.
+    """
+
+    host: str
+    port: int
+    world_size: int
+    key: str
+    timeout_s: float
+    backend: Backend
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.port, int) or not 0 < self.port < 65536:
+            raise ValueError(f"Rendezvous.port={self.port!r}: must be in 1..65535")
+        if not isinstance(self.world_size, int) or self.world_size < 2:
+            raise ValueError(
+                f"Rendezvous.world_size={self.world_size!r}: needs the sender and at least one "
+                "receiver (>= 2)"
+            )
+        if not (isinstance(self.timeout_s, (int, float)) and math.isfinite(self.timeout_s)) or (
+            self.timeout_s <= 0
+        ):
+            raise ValueError(f"Rendezvous.timeout_s={self.timeout_s!r}: must be finite and > 0")
+        if not self.key:
+            raise ValueError("Rendezvous.key is empty; pass a per-run key (e.g. a uuid)")
+
+
+class Pending(ABC):
+    """An operation in flight."""
+
+    @abstractmethod
+    def wait(self) -> torch.Tensor:
+        """Blocks (bounded by the timeout) until done; returns the buffer it concerns."""
+
+
+class SenderTransport(ABC):
+    """Sending side of a transport."""
+
+    @abstractmethod
+    def send(self, bucket: Bucket, buffer: torch.Tensor) -> Pending:
+        """Starts sending ``buffer[:bucket.nbytes]``; ``wait()`` returns when it may be reused."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Releases the group. Idempotent."""
+
+
+class ReceiverTransport(ABC):
+    """Receiving side of a transport."""
+
+    @abstractmethod
+    def receive(self, bucket: Bucket) -> Pending:
+        """Starts receiving ``bucket``; ``wait()`` returns a buffer holding its bytes."""
+
+    @abstractmethod
+    def done(self, bucket: Bucket) -> None:
+        """Tells the sender that ``bucket`` was applied (its buffer may be reused)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Releases the group. Idempotent."""
+
+
+def choose_backend(sender_bundle: int, receiver_bundle: int, device_type: str) -> Backend:
+    """Picks the transport for one sender/receiver pair from the placement.
+
+    Same GPU on CUDA: CUDA IPC (NCCL refuses two ranks on one GPU). Different GPUs on CUDA:
+    NCCL. Off CUDA: gloo, whatever the placement.
+    """
+    if device_type != "cuda":
+        return Backend.GLOO
+    return Backend.CUDA_IPC if sender_bundle == receiver_bundle else Backend.NCCL
+
+
+def make_sender(
+    rdv: Rendezvous, store, buffers: tuple[torch.Tensor, ...], device: torch.device
+) -> SenderTransport:
+    """Builds the sending side for ``rdv`` (rank 0 of the group) over the sender's own store.
+
+    Must run concurrently with :func:`make_receiver` on every receiver: collective groups
+    connect all members at construction.
+    """
+    if rdv.backend is Backend.CUDA_IPC:
+        from weight_sync.cuda_ipc import IpcSender
+
+        return IpcSender(rdv, store, buffers)
+    from weight_sync.collective import CollectiveSender
+
+    return CollectiveSender(rdv, store, device)
+
+
+def make_receiver(
+    rdv: Rendezvous, rank: int, buffer_bytes: int, device: torch.device
+) -> ReceiverTransport:
+    """Builds the receiving side for group rank ``rank`` (>= 1) of ``rdv``."""
+    if rdv.backend is Backend.CUDA_IPC:
+        from weight_sync.cuda_ipc import IpcReceiver
+
+        return IpcReceiver(rdv, rank, device)
+    from weight_sync.collective import CollectiveReceiver
+
+    return CollectiveReceiver(rdv, rank, buffer_bytes, device)
