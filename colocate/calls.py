@@ -1,0 +1,157 @@
+"""Explicit dispatch to actors, bounded waits, and the per-GPU hand-over.
+
+``Call`` names who runs what; :func:`wait_all` turns a dead or slow actor into a typed error
+naming the actor, phase and step; :func:`handover` runs one transition with every release on a
+GPU finished before any acquisition on that GPU starts, GPUs proceeding independently.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from colocate.errors import ActorFailedError, ActorTimeoutError
+
+__all__ = ["Call", "wait_all", "handover"]
+
+
+@dataclass(frozen=True)
+class Call:
+    """One method call on one actor, not yet started.
+
+    Attributes:
+        actor: Display name (``"engine0"``).
+        handle: The Ray actor handle.
+        method: Method name.
+        args: Positional arguments.
+        lanes: GPUs (bundle indices) it concerns; for the per-GPU hand-over.
+    """
+
+    actor: str
+    handle: Any
+    method: str
+    args: tuple = ()
+    lanes: tuple[int, ...] = ()
+
+    def start(self) -> ray.ObjectRef:
+        """Submits the call."""
+        return getattr(self.handle, self.method).remote(*self.args)
+
+
+def _raise_for(call: Call, exc: BaseException, tag: tuple[str, int]) -> None:
+    phase, step = tag
+    if isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError)):
+        raise ActorFailedError(
+            f"{call.actor} died during {call.method} (phase {phase!r}, step {step}): {exc}",
+            actor=call.actor,
+            phase=phase,
+            step=step,
+        ) from exc
+    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause else exc
+    raise ActorFailedError(
+        f"{call.actor} failed in {call.method} (phase {phase!r}, step {step}): "
+        f"{type(cause).__name__}: {cause}",
+        actor=call.actor,
+        phase=phase,
+        step=step,
+    ) from cause
+
+
+def wait_all(
+    calls: Sequence[Call], tag: tuple[str, int], timeout_s: float, refs: Sequence | None = None
+) -> list:
+    """Starts ``calls`` (unless ``refs`` are given) and returns their results in order.
+
+    Raises:
+        ActorFailedError: The first call that failed (dead actor or exception), by completion.
+        ActorTimeoutError: Some call had not finished after ``timeout_s``.
+    """
+    refs = list(refs) if refs is not None else [c.start() for c in calls]
+    by_ref = dict(zip(refs, calls, strict=True))
+    deadline = time.monotonic() + timeout_s
+    remaining = list(refs)
+    while remaining:
+        done, remaining = ray.wait(
+            remaining, num_returns=1, timeout=max(0.0, deadline - time.monotonic())
+        )
+        if not done:
+            late = ", ".join(f"{by_ref[r].actor}.{by_ref[r].method}" for r in remaining)
+            first = by_ref[remaining[0]]
+            raise ActorTimeoutError(
+                f"{late} did not finish within {timeout_s:g} s (phase {tag[0]!r}, step {tag[1]})",
+                actor=first.actor,
+                phase=tag[0],
+                step=tag[1],
+            )
+        try:
+            ray.get(done[0])
+        except Exception as exc:  # noqa: BLE001 - converted to a typed error naming the actor
+            _raise_for(by_ref[done[0]], exc, tag)
+    return ray.get(refs)
+
+
+def handover(
+    releases: Sequence[Call],
+    acquires: Sequence[Call],
+    tag: tuple[str, int],
+    timeout_s: float,
+    on_release_done: Callable[[Call], None] | None = None,
+) -> list:
+    """Runs one transition: per GPU, all releases end before any acquisition starts.
+
+    Order: every release starts at once. Each time one finishes, every acquisition whose GPUs
+    have no release left in flight starts. GPUs with nothing to release start their
+    acquisitions immediately; independent GPUs never wait for each other. An acquisition
+    spanning several GPUs (a TP engine) waits for all of them.
+
+    Returns:
+        The acquisitions' results, in the order given.
+    """
+    deadline = time.monotonic() + timeout_s
+    pending_lanes: dict[int, int] = {}
+    for c in releases:
+        for lane in c.lanes:
+            pending_lanes[lane] = pending_lanes.get(lane, 0) + 1
+    started: dict[int, ray.ObjectRef] = {}
+
+    def start_ready() -> None:
+        for i, c in enumerate(acquires):
+            if i not in started and all(pending_lanes.get(lane, 0) == 0 for lane in c.lanes):
+                started[i] = c.start()
+
+    in_flight = {c.start(): c for c in releases}
+    start_ready()
+    while in_flight:
+        done, _ = ray.wait(
+            list(in_flight), num_returns=1, timeout=max(0.0, deadline - time.monotonic())
+        )
+        if not done:
+            call = next(iter(in_flight.values()))
+            raise ActorTimeoutError(
+                f"{call.actor}.{call.method} did not release memory within {timeout_s:g} s "
+                f"(phase {tag[0]!r}, step {tag[1]})",
+                actor=call.actor,
+                phase=tag[0],
+                step=tag[1],
+            )
+        call = in_flight.pop(done[0])
+        try:
+            ray.get(done[0])
+        except Exception as exc:  # noqa: BLE001
+            _raise_for(call, exc, tag)
+        if on_release_done is not None:
+            on_release_done(call)
+        for lane in call.lanes:
+            pending_lanes[lane] -= 1
+        start_ready()
+    order = sorted(started)
+    return wait_all(
+        [acquires[i] for i in order],
+        tag,
+        max(1.0, deadline - time.monotonic()),
+        refs=[started[i] for i in order],
+    )

@@ -1,0 +1,279 @@
+"""The engine actor: one ``vllm.LLM`` with sleep/wake, generation and the weight-sync receiver.
+
+Every method is an idempotent mechanism; the coordinator decides when each runs. Methods that
+touch memory record a timeline span tagged with the coordinator's (phase, step).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from colocate.config import EngineConfig, LoadFormat, Sampling
+from colocate.phases import EngineMemory
+from colocate.timeline import Recorder, Span
+
+__all__ = ["EngineActor", "Completion", "EngineCapabilities", "PromptTooLongError"]
+
+
+class PromptTooLongError(ValueError):
+    """A prompt that does not fit in ``max_model_len`` with the requested completion."""
+
+
+@dataclass(frozen=True)
+class EngineCapabilities:
+    """What this engine can do on its platform."""
+
+    platform: str
+    device_type: str
+    sleep_supported: bool
+    tensor_parallel_size: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled completion, tagged with the weight version that produced it."""
+
+    prompt_index: int
+    sample_index: int
+    prompt_token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    text: str
+    finish_reason: str | None
+    weight_version: int
+
+
+class EngineActor:
+    """Owns one vLLM engine (created in its own Ray actor by the coordinator).
+
+    Args:
+        config: The engine configuration.
+        name: Actor name for errors and the timeline (e.g. ``"engine0"``).
+        lanes: Bundle indices (GPUs) of its TP ranks.
+        env: Environment for vLLM, set before it is imported (in-process engine core, the Ray
+            executor's bundle settings). Passed explicitly by the coordinator.
+    """
+
+    def __init__(
+        self, config: EngineConfig, name: str, lanes: tuple[int, ...], env: dict[str, str]
+    ):
+        os.environ.update(env)
+        self.config = config
+        self.name = name
+        self.recorder = Recorder(name, lanes)
+        self.weight_version = 0 if config.load_format is LoadFormat.AUTO else -1
+        self.memory = EngineMemory.AWAKE
+        self._llm = None
+        self._sleep_level = 0
+
+    def start(self, tag: tuple[str, int]) -> EngineCapabilities:
+        """Builds the vLLM engine (allocates weights and KV cache). Idempotent."""
+        if self._llm is None:
+            with self.recorder.span("engine.start", tag):
+                self._llm = self._build()
+            self.memory = EngineMemory.AWAKE
+        return self.capabilities()
+
+    def _build(self):
+        import vllm
+        from vllm.platforms import current_platform
+
+        from weight_sync.receiver import EXTENSION_QUALNAME
+
+        cfg = self.config
+        cuda = current_platform.device_type == "cuda"
+        kwargs = dict(
+            model=cfg.model,
+            tokenizer=cfg.model,
+            load_format=cfg.load_format.value,
+            dtype=cfg.dtype.value,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            max_model_len=cfg.max_model_len,
+            seed=cfg.seed,
+            max_num_seqs=cfg.max_num_seqs,
+            enforce_eager=(not cuda) if cfg.enforce_eager is None else cfg.enforce_eager,
+            worker_extension_cls=EXTENSION_QUALNAME,
+            enable_sleep_mode=current_platform.is_sleep_mode_available(),
+        )
+        if cuda:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+            if cfg.tensor_parallel_size > 1:
+                kwargs["distributed_executor_backend"] = "ray"
+        if cfg.kv_cache_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_bytes
+        kwargs.update(cfg.vllm_kwargs)
+        return vllm.LLM(**kwargs)
+
+    def capabilities(self) -> EngineCapabilities:
+        """Platform, device type, and whether sleep really frees memory here."""
+        from vllm.platforms import current_platform
+
+        return EngineCapabilities(
+            platform=type(current_platform).__name__,
+            device_type=current_platform.device_type,
+            sleep_supported=current_platform.is_sleep_mode_available(),
+            tensor_parallel_size=self.config.tensor_parallel_size,
+        )
+
+    def generate(
+        self, prompts: list[str] | list[list[int]], sampling: Sampling
+    ) -> list[Completion]:
+        """Generates ``sampling.n`` completions per prompt.
+
+        Returns:
+            One :class:`Completion` per (prompt, sample), prompt-major, each carrying the
+            weight version that produced it.
+
+        Raises:
+            PromptTooLongError: A prompt plus ``max_tokens`` exceeds ``max_model_len``.
+        """
+        llm = self._require_awake("generate")
+        token_prompts = self._tokenize(prompts, sampling.max_tokens)
+        outputs = llm.generate(
+            [{"prompt_token_ids": ids} for ids in token_prompts],
+            sampling.to_vllm(),
+            use_tqdm=False,
+        )
+        out = []
+        for p, request in enumerate(outputs):
+            for s, c in enumerate(request.outputs):
+                logprobs = (
+                    tuple(c.logprobs[i][t].logprob for i, t in enumerate(c.token_ids))
+                    if c.logprobs
+                    else ()
+                )
+                out.append(
+                    Completion(
+                        prompt_index=p,
+                        sample_index=s,
+                        prompt_token_ids=tuple(token_prompts[p]),
+                        token_ids=tuple(c.token_ids),
+                        logprobs=logprobs,
+                        text=c.text,
+                        finish_reason=c.finish_reason,
+                        weight_version=self.weight_version,
+                    )
+                )
+        return out
+
+    def _tokenize(self, prompts, max_tokens: int) -> list[list[int]]:
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError(f"prompts={prompts!r:.80}: pass a non-empty list of str or of ids")
+        tokenizer = None
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                tokenizer = tokenizer or self._llm.get_tokenizer()
+                ids = tokenizer.encode(p)
+            else:
+                ids = [int(t) for t in p]
+            if not ids:
+                raise ValueError(f"prompt {i} is empty; pass at least one token")
+            if len(ids) + max_tokens > self.config.max_model_len:
+                raise PromptTooLongError(
+                    f"prompt {i} has {len(ids)} tokens + max_tokens={max_tokens} > "
+                    f"max_model_len={self.config.max_model_len}; fix: shorten the prompt, "
+                    "lower Sampling.max_tokens, or raise EngineConfig.max_model_len"
+                )
+            out.append(ids)
+        return out
+
+    def sleep(self, level: int, tag: tuple[str, int]) -> EngineMemory:
+        """Releases the KV cache and the weights (level 1 keeps a host copy, level 2 drops it)."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level={level!r}: must be 1 or 2")
+        if self.memory is not EngineMemory.ASLEEP:
+            with self.recorder.span("engine.sleep", tag, level=level):
+                self._llm.sleep(level=level)
+            self._sleep_level = level
+            self.memory = EngineMemory.ASLEEP
+        return self.memory
+
+    def wake_weights(self, tag: tuple[str, int]) -> EngineMemory:
+        """Re-allocates the weights only (no KV cache), ready to receive a sync."""
+        if self.memory is EngineMemory.ASLEEP:
+            with self.recorder.span("engine.wake_weights", tag):
+                self._llm.wake_up(tags=["weights"])
+            self.memory = EngineMemory.WEIGHTS
+        return self.memory
+
+    def wake_kv(self, tag: tuple[str, int]) -> EngineMemory:
+        """Re-allocates the KV cache and resets the prefix cache; the engine can serve again."""
+        if self.memory is not EngineMemory.AWAKE:
+            with self.recorder.span("engine.wake_kv", tag):
+                if self.memory is EngineMemory.ASLEEP:
+                    self._llm.wake_up(tags=["weights"])
+                self._llm.wake_up(tags=["kv_cache"])
+                # Stale KV computed with older weights must never be served (vLLM issue 9744).
+                self._llm.reset_prefix_cache()
+            self.memory = EngineMemory.AWAKE
+        return self.memory
+
+    def setup_sync(self, setup) -> list[dict]:
+        """Every worker joins the transfer group (concurrently with the sender)."""
+        return self._require_llm().collective_rpc("ws_setup", args=(setup,))
+
+    def receive_weights(self, request, tag: tuple[str, int]) -> list:
+        """Every worker receives and applies the whole plan; returns one report per worker."""
+        llm = self._require_llm()
+        if self.memory is EngineMemory.ASLEEP:
+            raise RuntimeError(f"{self.name}: weights are asleep; wake_weights before a sync")
+        with self.recorder.span("engine.receive_weights", tag, version=request.version):
+            reports = llm.collective_rpc("ws_receive", args=(request,))
+            llm.reset_prefix_cache()
+        return reports
+
+    def commit_version(self, version: int) -> int:
+        """Tags later generations with ``version`` (called after the sync was verified)."""
+        self.weight_version = version
+        return version
+
+    def applied_fingerprints(self) -> list[dict]:
+        """Per worker, fingerprints of the applied parameters readable on this platform."""
+        return self._require_llm().collective_rpc("ws_applied_fingerprints")
+
+    def inject_fault(self, fault: str) -> None:
+        """Test hook, forwarded to every worker (see ``ws_inject_fault``)."""
+        self._require_llm().collective_rpc("ws_inject_fault", args=(fault,))
+
+    def drain_spans(self) -> list[Span]:
+        """Timeline spans recorded since the last drain."""
+        return self.recorder.drain()
+
+    def status(self) -> dict:
+        """Memory state, weight version and pid (for health checks and tests)."""
+        return {
+            "name": self.name,
+            "memory": self.memory.value,
+            "weight_version": self.weight_version,
+            "pid": os.getpid(),
+        }
+
+    def shutdown(self) -> None:
+        """Leaves the transfer group and drops the engine."""
+        if self._llm is not None:
+            try:
+                self._llm.collective_rpc("ws_teardown")
+            finally:
+                self._llm = None
+                import gc
+
+                gc.collect()
+
+    def _require_llm(self):
+        if self._llm is None:
+            raise RuntimeError(f"{self.name}: the engine is not started")
+        return self._llm
+
+    def _require_awake(self, action: str):
+        llm = self._require_llm()
+        if self.memory is not EngineMemory.AWAKE:
+            raise RuntimeError(
+                f"{self.name}: {action} needs the engine awake, it is {self.memory.value}"
+            )
+        if self.weight_version < 0:
+            raise RuntimeError(
+                f"{self.name}: started with dummy weights and not synced yet; sync before {action}"
+            )
+        return llm

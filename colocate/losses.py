@@ -1,0 +1,92 @@
+"""Ready-made losses with the ``loss_fn(model, batch) -> (loss, metrics)`` signature.
+
+Batches are dicts of tensors with one row per sequence (prompt + completion, right-padded):
+
+- ``input_ids`` [B, T] and ``attention_mask`` [B, T];
+- ``completion_mask`` [B, T]: 1 where the token is a generated one (its log-prob is trained);
+- for GRPO, ``old_logprobs`` [B, T] (the rollout's log-probs at those positions, 0 elsewhere)
+  and ``advantages`` [B].
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["token_logprobs", "grpo_loss", "lm_loss", "make_grpo_batch"]
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Log-prob of each token given the ones before it; position 0 gets 0. Shape [B, T]."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    picked = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
+
+
+def grpo_loss(model, batch: dict, clip: float = 0.2) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO's clipped surrogate (PPO-clip with group-normalised advantages, no KL term).
+
+    The ratio is taken against the rollout's log-probs, so the first update of a step is
+    exactly the policy gradient and later ones (if any) stay clipped.
+    """
+    mask = batch["completion_mask"].float()
+    new = token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+    ratio = torch.exp((new - batch["old_logprobs"]) * mask)
+    adv = batch["advantages"].float().unsqueeze(1)
+    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip, 1 + clip) * adv)
+    tokens = mask.sum().clamp(min=1.0)
+    loss = -(surrogate * mask).sum() / tokens
+    with torch.no_grad():
+        clipped = ((ratio - 1).abs() > clip).float().mul(mask).sum() / tokens
+        drift = ((new - batch["old_logprobs"]).abs() * mask).sum() / tokens
+    return loss, {"clip_fraction": float(clipped), "logprob_drift": float(drift)}
+
+
+def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean negative log-likelihood of the tokens where ``completion_mask`` is 1."""
+    mask = batch["completion_mask"].float()
+    logp = token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+    loss = -(logp * mask).sum() / mask.sum().clamp(min=1.0)
+    return loss, {}
+
+
+def make_grpo_batch(completions, rewards, group_size: int, pad_id: int) -> dict:
+    """Builds a GRPO batch from engine completions and their rewards.
+
+    Advantages are normalised within each group of ``group_size`` completions of one prompt
+    (mean 0, unit std; a group with identical rewards gets 0).
+
+    Args:
+        completions: ``Completion`` objects, prompt-major, ``group_size`` per prompt.
+        rewards: One float per completion.
+        group_size: Completions per prompt.
+        pad_id: Token used for right padding.
+    """
+    if len(completions) != len(rewards) or len(completions) % group_size:
+        raise ValueError(
+            f"{len(completions)} completions / {len(rewards)} rewards do not form groups of "
+            f"{group_size}"
+        )
+    r = torch.tensor(rewards, dtype=torch.float32).view(-1, group_size)
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=False) + 1e-6)
+    rows = [list(c.prompt_token_ids) + list(c.token_ids) for c in completions]
+    width = max(len(x) for x in rows)
+    b = len(rows)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((b, width), dtype=torch.long)
+    comp = torch.zeros((b, width), dtype=torch.float32)
+    old = torch.zeros((b, width), dtype=torch.float32)
+    for i, (c, ids) in enumerate(zip(completions, rows, strict=True)):
+        p, n = len(c.prompt_token_ids), len(c.token_ids)
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention[i, : len(ids)] = 1
+        comp[i, p : p + n] = 1
+        if c.logprobs:
+            old[i, p : p + n] = torch.tensor(c.logprobs, dtype=torch.float32)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "completion_mask": comp,
+        "old_logprobs": old,
+        "advantages": adv.view(-1),
+    }

@@ -1,0 +1,197 @@
+"""The timeline: every step of every actor, with start/end times and memory readings.
+
+Actors record :class:`Span` objects locally (a :class:`Recorder`); the coordinator drains them
+after each transition and adds its own spans, then exports a Chrome trace (opens in Perfetto)
+and a PNG with one lane per GPU. Times are wall-clock seconds (``time.time()``), comparable
+across processes of one machine; across nodes they carry the nodes' clock skew.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from colocate.memory import MemoryReading, read_memory
+
+__all__ = ["Span", "Recorder", "Timeline", "RELEASE_STEPS", "ACQUIRE_STEPS"]
+
+# Steps that give memory back and steps that take it, as named in spans; the ordering checks
+# (and the tests) use these to verify "every release before every acquisition" per GPU.
+RELEASE_STEPS = frozenset({"engine.sleep", "trainer.offload", "trainer.offload_params"})
+ACQUIRE_STEPS = frozenset(
+    {"engine.wake_weights", "engine.wake_kv", "trainer.reload", "engine.start", "trainer.start"}
+)
+
+
+@dataclass(frozen=True)
+class Span:
+    """One step of one actor (or of the coordinator).
+
+    Attributes:
+        actor: Who did it, e.g. ``"engine0"``, ``"trainer1"``, ``"coordinator"``.
+        lanes: GPU lanes (bundle indices) it concerns; empty for the coordinator's own spans.
+        name: The step, e.g. ``"engine.sleep"``, ``"trainer.train_step"``, ``"transition"``.
+        phase: The pipeline phase being entered or run.
+        step: The RL step counter when it ran.
+        start: Wall-clock start (s).
+        end: Wall-clock end (s).
+        memory_before: Reading before the step.
+        memory_after: Reading after the step.
+        detail: Free-form small facts (sizes, levels).
+    """
+
+    actor: str
+    lanes: tuple[int, ...]
+    name: str
+    phase: str
+    step: int
+    start: float
+    end: float
+    memory_before: MemoryReading | None = None
+    memory_after: MemoryReading | None = None
+    detail: dict = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        """Duration."""
+        return self.end - self.start
+
+
+class Recorder:
+    """Collects spans inside an actor until the coordinator drains them."""
+
+    def __init__(self, actor: str, lanes: tuple[int, ...]):
+        self.actor = actor
+        self.lanes = lanes
+        self._spans: list[Span] = []
+
+    @contextlib.contextmanager
+    def span(self, name: str, tag: tuple[str, int], **detail) -> Iterator[dict]:
+        """Records ``name`` around the block under ``tag`` = (phase, step).
+
+        The yielded dict can take more detail while the block runs.
+        """
+        before = read_memory()
+        start = time.time()
+        try:
+            yield detail
+        finally:
+            end = time.time()
+            self._spans.append(
+                Span(
+                    self.actor,
+                    self.lanes,
+                    name,
+                    tag[0],
+                    tag[1],
+                    start,
+                    end,
+                    before,
+                    read_memory(),
+                    dict(detail),
+                )
+            )
+
+    def drain(self) -> list[Span]:
+        """Returns and forgets the recorded spans."""
+        spans, self._spans = self._spans, []
+        return spans
+
+
+class Timeline:
+    """All spans of a run, in the order they were collected."""
+
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+
+    def extend(self, spans: list[Span]) -> None:
+        """Adds spans drained from an actor."""
+        self.spans.extend(spans)
+
+    def lanes(self) -> list[int]:
+        """Every GPU lane that appears."""
+        return sorted({lane for s in self.spans for lane in s.lanes})
+
+    def on_lane(self, lane: int) -> list[Span]:
+        """Spans of one GPU, by start time."""
+        return sorted((s for s in self.spans if lane in s.lanes), key=lambda s: s.start)
+
+    def ordering_violations(self) -> list[str]:
+        """Per GPU, each acquisition that started before a release of the same hand-over ended.
+
+        A hand-over is one transition: the spans tagged with the phase it enters and the step.
+        (SYNC -> ROLLOUT holds the trainer's params offload and the engine's KV wake-up;
+        start-up is ``start`` (engine created) then ``init`` (engine sleeps, trainer created).)
+        Returns human-readable descriptions; empty means every release ended before any
+        acquisition began, on every GPU.
+        """
+        problems = []
+        for lane in self.lanes():
+            groups: dict[tuple[str, int], list[Span]] = {}
+            for s in self.on_lane(lane):
+                groups.setdefault((s.phase, s.step), []).append(s)
+            for (phase, step), spans in groups.items():
+                releases = [s for s in spans if s.name in RELEASE_STEPS]
+                acquires = [s for s in spans if s.name in ACQUIRE_STEPS]
+                for a in acquires:
+                    for r in releases:
+                        if a.start < r.end:
+                            problems.append(
+                                f"gpu{lane} {phase} step {step}: {a.actor} {a.name} started "
+                                f"{r.end - a.start:.4f} s before {r.actor} {r.name} ended"
+                            )
+        return problems
+
+    def to_chrome_trace(self, path: str | Path) -> Path:
+        """Writes a Chrome trace JSON (one process per GPU lane, one thread per actor)."""
+        events = []
+        pids = {lane: lane + 1 for lane in self.lanes()}
+        for lane, pid in pids.items():
+            events.append(
+                {"ph": "M", "name": "process_name", "pid": pid, "args": {"name": f"GPU {lane}"}}
+            )
+        for s in self.spans:
+            for pid in [pids[lane] for lane in s.lanes] or [0]:
+                args = {"phase": s.phase, "step": s.step, **s.detail}
+                if s.memory_after is not None:
+                    args["memory_kind"] = s.memory_after.kind
+                    args["memory_after_bytes"] = s.memory_after.used_bytes
+                events.append(
+                    {
+                        "ph": "X",
+                        "name": s.name,
+                        "cat": s.phase,
+                        "pid": pid,
+                        "tid": s.actor,
+                        "ts": s.start * 1e6,
+                        "dur": max(s.seconds, 0.0) * 1e6,
+                        "args": args,
+                    }
+                )
+                if s.memory_after is not None:
+                    events.append(
+                        {
+                            "ph": "C",
+                            "name": f"{s.actor} {s.memory_after.kind} bytes",
+                            "pid": pid,
+                            "ts": s.end * 1e6,
+                            "args": {"bytes": s.memory_after.used_bytes},
+                        }
+                    )
+        path = Path(path)
+        path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+        return path
+
+    def to_json(self) -> list[dict]:
+        """Spans as plain dicts."""
+        return [asdict(s) for s in self.spans]
+
+    def to_png(self, path: str | Path, title: str = "") -> Path:
+        """Draws one lane per GPU (steps coloured by phase) and memory over time below it."""
+        from colocate._plot import plot_timeline
+
+        return plot_timeline(self, Path(path), title)
