@@ -118,6 +118,7 @@ class EngineConfig:
             True on CPU (no graphs there).
         seed: Engine seed (sampling is seeded per engine, not per request).
         max_num_seqs: Concurrent sequences.
+        log_level: vLLM's log level inside the engine actor (``VLLM_LOGGING_LEVEL``).
         vllm_kwargs: Other ``vllm.LLM`` keyword arguments, passed through unchanged.
     """
 
@@ -131,6 +132,7 @@ class EngineConfig:
     enforce_eager: bool | None = None
     seed: int = 0
     max_num_seqs: int = 256
+    log_level: str = "WARNING"
     vllm_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -155,6 +157,14 @@ class EngineConfig:
             _positive_int(owner, "kv_cache_bytes", self.kv_cache_bytes, 1 << 20)
         _positive_int(owner, "max_num_seqs", self.max_num_seqs)
         _positive_int(owner, "seed", self.seed, 0)
+        if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise _err(
+                owner,
+                "log_level",
+                self.log_level,
+                "is not a log level",
+                "use DEBUG, INFO, WARNING, ERROR or CRITICAL",
+            )
         reserved = {
             "model",
             "load_format",

@@ -200,7 +200,11 @@ class Coordinator:
         return self
 
     def _engine_env(self) -> dict[str, str]:
-        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        # In-process engine core: collective_rpc then reaches the worker in this process.
+        env = {
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "VLLM_LOGGING_LEVEL": self.engine_config.log_level,
+        }
         if self.device_type == "cpu" and self.spec.engine_tp > 1:
             # The CPU backend's NUMA auto-binding refuses several workers on one NUMA node.
             env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
@@ -347,11 +351,12 @@ class Coordinator:
         n = self.spec.engines
         bounds = [round(i * len(prompts) / n) for i in range(n + 1)]
         used = [e for e in range(n) if bounds[e + 1] > bounds[e]]
+        tag = self._tag(Phase.ROLLOUT)
         calls = [
-            self._engine_call(e, "generate", prompts[bounds[e] : bounds[e + 1]], sampling)
+            self._engine_call(e, "generate", prompts[bounds[e] : bounds[e + 1]], sampling, tag)
             for e in used
         ]
-        results = wait_all(calls, self._tag(Phase.ROLLOUT), self.timeouts.step_s)
+        results = wait_all(calls, tag, self.timeouts.step_s)
         out = []
         for e, completions in zip(used, results, strict=True):
             out.extend(replace(c, prompt_index=c.prompt_index + bounds[e]) for c in completions)

@@ -7,6 +7,7 @@ touch memory record a timeline span tagged with the coordinator's (phase, step).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 from colocate.config import EngineConfig, LoadFormat, Sampling
@@ -59,6 +60,8 @@ class EngineActor:
         self, config: EngineConfig, name: str, lanes: tuple[int, ...], env: dict[str, str]
     ):
         os.environ.update(env)
+        # vLLM's CPU build calls deprecated torch.distributed names at import.
+        warnings.filterwarnings("ignore", category=FutureWarning)
         self.config = config
         self.name = name
         self.recorder = Recorder(name, lanes)
@@ -117,7 +120,10 @@ class EngineActor:
         )
 
     def generate(
-        self, prompts: list[str] | list[list[int]], sampling: Sampling
+        self,
+        prompts: list[str] | list[list[int]],
+        sampling: Sampling,
+        tag: tuple[str, int] = ("rollout", 0),
     ) -> list[Completion]:
         """Generates ``sampling.n`` completions per prompt.
 
@@ -130,11 +136,12 @@ class EngineActor:
         """
         llm = self._require_awake("generate")
         token_prompts = self._tokenize(prompts, sampling.max_tokens)
-        outputs = llm.generate(
-            [{"prompt_token_ids": ids} for ids in token_prompts],
-            sampling.to_vllm(),
-            use_tqdm=False,
-        )
+        with self.recorder.span("engine.generate", tag, prompts=len(token_prompts)):
+            outputs = llm.generate(
+                [{"prompt_token_ids": ids} for ids in token_prompts],
+                sampling.to_vllm(),
+                use_tqdm=False,
+            )
         out = []
         for p, request in enumerate(outputs):
             for s, c in enumerate(request.outputs):

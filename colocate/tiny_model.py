@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Bump when the build recipe changes in a way the spec's fields do not capture.
-_RECIPE_VERSION = 1
+_RECIPE_VERSION = 2
 _SYLLABLES = (
     "ka to ri mu se na lo pe vi da go ru hi ze ba mo ti ne su ra "
     "ko pa li me do sa ni fu ge ya wo chi shi tsu ho an en in on un"
@@ -175,8 +175,10 @@ def _write_model(spec: TinyModelSpec, out: Path) -> None:
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        torch_dtype="float32",
+        torch_dtype="bfloat16",
     )
     torch.manual_seed(spec.seed)
-    model = LlamaForCausalLM(config)
+    # Saved in bf16, the engines' dtype: vLLM loads it without a cast, and the trainer's fp32
+    # copy starts from exactly the values the engines hold.
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -71,6 +72,9 @@ class TrainerActor:
         env: dict[str, str],
     ):
         os.environ.update(env)
+        # DeepSpeed calls torch.distributed APIs that torch has deprecated: one FutureWarning
+        # per call, per step, per rank. They say nothing about this run.
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
         self.config = config
         self.rank = rank
         self.world_size = world_size

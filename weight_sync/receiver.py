@@ -34,9 +34,19 @@ __all__ = [
 
 EXTENSION_QUALNAME = "weight_sync.receiver.WeightSyncWorkerExtension"
 
-# vLLM logs one warning per layer it is not given during a reload session (and one for the
-# rotary embedding even on a full reload): tens of thousands of lines per sync on big models.
-logging.getLogger("vllm.model_executor.model_loader.reload").setLevel(logging.ERROR)
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload"
+
+
+def _silence_reload_logs() -> None:
+    """Raises vLLM's reload loggers to ERROR.
+
+    vLLM logs one warning per layer it is not given during a reload session (and one for the
+    rotary embedding even on a full reload): tens of thousands of lines per sync on big
+    models. vLLM sets a level on each of its loggers, so the children are set one by one.
+    """
+    for name in [_RELOAD_LOGGER, *logging.Logger.manager.loggerDict]:
+        if name.startswith(_RELOAD_LOGGER):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
@@ -105,6 +115,7 @@ class WeightSyncWorkerExtension:
         from vllm.config import set_current_vllm_config
 
         state = self._ws_require()
+        _silence_reload_logs()
         with set_current_vllm_config(self.vllm_config), torch.no_grad():
             report = self._ws_stream(state, request)
         for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):

@@ -1,0 +1,157 @@
+"""`ray job submit` of the GRPO example against a real local head started with `ray start`."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(900)
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _ray(*args, env, timeout=120, check=True):
+    return subprocess.run(
+        [str(BIN / "ray"), *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=check,
+    )
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A head node with 2 logical GPUs, on its own ports and temp dir; stopped even on failure.
+
+    Every port is chosen free: the test session's own Ray runs beside it. The head is stopped
+    by ending its process group (``ray stop`` would stop every Ray on the machine).
+    """
+    (port, dash, agent_http, agent_grpc, env_agent, metrics, node_mgr, obj_mgr, client) = (
+        _free_ports(9)
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+        "DS_ACCELERATOR": "cpu",
+    }
+    env.pop("RAY_ADDRESS", None)
+    # Short: Ray's socket paths under it must stay within 107 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")
+    head = subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--num-cpus=2",
+            "--num-gpus=2",
+            f"--port={port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--include-dashboard=true",
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={env_agent}",
+            f"--metrics-export-port={metrics}",
+            f"--node-manager-port={node_mgr}",
+            f"--object-manager-port={obj_mgr}",
+            f"--ray-client-server-port={client}",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            probe = _ray("job", "list", "--address", address, env=env, check=False)
+            if probe.returncode == 0:
+                break
+            if head.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"head did not start: {head.stdout.read()[-3000:]}")
+            time.sleep(2)
+        yield address, env
+    finally:
+        _kill_group(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _kill_group(proc):
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=60)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def test_ray_job_submit_runs_grpo(ray_head, tmp_path):
+    address, env = ray_head
+    out = tmp_path / "job-out"
+    submitted = _ray(
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        ".",
+        "--no-wait",
+        "--",
+        "python",
+        "examples/grpo_colocated.py",
+        "--steps",
+        "4",
+        "--quiet",
+        "--out",
+        str(out),
+        env=env,
+    )
+    job_id = next(
+        line.split("'")[1]
+        for line in submitted.stdout.splitlines()
+        if "submitted successfully" in line
+    )
+    deadline = time.monotonic() + 600
+    status = ""
+    while time.monotonic() < deadline:
+        status = _ray("job", "status", "--address", address, job_id, env=env).stdout.upper()
+        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        time.sleep(3)
+    logs = _ray("job", "logs", "--address", address, job_id, env=env, check=False).stdout
+    assert "SUCCEEDED" in status, f"{status}\n{logs[-4000:]}"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["weight_version"] == 5
+    assert summary["ordering_violations"] == []
+    assert "GRPO done" in logs
