@@ -62,7 +62,9 @@ def _trainers(model_dir, world=2, **kw):
     env = {"DS_ACCELERATOR": "cpu"}
     config = TrainerConfig(model=model_dir, lr=1e-3, **kw)
     actors = [
-        cls.options(num_gpus=0.5, num_cpus=0.1).remote(config, r, world, f"trainer{r}", r, lm_loss, env)
+        cls.options(num_gpus=0.5, num_cpus=0.1).remote(
+            config, r, world, f"trainer{r}", r, lm_loss, env
+        )
         for r in range(world)
     ]
     master = ray.get(actors[0].free_address.remote(False), timeout=60)

@@ -154,14 +154,16 @@ def test_check_applied_sums_fused_members_and_tp_shards():
 
 
 def test_transfer_groups_by_placement():
-    colocated = plan(TopologySpec(nodes=1, gpus_per_node=4, trainer_world_size=4, engines=2,
-                                  engine_tp=2))
+    colocated = plan(
+        TopologySpec(nodes=1, gpus_per_node=4, trainer_world_size=4, engines=2, engine_tp=2)
+    )
     (cpu,) = plan_transfer_groups(colocated, "cpu")
     assert cpu.backend is Backend.GLOO and cpu.sender_rank == 0 and cpu.world_size == 5
     cuda = plan_transfer_groups(colocated, "cuda")
     assert [(g.sender_rank, g.backend) for g in cuda] == [(r, Backend.CUDA_IPC) for r in range(4)]
     assert cuda[3].receivers == (Receiver(1, 1),)
-    separate = plan(TopologySpec(nodes=1, gpus_per_node=4, trainer_world_size=2, engines=2,
-                                 colocate=False))
+    separate = plan(
+        TopologySpec(nodes=1, gpus_per_node=4, trainer_world_size=2, engines=2, colocate=False)
+    )
     (nccl,) = plan_transfer_groups(separate, "cuda")
     assert nccl.backend is Backend.NCCL and nccl.rank_of(Receiver(1, 0)) == 2

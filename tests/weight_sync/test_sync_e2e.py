@@ -102,7 +102,9 @@ def test_corrupted_bucket_is_caught_and_recovered(coord):
     coord.train(_batch())
     coord.inject_fault(1, "corrupt_next_bucket")
     version = coord.weight_version
-    with pytest.raises(WeightSyncError, match=r"engine1 worker tp0 .*tensor '.*' arrived corrupted"):
+    with pytest.raises(
+        WeightSyncError, match=r"engine1 worker tp0 .*tensor '.*' arrived corrupted"
+    ):
         coord.sync()
     assert coord.phase is Phase.FAILED and coord.weight_version == version
     assert coord.trainer_fingerprints() != fingerprints  # the train step landed; nothing lost

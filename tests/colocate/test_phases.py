@@ -1,0 +1,81 @@
+"""The phase table and the timeline's ordering check: pure, no Ray."""
+
+import pytest
+
+from colocate.memory import MemoryReading
+from colocate.phases import TRANSITIONS, Phase, PhaseError, check_transition, require
+from colocate.timeline import Span, Timeline
+
+
+def test_legal_transitions_and_idempotence():
+    assert check_transition(Phase.ROLLOUT, Phase.TRAIN) is True
+    assert check_transition(Phase.TRAIN, Phase.TRAIN) is False  # already there: no-op
+    with pytest.raises(PhaseError, match="cannot go from phase 'rollout' to 'init'"):
+        check_transition(Phase.ROLLOUT, Phase.INIT)
+    with pytest.raises(PhaseError, match="allowed next phases are none"):
+        check_transition(Phase.SHUTDOWN, Phase.ROLLOUT)
+    # Every phase but SHUTDOWN has a way forward; nothing leads back to INIT.
+    assert all(TRANSITIONS[p] for p in Phase if p is not Phase.SHUTDOWN)
+    assert not any(Phase.INIT in targets for targets in TRANSITIONS.values())
+
+
+def test_require_names_action_and_phase():
+    with pytest.raises(PhaseError, match=r"generate needs phase 'rollout'.*'train'"):
+        require(Phase.TRAIN, Phase.ROLLOUT, "generate")
+    with pytest.raises(PhaseError, match="call recover"):
+        require(Phase.FAILED, (Phase.ROLLOUT, Phase.TRAIN), "train")
+
+
+def _span(actor, lane, name, start, end, phase="train", step=1):
+    mem = MemoryReading("rss", 1)
+    return Span(actor, (lane,), name, phase, step, start, end, mem, mem)
+
+
+def test_ordering_check_finds_an_early_acquisition():
+    ok = Timeline()
+    ok.extend(
+        [
+            _span("engine0", 0, "engine.sleep", 0.0, 1.0),
+            _span("trainer0", 0, "trainer.reload", 1.0, 2.0),
+            _span("engine1", 1, "engine.sleep", 0.0, 3.0),
+            _span("trainer1", 1, "trainer.reload", 3.5, 4.0),
+        ]
+    )
+    assert ok.ordering_violations() == []
+    bad = Timeline()
+    bad.extend(
+        [
+            _span("engine1", 1, "engine.sleep", 0.0, 3.0),
+            _span("trainer1", 1, "trainer.reload", 2.0, 4.0),
+            _span("trainer0", 0, "trainer.reload", 0.5, 1.0),  # other GPU: not a violation
+        ]
+    )
+    (problem,) = bad.ordering_violations()
+    assert "gpu1" in problem and "trainer1 trainer.reload" in problem and "engine.sleep" in problem
+    # Different hand-overs (steps) are not compared with each other.
+    other = Timeline()
+    other.extend(
+        [
+            _span("engine0", 0, "engine.sleep", 5.0, 6.0, step=2),
+            _span("trainer0", 0, "trainer.reload", 1.0, 2.0, step=1),
+        ]
+    )
+    assert other.ordering_violations() == []
+
+
+def test_chrome_trace_and_png(tmp_path):
+    tl = Timeline()
+    tl.extend(
+        [
+            _span("engine0", 0, "engine.sleep", 0.0, 1.0),
+            _span("trainer0", 0, "trainer.reload", 1.0, 2.0),
+        ]
+    )
+    import json
+
+    trace = json.loads(tl.to_chrome_trace(tmp_path / "t.json").read_text())
+    names = {e["name"] for e in trace["traceEvents"]}
+    assert {"engine.sleep", "trainer.reload", "process_name"} <= names
+    assert any(e["ph"] == "C" and "rss" in e["name"] for e in trace["traceEvents"])
+    png = tl.to_png(tmp_path / "t.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
