@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from colocate.errors import ActorFailedError, ActorTimeoutError
+from colocate.errors import ActorFailedError, ActorTimeoutError, InputError
 
 __all__ = ["Call", "wait_all", "handover"]
 
@@ -44,7 +44,7 @@ class Call:
 
 def _raise_for(call: Call, exc: BaseException, tag: tuple[str, int]) -> None:
     phase, step = tag
-    if isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError)):
+    if _is_death(exc):
         raise ActorFailedError(
             f"{call.actor} died during {call.method} (phase {phase!r}, step {step}): {exc}",
             actor=call.actor,
@@ -52,6 +52,8 @@ def _raise_for(call: Call, exc: BaseException, tag: tuple[str, int]) -> None:
             step=step,
         ) from exc
     cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause else exc
+    if isinstance(cause, InputError):
+        raise cause  # the caller's input was refused; the actor is healthy
     raise ActorFailedError(
         f"{call.actor} failed in {call.method} (phase {phase!r}, step {step}): "
         f"{type(cause).__name__}: {cause}",
@@ -66,9 +68,14 @@ def wait_all(
 ) -> list:
     """Starts ``calls`` (unless ``refs`` are given) and returns their results in order.
 
+    When one call fails, the others get a short grace period, and an actor that died is
+    reported in preference to a peer that merely lost its connection to it: the error names
+    the root cause.
+
     Raises:
-        ActorFailedError: The first call that failed (dead actor or exception), by completion.
+        ActorFailedError: A call failed (dead actor or exception).
         ActorTimeoutError: Some call had not finished after ``timeout_s``.
+        InputError: An actor refused the caller's input (re-raised as is).
     """
     refs = list(refs) if refs is not None else [c.start() for c in calls]
     by_ref = dict(zip(refs, calls, strict=True))
@@ -90,8 +97,30 @@ def wait_all(
         try:
             ray.get(done[0])
         except Exception as exc:  # noqa: BLE001 - converted to a typed error naming the actor
-            _raise_for(by_ref[done[0]], exc, tag)
+            _raise_for(*_root_cause(done[0], exc, remaining, by_ref), tag)
     return ray.get(refs)
+
+
+def _root_cause(ref, exc, remaining, by_ref, grace_s: float = 5.0):
+    """The failure to report.
+
+    A dead actor among the calls still running, if one shows up within ``grace_s``; else the
+    failure seen first.
+    """
+    if _is_death(exc) or not remaining:
+        return by_ref[ref], exc
+    done, _ = ray.wait(remaining, num_returns=len(remaining), timeout=grace_s)
+    for other in done:
+        try:
+            ray.get(other)
+        except Exception as other_exc:  # noqa: BLE001
+            if _is_death(other_exc):
+                return by_ref[other], other_exc
+    return by_ref[ref], exc
+
+
+def _is_death(exc: BaseException) -> bool:
+    return isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError))
 
 
 def handover(

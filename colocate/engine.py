@@ -11,13 +11,15 @@ import warnings
 from dataclasses import dataclass
 
 from colocate.config import EngineConfig, LoadFormat, Sampling
+from colocate.errors import InputError
+from colocate.memory import process_stats
 from colocate.phases import EngineMemory
 from colocate.timeline import Recorder, Span
 
 __all__ = ["EngineActor", "Completion", "EngineCapabilities", "PromptTooLongError"]
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(InputError):
     """A prompt that does not fit in ``max_model_len`` with the requested completion."""
 
 
@@ -69,6 +71,7 @@ class EngineActor:
         self.memory = EngineMemory.AWAKE
         self._llm = None
         self._sleep_level = 0
+        self._faults: set[str] = set()
 
     def start(self, tag: tuple[str, int]) -> EngineCapabilities:
         """Builds the vLLM engine (allocates weights and KV cache). Idempotent."""
@@ -136,6 +139,7 @@ class EngineActor:
         """
         llm = self._require_awake("generate")
         token_prompts = self._tokenize(prompts, sampling.max_tokens)
+        self._maybe_crash("crash_in_generate")
         with self.recorder.span("engine.generate", tag, prompts=len(token_prompts)):
             outputs = llm.generate(
                 [{"prompt_token_ids": ids} for ids in token_prompts],
@@ -166,7 +170,7 @@ class EngineActor:
 
     def _tokenize(self, prompts, max_tokens: int) -> list[list[int]]:
         if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError(f"prompts={prompts!r:.80}: pass a non-empty list of str or of ids")
+            raise InputError(f"prompts={prompts!r:.80}: pass a non-empty list of str or of ids")
         tokenizer = None
         out = []
         for i, p in enumerate(prompts):
@@ -176,7 +180,7 @@ class EngineActor:
             else:
                 ids = [int(t) for t in p]
             if not ids:
-                raise ValueError(f"prompt {i} is empty; pass at least one token")
+                raise InputError(f"prompt {i} is empty; pass at least one token")
             if len(ids) + max_tokens > self.config.max_model_len:
                 raise PromptTooLongError(
                     f"prompt {i} has {len(ids)} tokens + max_tokens={max_tokens} > "
@@ -205,8 +209,16 @@ class EngineActor:
             self.memory = EngineMemory.WEIGHTS
         return self.memory
 
-    def wake_kv(self, tag: tuple[str, int]) -> EngineMemory:
-        """Re-allocates the KV cache and resets the prefix cache; the engine can serve again."""
+    def wake_kv(self, tag: tuple[str, int], version: int | None = None) -> EngineMemory:
+        """Re-allocates the KV cache and resets the prefix cache; the engine can serve again.
+
+        Args:
+            tag: Timeline (phase, step).
+            version: The verified weight version to tag later generations with (None keeps
+                the current one, e.g. when the sync was skipped).
+        """
+        if version is not None:
+            self.weight_version = version
         if self.memory is not EngineMemory.AWAKE:
             with self.recorder.span("engine.wake_kv", tag):
                 if self.memory is EngineMemory.ASLEEP:
@@ -231,30 +243,58 @@ class EngineActor:
             llm.reset_prefix_cache()
         return reports
 
-    def commit_version(self, version: int) -> int:
-        """Tags later generations with ``version`` (called after the sync was verified)."""
-        self.weight_version = version
-        return version
-
     def applied_fingerprints(self) -> list[dict]:
         """Per worker, fingerprints of the applied parameters readable on this platform."""
         return self._require_llm().collective_rpc("ws_applied_fingerprints")
 
+    def expected_weights(self) -> list:
+        """The checkpoint tensors (HF names, shapes) this engine's model declares.
+
+        Built from the model's config on the meta device (no memory), so a trainer whose
+        weights do not fit is refused before anything is sent.
+        """
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from weight_sync.buckets import TensorMeta
+
+        config = AutoConfig.from_pretrained(self.config.model)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        dtype = self.config.dtype.torch
+        return [TensorMeta(n, tuple(p.shape), dtype) for n, p in model.named_parameters()]
+
     def inject_fault(self, fault: str) -> None:
-        """Test hook, forwarded to every worker (see ``ws_inject_fault``)."""
-        self._require_llm().collective_rpc("ws_inject_fault", args=(fault,))
+        """Arms a fault (test hook).
+
+        ``corrupt_next_bucket`` flips bytes of the next bucket received (caught by
+        verification); ``crash_in_generate`` and ``crash_in_receive`` end the process at that
+        point (in the middle of the transfer for the latter), as a kill would.
+        """
+        if fault == "crash_in_generate":
+            self._faults.add(fault)
+        elif fault == "crash_in_receive":
+            self._require_llm().collective_rpc(
+                "ws_inject_fault", args=("crash_after_first_bucket",)
+            )
+        else:
+            self._require_llm().collective_rpc("ws_inject_fault", args=(fault,))
+
+    def _maybe_crash(self, point: str) -> None:
+        if point in self._faults:
+            os._exit(1)
 
     def drain_spans(self) -> list[Span]:
         """Timeline spans recorded since the last drain."""
         return self.recorder.drain()
 
     def status(self) -> dict:
-        """Memory state, weight version and pid (for health checks and tests)."""
+        """Memory state, weight version, pid, RSS, open fds and threads (health and soak)."""
         return {
             "name": self.name,
             "memory": self.memory.value,
             "weight_version": self.weight_version,
-            "pid": os.getpid(),
+            **process_stats(),
         }
 
     def shutdown(self) -> None:

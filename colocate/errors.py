@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ColocateError", "ActorFailedError", "ActorTimeoutError"]
+__all__ = ["ColocateError", "ActorFailedError", "ActorTimeoutError", "InputError"]
 
 
 class ColocateError(RuntimeError):
@@ -27,3 +27,7 @@ class ActorFailedError(ColocateError):
 
 class ActorTimeoutError(ColocateError):
     """An actor did not finish a step within its time bound."""
+
+
+class InputError(ValueError):
+    """Bad input detected inside an actor; re-raised as is (the actor itself is fine)."""

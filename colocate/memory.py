@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["MemoryReading", "read_memory"]
+__all__ = ["MemoryReading", "read_memory", "process_stats"]
 
 
 @dataclass(frozen=True)
@@ -39,3 +39,16 @@ def read_memory() -> MemoryReading:
     import psutil
 
     return MemoryReading("rss", psutil.Process(os.getpid()).memory_info().rss)
+
+
+def process_stats() -> dict[str, int]:
+    """This process's pid, RSS bytes, open file descriptors and threads (for soak checks)."""
+    import psutil
+
+    proc = psutil.Process(os.getpid())
+    return {
+        "pid": proc.pid,
+        "rss_bytes": proc.memory_info().rss,
+        "open_fds": proc.num_fds(),
+        "threads": proc.num_threads(),
+    }

@@ -7,8 +7,8 @@ collectives (start, train_step, send_weights under ZeRO-3, save/load) on every r
 from __future__ import annotations
 
 import datetime
+import gc
 import os
-import socket
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -86,21 +86,32 @@ class TrainerActor:
         self.optimizer = None
         self.steps = 0
         self._sender = None
+        self._group_store: tuple | None = None
         self._stores: dict[str, tuple] = {}  # rendezvous key -> (store, listening socket)
-        self._offloaded: dict[str, Any] = {}
+        self._faults: set[str] = set()
 
     # ----- start-up ---------------------------------------------------------------------------
 
-    def free_address(self, multi_node: bool) -> tuple[str, int]:
-        """An address and free port for the trainer group's rendezvous (called on rank 0)."""
-        host = "127.0.0.1"
-        if multi_node:
-            import ray
+    def node_address(self, multi_node: bool) -> str:
+        """The address this rank's listeners bind to: loopback unless peers are on other nodes."""
+        if not multi_node:
+            return "127.0.0.1"
+        import ray
 
-            host = ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind((host, 0))
-            return host, s.getsockname()[1]
+        return ray.util.get_node_ip_address()
+
+    def host_group_store(self, multi_node: bool, timeout_s: float) -> tuple[str, int]:
+        """Starts the trainer group's store on rank 0, bound to one address; returns it.
+
+        torch's own env:// rendezvous would listen on every interface; this one listens on
+        :meth:`node_address` only (loopback on a single node).
+        """
+        from weight_sync.store import host_store
+
+        host = self.node_address(multi_node)
+        store, port, sock = host_store(host, self.world_size, timeout_s, key="trainer-group")
+        self._group_store = (store, sock)
+        return host, port
 
     def start(self, master: tuple[str, int], timeout_s: float, tag: tuple[str, int]) -> dict:
         """Joins the trainer group and builds the model and optimizer (all ranks at once)."""
@@ -112,6 +123,10 @@ class TrainerActor:
                 self._start_deepspeed(master, timeout_s)
             else:
                 self._start_torch()
+            # DeepSpeed's offload_states ends in gc.collect(), which walks every object the
+            # imports and the model created (~0.3 s each time on the build machine): move them
+            # out of the collector's way once they exist.
+            gc.freeze()
         self.memory = TrainerMemory.FULL
         return self.describe()
 
@@ -134,12 +149,22 @@ class TrainerActor:
             LOCAL_RANK=str(0),
         )
         import deepspeed
+        import torch.distributed as dist
+
+        from weight_sync.store import join_store
 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        # Explicit init: our timeout bounds every trainer collective (DeepSpeed's default: 10 min).
-        deepspeed.init_distributed(
-            dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if self.rank == 0:
+            store = self._group_store[0]
+        else:
+            store = join_store(master[0], master[1], self.world_size, timeout_s, "trainer-group")
+        # Our store (bound to one address) and our timeout, which bounds every trainer
+        # collective (DeepSpeed's default: 10 min); DeepSpeed then adopts this default group.
+        dist.init_process_group(
+            backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timeout
         )
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
         cfg = self.config
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,
@@ -206,6 +231,7 @@ class TrainerActor:
         with self.recorder.span("trainer.train_step", tag, rows=len(next(iter(shard.values())))):
             if self.config.deepspeed:
                 loss, metrics = self.loss_fn(self.engine, shard)
+                self._maybe_crash("crash_in_train_step")
                 self.engine.backward(loss)
                 self.engine.step()
             else:
@@ -332,7 +358,11 @@ class TrainerActor:
         if self.memory is TrainerMemory.OFFLOADED:
             raise RuntimeError(f"{self.name}: params are offloaded; reload before a sync")
         with self.recorder.span("trainer.send_weights", tag, version=request.version):
-            return self._sender.send(request.version, verify=request.verify)
+            return self._sender.send(
+                request.version,
+                verify=request.verify,
+                after_bucket=lambda _: self._maybe_crash("crash_in_send"),
+            )
 
     def teardown_sync(self) -> None:
         """Closes the sender (the stores stay for a re-setup). Idempotent."""
@@ -365,7 +395,9 @@ class TrainerActor:
     def save(self, path: str) -> str:
         """Saves a checkpoint (model, optimizer, step) under ``path`` (all ranks at once)."""
         if self.config.deepspeed:
-            self.engine.save_checkpoint(path, tag="latest", client_state={"steps": self.steps})
+            # DeepSpeed also writes a file named "latest" naming the newest tag.
+            tag = f"step{self.steps}"
+            self.engine.save_checkpoint(path, tag=tag, client_state={"steps": self.steps})
         else:
             os.makedirs(path, exist_ok=True)
             torch.save(
@@ -381,7 +413,7 @@ class TrainerActor:
     def load(self, path: str) -> int:
         """Loads a checkpoint saved by :meth:`save`; returns the restored step count."""
         if self.config.deepspeed:
-            _, client = self.engine.load_checkpoint(path, tag="latest")
+            _, client = self.engine.load_checkpoint(path)  # the tag in <path>/latest
             self.steps = int((client or {}).get("steps", 0))
         else:
             state = torch.load(os.path.join(path, "trainer.pt"), map_location=self._device())
@@ -417,13 +449,30 @@ class TrainerActor:
         return self.recorder.drain()
 
     def status(self) -> dict:
-        """Memory state, steps and pid."""
+        """Memory state, steps, pid, RSS, open fds and threads (health and soak)."""
+        from colocate.memory import process_stats
+
         return {
             "name": self.name,
             "memory": self.memory.value,
             "steps": self.steps,
-            "pid": os.getpid(),
+            **process_stats(),
         }
+
+    def inject_fault(self, fault: str) -> None:
+        """Arms a fault (test hook).
+
+        ``crash_in_train_step`` (after the forward) or ``crash_in_send`` (after the first
+        bucket): the process exits there, as a kill would.
+        """
+        known = ("crash_in_train_step", "crash_in_send")
+        if fault not in known:
+            raise ValueError(f"unknown fault {fault!r}; known: {known}")
+        self._faults.add(fault)
+
+    def _maybe_crash(self, point: str) -> None:
+        if point in self._faults:
+            os._exit(1)
 
     def shutdown(self) -> None:
         """Closes the sync and the trainer group."""

@@ -79,6 +79,7 @@ def init_ray(address: str | None, gpus: int) -> None:
 
     cuda = torch.cuda.is_available()
     ray.init(
+        address="local",  # a new local instance, even if a `ray start` cluster runs here
         num_cpus=os.cpu_count() or 2,
         # On a CPU machine the GPUs are logical: Ray only counts them.
         num_gpus=torch.cuda.device_count() if cuda else gpus,

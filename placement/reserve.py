@@ -8,6 +8,7 @@ every bundle, and bundles are ordered by (node address, node id, GPU id).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +87,9 @@ def discover_cluster() -> ClusterInfo:
     return ClusterInfo(nodes=tuple(nodes))
 
 
-@ray.remote(num_cpus=_PROBE_SHARE, num_gpus=_PROBE_SHARE)
+# max_calls=0: Ray otherwise ends a GPU task's worker after one call, so every probe would
+# start a fresh Python process (64 bundles: ~23 s on the 2-core build machine).
+@ray.remote(num_cpus=_PROBE_SHARE, num_gpus=_PROBE_SHARE, max_calls=0)
 def _probe_bundle() -> tuple[str, str, str]:
     ctx = ray.get_runtime_context()
     gpus = ray.get_gpu_ids()
@@ -236,7 +239,7 @@ def reserve(
             "add nodes, or lower cpus_per_bundle / gpus_per_node"
         )
     try:
-        located = _locate(groups, spec.gpus_per_node)
+        located = _locate(groups, spec.gpus_per_node, timeout_s)
     except Exception:
         for pg in groups:
             remove_placement_group(pg)
@@ -245,25 +248,28 @@ def reserve(
 
 
 def _locate(
-    groups: list[PlacementGroup], per_group: int
+    groups: list[PlacementGroup], per_group: int, timeout_s: float
 ) -> list[tuple[PlacementGroup, list[BundleLocation]]]:
-    refs = [
-        [
+    # Bundle i of every group is probed together, then bundle i + 1: each node keeps reusing
+    # one probe worker instead of starting one per bundle.
+    deadline = time.monotonic() + timeout_s
+    probes: list[list] = [[] for _ in groups]
+    for i in range(per_group):
+        refs = [
             _probe_bundle.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=i
                 )
             ).remote()
-            for i in range(per_group)
+            for pg in groups
         ]
-        for pg in groups
-    ]
+        for g, result in enumerate(ray.get(refs, timeout=max(1.0, deadline - time.monotonic()))):
+            probes[g].append(result)
     located = []
-    for pg, pg_refs in zip(groups, refs, strict=True):
-        probes = ray.get(pg_refs, timeout=60)
+    for pg, results in zip(groups, probes, strict=True):
         locs = [
             BundleLocation(pg, i, node_id, address, gpu)
-            for i, (node_id, address, gpu) in enumerate(probes)
+            for i, (node_id, address, gpu) in enumerate(results)
         ]
         locs.sort(key=lambda loc: _gpu_sort_key(loc.gpu_id))
         located.append((pg, locs))

@@ -14,7 +14,7 @@ import pytest
 # DeepSpeed's accelerator probe warns on every import without this; tests run on CPU.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-LOCAL_GPUS = 4
+from raysupport import RayState, ensure_local_ray, shutdown_ray
 
 
 def _cuda_available() -> bool:
@@ -35,53 +35,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-class _RayState:
-    mode: str | None = None
-    cluster = None
-
-
-def _shutdown_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    if _RayState.cluster is not None:
-        _RayState.cluster.shutdown()
-        _RayState.cluster = None
-    _RayState.mode = None
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _ray_teardown():
     yield
-    _shutdown_ray()
-
-
-def _ensure_local():
-    import ray
-
-    if _RayState.mode != "local" or not ray.is_initialized():
-        _shutdown_ray()
-        ray.init(
-            num_cpus=2,
-            num_gpus=LOCAL_GPUS,
-            include_dashboard=False,
-            runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}},
-        )
-        _RayState.mode = "local"
-    return ray
+    shutdown_ray()
 
 
 @pytest.fixture
 def ray_local():
     """A single-node local Ray with ``LOCAL_GPUS`` logical GPUs and 2 CPUs; shared."""
-    return _ensure_local()
+    return ensure_local_ray()
 
 
 @pytest.fixture(scope="module")
 def ray_local_module():
     """The same local Ray, for module-scoped fixtures (e.g. one coordinator for many tests)."""
-    return _ensure_local()
+    return ensure_local_ray()
 
 
 @pytest.fixture
@@ -99,8 +68,8 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    if _RayState.mode != "cluster" or not ray.is_initialized():
-        _shutdown_ray()
+    if RayState.mode != "cluster" or not ray.is_initialized():
+        shutdown_ray()
         cluster = Cluster(
             initialize_head=True,
             head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False},
@@ -109,9 +78,9 @@ def ray_cluster():
             cluster.add_node(num_cpus=1, num_gpus=4)
         ray.init(address=cluster.address)
         cluster.wait_for_nodes()
-        _RayState.cluster = cluster
-        _RayState.mode = "cluster"
-    return _RayState.cluster
+        RayState.cluster = cluster
+        RayState.mode = "cluster"
+    return RayState.cluster
 
 
 def _assert_no_leftover_placement_groups(ray) -> None:

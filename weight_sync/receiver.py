@@ -15,6 +15,7 @@ tell the transport the buffer is free; close the session. Only metadata arrives 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -84,6 +85,7 @@ class ReceiveReport:
     wait_s: float = 0.0
     apply_s: float = 0.0
     fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
+    applied: dict[str, Fingerprint] = field(default_factory=dict)
 
 
 class _State:
@@ -122,6 +124,8 @@ class WeightSyncWorkerExtension:
             # What vLLM's own reload_weights resets after loading, minus the prefix cache,
             # which lives in the scheduler: the engine actor resets it.
             getattr(self.model_runner, reset, lambda: None)()
+        if request.verify:
+            report.applied = self.ws_applied_fingerprints()
         return report
 
     def _ws_stream(self, state: _State, request: SyncRequest) -> ReceiveReport:
@@ -152,6 +156,8 @@ class WeightSyncWorkerExtension:
                 model.load_weights(iter(views))
                 _detach_pending_loads(buffer)
                 state.transport.done(bucket)
+                if "crash_after_first_bucket" in state.faults:
+                    os._exit(1)  # fault injection: die mid-transfer, as a killed worker would
                 report.bytes_received += bucket.nbytes
                 report.wait_s += t1 - t0
                 report.apply_s += time.perf_counter() - t1
@@ -176,9 +182,14 @@ class WeightSyncWorkerExtension:
         return out
 
     def ws_inject_fault(self, fault: str) -> None:
-        """Test hook: ``"corrupt_next_bucket"`` flips bytes of the next bucket received."""
-        if fault != "corrupt_next_bucket":
-            raise ValueError(f"unknown fault {fault!r}; known: 'corrupt_next_bucket'")
+        """Arms a fault (test hook).
+
+        ``corrupt_next_bucket`` flips bytes of the next bucket received;
+        ``crash_after_first_bucket`` ends the process after applying the first bucket.
+        """
+        known = ("corrupt_next_bucket", "crash_after_first_bucket")
+        if fault not in known:
+            raise ValueError(f"unknown fault {fault!r}; known: {known}")
         self._ws_require().faults.add(fault)
 
     def ws_teardown(self) -> None:

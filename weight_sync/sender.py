@@ -9,6 +9,7 @@ start sending. Packing bucket ``i + 1`` thus overlaps the transfer of bucket ``i
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -57,8 +58,20 @@ class WeightSender:
             )
         return self.buffers
 
-    def send(self, version: int, *, verify: bool) -> SendReport:
-        """Runs one sync through every transport; returns timings and fingerprints if verifying."""
+    def send(
+        self, version: int, *, verify: bool, after_bucket: Callable[[int], None] | None = None
+    ) -> SendReport:
+        """Runs one sync through every transport; returns timings and fingerprints if verifying.
+
+        If a transport fails, this rank stops sending but still enters every remaining gather
+        (under ZeRO-3 the other trainer ranks are in those collectives: leaving early would
+        leave them out of step), then raises the first transport error.
+
+        Args:
+            version: The weight version being sent.
+            verify: Fingerprint every packed tensor.
+            after_bucket: Called with each bucket's index once it is handed to the transports.
+        """
         report = SendReport(version=version)
         start = time.perf_counter()
         sending = bool(self.transports)
@@ -67,33 +80,40 @@ class WeightSender:
         if sending:
             self.allocate_buffers()
         in_flight: list[list[Pending]] = [[], []]
+        error: BaseException | None = None
         for bucket in self.plan.buckets:
             slot = bucket.index % 2
             t0 = time.perf_counter()
-            for op in in_flight[slot]:
-                op.wait()
+            error = error or _wait_all(in_flight[slot])
             in_flight[slot] = []
+            live = sending and error is None
             t1 = time.perf_counter()
             with self.source.gathered(bucket.names) as tensors:
                 t2 = time.perf_counter()
-                if sending:
+                if live:
                     buffer = self.buffers[slot]
                     for name, view in bucket.views(buffer):
                         view.copy_(tensors[name])
                         if verify:
                             report.fingerprints[name] = fingerprint(view)
             t3 = time.perf_counter()
-            if sending:
-                in_flight[slot] = [t.send(bucket, buffer) for t in self.transports]
-                report.bytes_sent += bucket.nbytes
+            if live:
+                try:
+                    in_flight[slot] = [t.send(bucket, buffer) for t in self.transports]
+                    report.bytes_sent += bucket.nbytes
+                except Exception as exc:  # noqa: BLE001 - kept until the gathers are done
+                    error = exc
+            if after_bucket is not None:
+                after_bucket(bucket.index)
             report.wait_s += t1 - t0
             report.gather_s += t2 - t1
             report.pack_s += t3 - t2
         t0 = time.perf_counter()
         for ops in in_flight:
-            for op in ops:
-                op.wait()
+            error = error or _wait_all(ops)
         report.wait_s += time.perf_counter() - t0
+        if error is not None:
+            raise error
         report.seconds = time.perf_counter() - start
         return report
 
@@ -103,3 +123,14 @@ class WeightSender:
             t.close()
         self.transports = []
         self.buffers = ()
+
+
+def _wait_all(ops: list[Pending]) -> BaseException | None:
+    """Waits for every op; returns the first failure instead of raising it."""
+    error = None
+    for op in ops:
+        try:
+            op.wait()
+        except Exception as exc:  # noqa: BLE001
+            error = error or exc
+    return error

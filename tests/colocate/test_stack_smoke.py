@@ -67,7 +67,7 @@ def _trainers(model_dir, world=2, **kw):
         )
         for r in range(world)
     ]
-    master = ray.get(actors[0].free_address.remote(False), timeout=60)
+    master = ray.get(actors[0].host_group_store.remote(False, 60), timeout=60)
     info = ray.get([a.start.remote(master, 60, TAG) for a in actors], timeout=400)
     return actors, info
 

@@ -100,7 +100,7 @@ def test_after_training_engine_equals_checkpoint_engine(coord, tmp_path):
 def test_corrupted_bucket_is_caught_and_recovered(coord):
     fingerprints = coord.trainer_fingerprints()
     coord.train(_batch())
-    coord.inject_fault(1, "corrupt_next_bucket")
+    coord.inject_fault("engine1", "corrupt_next_bucket")
     version = coord.weight_version
     with pytest.raises(
         WeightSyncError, match=r"engine1 worker tp0 .*tensor '.*' arrived corrupted"
