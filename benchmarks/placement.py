@@ -55,14 +55,14 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # n
 from placement import TopologySpec, plan, reserve  # noqa: E402
 
 # The module, not the function of the same name that ``placement`` re-exports.
-reserve_mod = importlib.import_module("placement.reserve")
+reserve_mod = importlib.import_module("placement.reservation")
 
 
 def _pid() -> int:
     return os.getpid()
 
 
-# Same shape as placement.reserve's probe. A remote function that asks for GPUs defaults to
+# Same shape as placement.reservation's probe. A remote function that asks for GPUs defaults to
 # ``max_calls=1`` in Ray (its worker process exits after one call); ``max_calls=0`` lifts that.
 _pid_default = ray.remote(num_cpus=0.01, num_gpus=0.01)(_pid)
 _pid_reusable = ray.remote(num_cpus=0.01, num_gpus=0.01, max_calls=0)(_pid)
@@ -78,7 +78,7 @@ def _time_pure(fn, iters: int) -> list[int]:
 
 
 class _PhaseTimer:
-    """Wraps ``discover_cluster`` and ``_locate`` inside ``placement.reserve`` to time them."""
+    """Wraps ``discover_cluster`` and ``_locate`` inside ``placement.reservation`` to time them."""
 
     def __init__(self) -> None:
         self.times: dict[str, float] = {}

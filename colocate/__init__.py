@@ -10,55 +10,54 @@ Public API::
         completions = c.generate(prompts, Sampling(n=8, max_tokens=12))
         c.train(make_grpo_batch(completions, rewards, 8, pad_id))
         c.sync()
+
+Names are imported from their modules on first use: the actors' own modules (and the CUDA
+device checks) then load without Ray, vLLM or DeepSpeed.
 """
 
-from colocate.config import (
-    ConfigError,
-    DType,
-    EngineConfig,
-    LoadFormat,
-    Sampling,
-    SyncConfig,
-    TrainerConfig,
-    ZeroStage,
-)
-from colocate.coordinator import Coordinator, SyncReport, Timeouts
-from colocate.engine import Completion, EngineActor, EngineCapabilities, PromptTooLongError
-from colocate.errors import ActorFailedError, ActorTimeoutError, ColocateError
-from colocate.losses import grpo_loss, lm_loss, make_grpo_batch, token_logprobs
-from colocate.phases import Phase, PhaseError
-from colocate.timeline import Span, Timeline
-from colocate.tiny_model import TinyModelSpec, build_tiny_model
-from colocate.trainer import TrainerActor
+import importlib
 
-__all__ = [
-    "ActorFailedError",
-    "ActorTimeoutError",
-    "ColocateError",
-    "Completion",
-    "ConfigError",
-    "Coordinator",
-    "DType",
-    "EngineActor",
-    "EngineCapabilities",
-    "EngineConfig",
-    "LoadFormat",
-    "Phase",
-    "PhaseError",
-    "PromptTooLongError",
-    "Sampling",
-    "Span",
-    "SyncConfig",
-    "SyncReport",
-    "Timeline",
-    "Timeouts",
-    "TinyModelSpec",
-    "TrainerActor",
-    "TrainerConfig",
-    "ZeroStage",
-    "build_tiny_model",
-    "grpo_loss",
-    "lm_loss",
-    "make_grpo_batch",
-    "token_logprobs",
-]
+_WHERE = {
+    "ConfigError": "colocate.config",
+    "DType": "colocate.config",
+    "EngineConfig": "colocate.config",
+    "LoadFormat": "colocate.config",
+    "Sampling": "colocate.config",
+    "SyncConfig": "colocate.config",
+    "TrainerConfig": "colocate.config",
+    "ZeroStage": "colocate.config",
+    "Coordinator": "colocate.coordinator",
+    "Timeouts": "colocate.coordinator",
+    "SyncReport": "colocate.syncing",
+    "Completion": "colocate.engine",
+    "EngineActor": "colocate.engine",
+    "EngineCapabilities": "colocate.engine",
+    "PromptTooLongError": "colocate.engine",
+    "ActorFailedError": "colocate.errors",
+    "ActorTimeoutError": "colocate.errors",
+    "ColocateError": "colocate.errors",
+    "InputError": "colocate.errors",
+    "grpo_loss": "colocate.losses",
+    "lm_loss": "colocate.losses",
+    "make_grpo_batch": "colocate.losses",
+    "token_logprobs": "colocate.losses",
+    "Phase": "colocate.phases",
+    "PhaseError": "colocate.phases",
+    "Span": "colocate.timeline",
+    "Timeline": "colocate.timeline",
+    "TinyModelSpec": "colocate.tiny_model",
+    "build_tiny_model": "colocate.tiny_model",
+    "TrainerActor": "colocate.trainer",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'colocate' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

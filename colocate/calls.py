@@ -8,7 +8,7 @@ GPU finished before any acquisition on that GPU starts, GPUs proceeding independ
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +37,9 @@ class Call:
     args: tuple = ()
     lanes: tuple[int, ...] = ()
 
-    def start(self) -> ray.ObjectRef:
-        """Submits the call."""
-        return getattr(self.handle, self.method).remote(*self.args)
+    def start(self, *after: ray.ObjectRef) -> ray.ObjectRef:
+        """Submits the call; Ray runs it only after the ``after`` results exist."""
+        return getattr(self.handle, self.method).remote(*self.args, *after)
 
 
 def _raise_for(call: Call, exc: BaseException, tag: tuple[str, int]) -> None:
@@ -128,59 +128,29 @@ def handover(
     acquires: Sequence[Call],
     tag: tuple[str, int],
     timeout_s: float,
-    on_release_done: Callable[[Call], None] | None = None,
 ) -> list:
     """Runs one transition: per GPU, all releases end before any acquisition starts.
 
-    Order: every release starts at once. Each time one finishes, every acquisition whose GPUs
-    have no release left in flight starts. GPUs with nothing to release start their
-    acquisitions immediately; independent GPUs never wait for each other. An acquisition
-    spanning several GPUs (a TP engine) waits for all of them.
+    Order: every release is submitted at once; each acquisition is submitted with the result
+    references of the releases on its GPUs as extra arguments, so Ray runs it only once those
+    releases have finished, without a round trip through the driver. GPUs with nothing to
+    release acquire at once; independent GPUs never wait for each other; an acquisition that
+    spans several GPUs (a TP engine) waits for the releases on all of them. Acquisition
+    methods therefore accept (and ignore) trailing ``*after`` arguments.
 
     Returns:
         The acquisitions' results, in the order given.
     """
-    deadline = time.monotonic() + timeout_s
-    pending_lanes: dict[int, int] = {}
+    by_lane: dict[int, list] = {}
+    release_refs = []
     for c in releases:
+        ref = c.start()
+        release_refs.append(ref)
         for lane in c.lanes:
-            pending_lanes[lane] = pending_lanes.get(lane, 0) + 1
-    started: dict[int, ray.ObjectRef] = {}
-
-    def start_ready() -> None:
-        for i, c in enumerate(acquires):
-            if i not in started and all(pending_lanes.get(lane, 0) == 0 for lane in c.lanes):
-                started[i] = c.start()
-
-    in_flight = {c.start(): c for c in releases}
-    start_ready()
-    while in_flight:
-        done, _ = ray.wait(
-            list(in_flight), num_returns=1, timeout=max(0.0, deadline - time.monotonic())
-        )
-        if not done:
-            call = next(iter(in_flight.values()))
-            raise ActorTimeoutError(
-                f"{call.actor}.{call.method} did not release memory within {timeout_s:g} s "
-                f"(phase {tag[0]!r}, step {tag[1]})",
-                actor=call.actor,
-                phase=tag[0],
-                step=tag[1],
-            )
-        call = in_flight.pop(done[0])
-        try:
-            ray.get(done[0])
-        except Exception as exc:  # noqa: BLE001
-            _raise_for(call, exc, tag)
-        if on_release_done is not None:
-            on_release_done(call)
-        for lane in call.lanes:
-            pending_lanes[lane] -= 1
-        start_ready()
-    order = sorted(started)
-    return wait_all(
-        [acquires[i] for i in order],
-        tag,
-        max(1.0, deadline - time.monotonic()),
-        refs=[started[i] for i in order],
-    )
+            by_lane.setdefault(lane, []).append(ref)
+    acquire_refs = []
+    for c in acquires:
+        after = list({id(r): r for lane in c.lanes for r in by_lane.get(lane, [])}.values())
+        acquire_refs.append(c.start(*after))
+    results = wait_all([*releases, *acquires], tag, timeout_s, refs=release_refs + acquire_refs)
+    return results[len(releases) :]

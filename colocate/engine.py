@@ -73,8 +73,11 @@ class EngineActor:
         self._sleep_level = 0
         self._faults: set[str] = set()
 
-    def start(self, tag: tuple[str, int]) -> EngineCapabilities:
-        """Builds the vLLM engine (allocates weights and KV cache). Idempotent."""
+    def start(self, tag: tuple[str, int], *after) -> EngineCapabilities:
+        """Builds the vLLM engine (allocates weights and KV cache). Idempotent.
+
+        ``after``: results of the releases this acquisition waited for (ignored).
+        """
         if self._llm is None:
             with self.recorder.span("engine.start", tag):
                 self._llm = self._build()
@@ -201,21 +204,25 @@ class EngineActor:
             self.memory = EngineMemory.ASLEEP
         return self.memory
 
-    def wake_weights(self, tag: tuple[str, int]) -> EngineMemory:
-        """Re-allocates the weights only (no KV cache), ready to receive a sync."""
+    def wake_weights(self, tag: tuple[str, int], *after) -> EngineMemory:
+        """Re-allocates the weights only (no KV cache), ready to receive a sync.
+
+        ``after``: results of the releases this acquisition waited for (ignored).
+        """
         if self.memory is EngineMemory.ASLEEP:
             with self.recorder.span("engine.wake_weights", tag):
                 self._llm.wake_up(tags=["weights"])
             self.memory = EngineMemory.WEIGHTS
         return self.memory
 
-    def wake_kv(self, tag: tuple[str, int], version: int | None = None) -> EngineMemory:
+    def wake_kv(self, tag: tuple[str, int], version: int | None = None, *after) -> EngineMemory:
         """Re-allocates the KV cache and resets the prefix cache; the engine can serve again.
 
         Args:
             tag: Timeline (phase, step).
             version: The verified weight version to tag later generations with (None keeps
                 the current one, e.g. when the sync was skipped).
+            *after: Results of the releases this acquisition waited for (ignored).
         """
         if version is not None:
             self.weight_version = version

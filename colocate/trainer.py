@@ -113,8 +113,13 @@ class TrainerActor:
         self._group_store = (store, sock)
         return host, port
 
-    def start(self, master: tuple[str, int], timeout_s: float, tag: tuple[str, int]) -> dict:
-        """Joins the trainer group and builds the model and optimizer (all ranks at once)."""
+    def start(
+        self, master: tuple[str, int], timeout_s: float, tag: tuple[str, int], *after
+    ) -> dict:
+        """Joins the trainer group and builds the model and optimizer (all ranks at once).
+
+        ``after``: results of the releases this acquisition waited for (ignored).
+        """
         if self.engine is not None:
             return self.describe()
         with self.recorder.span("trainer.start", tag):
@@ -272,8 +277,11 @@ class TrainerActor:
         self.memory = target
         return self.memory
 
-    def reload(self, tag: tuple[str, int]) -> TrainerMemory:
-        """Brings every offloaded state back to the device."""
+    def reload(self, tag: tuple[str, int], *after) -> TrainerMemory:
+        """Brings every offloaded state back to the device.
+
+        ``after``: results of the releases this acquisition waited for (ignored).
+        """
         if self.memory is not TrainerMemory.FULL:
             with self.recorder.span("trainer.reload", tag):
                 if self._uses_ds_offload():

@@ -1,18 +1,23 @@
 """From a topology description to ordered Ray placement-group bundles.
 
-``TopologySpec`` and ``plan`` are pure (no Ray); ``reserve`` is the thin Ray layer on top.
+``TopologySpec`` and ``plan`` are pure (no Ray); ``reserve`` is the thin Ray layer on top. The
+Ray layer is imported on first use, so the planner (and code that only plans, such as the
+CUDA device checks) works where Ray is not installed.
 """
 
+import importlib
+
 from placement.plan import BundleSlot, Plan, Tenant, TenantKind, plan
-from placement.reserve import (
-    BundleLocation,
-    EngineLaunch,
-    PlacementTimeoutError,
-    Reservation,
-    discover_cluster,
-    reserve,
-)
 from placement.spec import ClusterInfo, NodeInfo, TopologyError, TopologySpec
+
+_RAY_LAYER = {
+    "BundleLocation",
+    "EngineLaunch",
+    "PlacementTimeoutError",
+    "Reservation",
+    "discover_cluster",
+    "reserve",
+}
 
 __all__ = [
     "BundleLocation",
@@ -31,3 +36,9 @@ __all__ = [
     "plan",
     "reserve",
 ]
+
+
+def __getattr__(name: str):
+    if name in _RAY_LAYER:
+        return getattr(importlib.import_module("placement.reservation"), name)
+    raise AttributeError(f"module 'placement' has no attribute {name!r}")

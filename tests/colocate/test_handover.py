@@ -14,7 +14,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @ray.remote(num_cpus=0.05)
 class _Tenant:
-    def work(self, seconds):
+    def work(self, seconds, *after):
         start = time.time()
         time.sleep(seconds)
         return start, time.time()

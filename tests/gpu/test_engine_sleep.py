@@ -1,0 +1,34 @@
+"""vLLM sleep mode on CUDA frees the engine's memory (needs CUDA and CUDA vLLM: skipped where
+either is missing, e.g. on the CPU build machine and on a device machine without vLLM)."""
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(600)]
+
+
+def test_sleep_frees_engine_memory_and_wake_restores_service(tiny_model_dir):
+    pytest.importorskip("vllm")
+    from colocate.config import EngineConfig, Sampling
+    from colocate.engine import EngineActor
+    from colocate.phases import EngineMemory
+
+    free0, total = torch.cuda.mem_get_info()
+    engine = EngineActor(
+        EngineConfig(model=tiny_model_dir, gpu_memory_utilization=0.3, kv_cache_bytes=None),
+        "engine0",
+        (0,),
+        {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+    )
+    caps = engine.start(("gpu", 0))
+    assert caps.sleep_supported
+    greedy = Sampling(n=1, max_tokens=8, temperature=0.0)
+    before = [c.token_ids for c in engine.generate(["kato rimu"], greedy)]
+    awake = free0 - torch.cuda.mem_get_info()[0]
+    engine.sleep(1, ("gpu", 0))
+    asleep = free0 - torch.cuda.mem_get_info()[0]
+    assert asleep < 0.1 * awake, f"asleep holds {asleep / awake:.0%} of {awake} bytes"
+    assert engine.wake_kv(("gpu", 0)) is EngineMemory.AWAKE  # level 1: weights came back
+    assert [c.token_ids for c in engine.generate(["kato rimu"], greedy)] == before
+    engine.shutdown()
+    assert total > 0
