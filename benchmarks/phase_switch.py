@@ -568,8 +568,8 @@ def step_record(s: dict, spans, log: DriverLog) -> dict:
 def rpc_baseline(coord: Coordinator, args) -> dict:
     """Ray round trips of a no-op (``drain_spans`` with nothing recorded) to the actors.
 
-    Also the timeline drain as the coordinator does it (one ``ray.get`` per actor, in turn)
-    and batched (all at once). Whatever is drained goes to the timeline.
+    Also a timeline drain done one ``ray.get`` per actor in turn, and batched (all at once,
+    as ``Fleet.drain_spans`` does). Whatever is drained goes to the timeline.
     """
     engines, trainers = _actors(coord)
     handles = engines + trainers
@@ -927,7 +927,7 @@ def print_report(r: dict) -> None:
     print(
         f"Ray no-op round trip: engine {b['engine_rtt_s'] * ms:.2f} ms, trainer "
         f"{b['trainer_rtt_s'] * ms:.2f} ms; timeline drain of {b['actors']} actors: "
-        f"one ray.get per actor in turn (as the coordinator does) "
+        f"one ray.get per actor in turn "
         f"{b['drain_sequential_s'] * ms:.2f} ms, batched {b['drain_batched_s'] * ms:.2f} ms"
     )
     g = r["gc_probe"]
@@ -979,8 +979,7 @@ def print_report(r: dict) -> None:
             f"  overhead_fraction: {r['medians']['overhead_s'] * ms:.1f} ms/step of "
             f"{r['medians']['step_s'] * ms:.0f} ms; largest parts: "
             + ", ".join(f"{op} {v * ms:.1f} ms" for op, v in top)
-            + f"; timeline drains: {d['per_step']:g} per step x {d['median'] * ms:.1f} ms "
-            f"(one ray.get per actor in turn)"
+            + f"; timeline drains: {d['per_step']:g} per step x {d['median'] * ms:.1f} ms"
         )
     if r["verdicts"]["max_transition_overhead_s"] == "MISS":
         step = next(s for s in r["steps"] if s["step"] == at["step"])

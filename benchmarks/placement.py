@@ -93,10 +93,10 @@ class _PhaseTimer:
             finally:
                 self.times["check_s"] = time.perf_counter() - t0
 
-        def locate(groups, per_group):
+        def locate(*args):
             t0 = time.perf_counter()
             try:
-                return self._orig_locate(groups, per_group)
+                return self._orig_locate(*args)
             finally:
                 self.times["probe_s"] = time.perf_counter() - t0
 

@@ -228,7 +228,9 @@ class Coordinator:
             self._do_sync()
         except BaseException:
             self.phase = Phase.FAILED
-            self._collect_spans()
+            # Peers of a dead actor may sit in a collective until its timeout: do not wait for
+            # their spans here (they come with a later collection).
+            self._collect_spans(timeout_s=1.0)
             raise
         return self
 
@@ -332,7 +334,9 @@ class Coordinator:
             raise  # nothing was changed: the pipeline stays where it was
         except BaseException:
             self.phase = Phase.FAILED
-            self._collect_spans()
+            # Peers of a dead actor may sit in a collective until its timeout: do not wait for
+            # their spans here (they come with a later collection).
+            self._collect_spans(timeout_s=1.0)
             raise
 
     def _transition(self, target: Phase) -> None:
@@ -406,7 +410,10 @@ class Coordinator:
             ColocateError: A trainer rank died and no checkpoint was given (stays FAILED).
         """
         require(self.phase, Phase.FAILED, "recover")
-        dead_engines, dead_trainers = self.fleet.dead(self.timeouts.ping_s)
+        # A survivor may still be blocked in the failed transfer until the transfer timeout:
+        # wait that long for its answer before calling it dead.
+        ping = max(self.timeouts.ping_s, self.sync_config.timeout_s + 5.0)
+        dead_engines, dead_trainers = self.fleet.dead(ping)
         if dead_trainers and checkpoint is None:
             raise ColocateError(
                 f"trainer rank(s) {dead_trainers} died and took their ZeRO shards with them; fix: "
@@ -468,9 +475,9 @@ class Coordinator:
 
     # ----- observation, checkpoints, shutdown -------------------------------------------------
 
-    def _collect_spans(self) -> None:
+    def _collect_spans(self, timeout_s: float = 30.0) -> None:
         if self.fleet is not None:
-            self.timeline.extend(self.fleet.drain_spans())
+            self.timeline.extend(self.fleet.drain_spans(timeout_s))
 
     def actor_status(self) -> dict[str, dict]:
         """Each live actor's status: memory state, pid, RSS, open fds, threads."""

@@ -56,6 +56,7 @@ class Fleet:
         self.device_type = device_type
         self.engines: list = [None] * plan.spec.engines
         self.trainers: list = [None] * plan.spec.trainer_world_size
+        self._drains: dict = {}  # drain request -> actor, while unanswered
 
     # ----- dispatch ---------------------------------------------------------------------------
 
@@ -145,11 +146,18 @@ class Fleet:
         return out
 
     def drain_spans(self, timeout_s: float = 30.0) -> list[Span]:
-        """Collects the spans every live actor recorded since the last call (all at once)."""
-        refs = [h.drain_spans.remote() for h in self.engines + self.trainers if h is not None]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        """Collects the spans every live actor recorded since the last call (all at once).
+
+        An actor still busy (e.g. blocked in a failed transfer until its timeout) answers
+        later: its request stays pending and its spans come with a later call.
+        """
+        for h in self.engines + self.trainers:
+            if h is not None and h not in self._drains.values():
+                self._drains[h.drain_spans.remote()] = h
+        ready, _ = ray.wait(list(self._drains), num_returns=len(self._drains), timeout=timeout_s)
         spans = []
         for ref in ready:
+            self._drains.pop(ref)
             try:
                 spans.extend(ray.get(ref))
             except Exception:  # noqa: BLE001 - a dead actor has no spans to give
