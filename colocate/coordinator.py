@@ -40,7 +40,7 @@ from colocate.fleet import Fleet
 from colocate.phases import Phase, PhaseError, check_transition, require
 from colocate.syncing import SyncDriver, SyncReport
 from colocate.timeline import Timeline
-from colocate.trainer import LossFn, TrainerActor
+from colocate.trainer import LossFn, TrainerActor, shard_batch
 from placement import Plan, Reservation, TopologySpec, plan, reserve
 
 __all__ = ["Coordinator", "SyncReport", "Timeouts"]
@@ -287,14 +287,17 @@ class Coordinator:
         return out
 
     def train(self, batch: dict) -> dict[str, float]:
-        """Enters TRAIN if needed, then runs one train step on every rank; returns rank means."""
+        """Enters TRAIN if needed, then runs one train step on every rank; returns rank means.
+
+        The batch (a dict of tensors or lists, one row per sequence) is cut into contiguous
+        shards on the driver; each rank receives only its own.
+        """
+        world = self.spec.trainer_world_size
+        shards = [shard_batch(batch, r, world) for r in range(world)]  # bad input raises here
         self._transition(Phase.TRAIN)
         self.step += 1
         tag = self._tag(Phase.TRAIN)
-        calls = [
-            self.fleet.trainer_call(r, "train_step", batch, tag)
-            for r in range(self.spec.trainer_world_size)
-        ]
+        calls = [self.fleet.trainer_call(r, "train_step", shards[r], tag) for r in range(world)]
         metrics = self._guard(lambda: self._wait(calls, tag))
         return {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
 

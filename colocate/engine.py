@@ -107,8 +107,10 @@ class EngineActor:
         )
         if cuda:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-            if cfg.tensor_parallel_size > 1:
-                kwargs["distributed_executor_backend"] = "ray"
+        if cfg.tensor_parallel_size > 1:
+            # Inside a Ray placement group vLLM would pick its Ray executor, which the CPU
+            # platform refuses; on CPU the TP workers are local processes.
+            kwargs["distributed_executor_backend"] = "ray" if cuda else "mp"
         if cfg.kv_cache_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_bytes
         kwargs.update(cfg.vllm_kwargs)

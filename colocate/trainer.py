@@ -30,7 +30,11 @@ _KEEP_FOR_SYNC = "lp_params"
 
 
 def shard_batch(batch: dict, rank: int, world_size: int) -> dict:
-    """Rows ``rank::world_size``-contiguous share of every tensor/list in ``batch`` (dim 0)."""
+    """Rank ``rank``'s contiguous share of the rows of every tensor or list in ``batch``.
+
+    Rows are split as evenly as possible (the first ``rows % world_size`` ranks get one more);
+    other values are passed through.
+    """
     sizes = {len(v) for v in batch.values() if isinstance(v, (torch.Tensor, list, tuple))}
     if len(sizes) != 1:
         raise ValueError(f"batch fields have different lengths {sorted(sizes)}; pass equal rows")
@@ -229,10 +233,13 @@ class TrainerActor:
 
     # ----- training ---------------------------------------------------------------------------
 
-    def train_step(self, batch: dict, tag: tuple[str, int]) -> dict[str, float]:
-        """One optimizer step on this rank's shard of ``batch`` (all ranks at once)."""
+    def train_step(self, shard: dict, tag: tuple[str, int]) -> dict[str, float]:
+        """One optimizer step on this rank's shard of the batch (all ranks at once).
+
+        The coordinator cuts the batch with :func:`shard_batch`, so each rank receives only
+        its own rows.
+        """
         self._require(TrainerMemory.FULL, "train_step")
-        shard = shard_batch(batch, self.rank, self.world_size)
         with self.recorder.span("trainer.train_step", tag, rows=len(next(iter(shard.values())))):
             if self.config.deepspeed:
                 loss, metrics = self.loss_fn(self.engine, shard)

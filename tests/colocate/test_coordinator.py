@@ -131,3 +131,19 @@ def test_bad_configuration_fails_before_any_actor(ray_local, tiny_model_dir, tmp
     with pytest.raises(PhaseError, match="generate needs phase 'rollout'.*'init'"):
         level2.generate(PROMPTS, SAMPLING)
     assert torch.tensor(0).item() == 0
+
+
+def test_plain_torch_trainer_fallback_runs_the_loop(ray_local, tiny_model_dir):
+    spec = TopologySpec(nodes=1, gpus_per_node=1, trainer_world_size=1, engines=1)
+    with Coordinator(
+        spec,
+        EngineConfig(model=tiny_model_dir),
+        TrainerConfig(model=tiny_model_dir, lr=1e-3, deepspeed=False),
+        grpo_loss,
+    ) as coord:
+        before = coord.trainer_fingerprints()
+        report = _cycle(coord)
+        assert report.verified_tensors == len(coord.bucket_plan.metas)
+        assert coord.trainer_fingerprints() != before  # the torch optimizer stepped
+        names = {s.name for s in coord.timeline.spans}
+    assert {"trainer.offload", "trainer.reload", "engine.sleep"} <= names
