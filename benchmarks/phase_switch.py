@@ -252,24 +252,12 @@ class BareEngine:
         self.llm = None
 
     def start(self) -> None:
-        """Builds the engine (the kwargs ``EngineActor._build`` passes on CPU, minus the sync)."""
+        """Builds the engine with the arguments ``EngineActor`` uses, minus the sync extension."""
         import vllm
 
-        cfg = self.config
-        kwargs = dict(
-            model=cfg.model,
-            tokenizer=cfg.model,
-            load_format=cfg.load_format.value,
-            dtype=cfg.dtype.value,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            max_model_len=cfg.max_model_len,
-            seed=cfg.seed,
-            max_num_seqs=cfg.max_num_seqs,
-            enforce_eager=True,
-        )
-        if cfg.kv_cache_bytes is not None:
-            kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_bytes
-        self.llm = vllm.LLM(**kwargs)
+        from colocate.engine import llm_kwargs
+
+        self.llm = vllm.LLM(**llm_kwargs(self.config, cuda=False))
 
     def generate(self, prompts: list[str], sampling: Sampling) -> dict:
         """``llm.generate`` directly; returns the generated token ids and its own timing."""

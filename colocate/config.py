@@ -59,6 +59,18 @@ def _finite(owner: str, name: str, value: object, lo: float, hi: float, lo_open=
         )
 
 
+def _model_path(owner: str, value: object) -> str:
+    if not isinstance(value, (str, Path)) or not str(value):
+        raise _err(
+            owner,
+            "model",
+            value,
+            "must be a local directory path",
+            "pass the path of an HF model directory",
+        )
+    return str(value)
+
+
 class LoadFormat(enum.Enum):
     """How an engine gets its first weights."""
 
@@ -137,15 +149,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         owner = "EngineConfig"
-        if not isinstance(self.model, (str, Path)) or not str(self.model):
-            raise _err(
-                owner,
-                "model",
-                self.model,
-                "must be a local directory path",
-                "pass the path of an HF model directory",
-            )
-        object.__setattr__(self, "model", str(self.model))
+        object.__setattr__(self, "model", _model_path(owner, self.model))
         object.__setattr__(
             self, "load_format", _enum(owner, "load_format", self.load_format, LoadFormat)
         )
@@ -216,15 +220,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         owner = "TrainerConfig"
-        if not isinstance(self.model, (str, Path)) or not str(self.model):
-            raise _err(
-                owner,
-                "model",
-                self.model,
-                "must be a local directory path",
-                "pass the path of an HF model directory",
-            )
-        object.__setattr__(self, "model", str(self.model))
+        object.__setattr__(self, "model", _model_path(owner, self.model))
         object.__setattr__(self, "zero_stage", _zero(self.zero_stage))
         object.__setattr__(self, "dtype", _enum(owner, "dtype", self.dtype, DType))
         _finite(owner, "lr", self.lr, 0.0, 10.0)

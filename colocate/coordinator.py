@@ -192,47 +192,44 @@ class Coordinator:
                 "create a new one for a new run"
             )
         self._started = True
-        try:
-            self.reservation = reserve(
-                self.plan, timeout_s=min(120.0, self.timeouts.start_s), name=self.name
-            )
-            self.fleet = Fleet(
-                self.name,
-                self.plan,
-                self.reservation,
-                self.engine_config,
-                self.trainer_config,
-                self.trainer_cls,
-                self.loss_fn,
-                self.device_type,
-            )
-            self._sync = SyncDriver(
-                self.fleet,
-                self.engine_config,
-                self.sync_config,
-                self.device_type,
-                self.timeouts.step_s,
-                self.name,
-            )
-            engines = range(self.spec.engines)
-            for e in engines:
-                self.fleet.spawn_engine(e)
-            tag = self._tag("start")
-            self._wait(
-                [self.fleet.engine_call(e, "start", tag) for e in engines],
-                tag,
-                self.timeouts.start_s,
-            )
-            self._start_trainers(self._tag(Phase.INIT))
-            self._sync.setup(self._tag(Phase.INIT))
-            self._do_sync()
-        except BaseException:
-            self.phase = Phase.FAILED
-            # Peers of a dead actor may sit in a collective until its timeout: do not wait for
-            # their spans here (they come with a later collection).
-            self._collect_spans(timeout_s=1.0)
-            raise
+        self._guard(self._start_body)
+        self._collect_spans()
         return self
+
+    def _start_body(self) -> None:
+        self.reservation = reserve(
+            self.plan, timeout_s=min(120.0, self.timeouts.start_s), name=self.name
+        )
+        self.fleet = Fleet(
+            self.name,
+            self.plan,
+            self.reservation,
+            self.engine_config,
+            self.trainer_config,
+            self.trainer_cls,
+            self.loss_fn,
+            self.device_type,
+        )
+        self._sync = SyncDriver(
+            self.fleet,
+            self.engine_config,
+            self.sync_config,
+            self.device_type,
+            self.timeouts.step_s,
+            self.name,
+        )
+        engines = range(self.spec.engines)
+        for e in engines:
+            self.fleet.spawn_engine(e)
+        tag = self._tag("start")
+        self._wait(
+            [self.fleet.engine_call(e, "start", tag) for e in engines],
+            tag,
+            self.timeouts.start_s,
+        )
+        self._start_trainers(self._tag(Phase.INIT))
+        self._sync.setup(self._tag(Phase.INIT))
+        self._do_sync()
 
     def _start_trainers(self, tag: tuple[str, int]) -> None:
         """Creates every trainer rank; on each shared GPU only after its engine slept."""
@@ -538,7 +535,11 @@ class Coordinator:
         self._started = True
 
     def __enter__(self) -> Coordinator:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.shutdown()  # __exit__ does not run when __enter__ raises: release everything
+            raise
 
     def __exit__(self, *exc) -> None:
         self.shutdown()

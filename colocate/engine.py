@@ -16,7 +16,7 @@ from colocate.memory import process_stats
 from colocate.phases import EngineMemory
 from colocate.timeline import Recorder, Span
 
-__all__ = ["EngineActor", "Completion", "EngineCapabilities", "PromptTooLongError"]
+__all__ = ["EngineActor", "Completion", "EngineCapabilities", "PromptTooLongError", "llm_kwargs"]
 
 
 class PromptTooLongError(InputError):
@@ -45,6 +45,34 @@ class Completion:
     text: str
     finish_reason: str | None
     weight_version: int
+
+
+def llm_kwargs(config: EngineConfig, *, cuda: bool) -> dict:
+    """The ``vllm.LLM`` arguments an engine config stands for (without the sync extension).
+
+    Also what benchmarks use to set up a bare ``vllm.LLM`` the same way.
+    """
+    kwargs = dict(
+        model=config.model,
+        tokenizer=config.model,
+        load_format=config.load_format.value,
+        dtype=config.dtype.value,
+        tensor_parallel_size=config.tensor_parallel_size,
+        max_model_len=config.max_model_len,
+        seed=config.seed,
+        max_num_seqs=config.max_num_seqs,
+        enforce_eager=(not cuda) if config.enforce_eager is None else config.enforce_eager,
+    )
+    if cuda:
+        kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+    if config.tensor_parallel_size > 1:
+        # Inside a Ray placement group vLLM would pick its Ray executor, which the CPU
+        # platform refuses; on CPU the TP workers are local processes.
+        kwargs["distributed_executor_backend"] = "ray" if cuda else "mp"
+    if config.kv_cache_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = config.kv_cache_bytes
+    kwargs.update(config.vllm_kwargs)
+    return kwargs
 
 
 class EngineActor:
@@ -90,30 +118,11 @@ class EngineActor:
 
         from weight_sync.receiver import EXTENSION_QUALNAME
 
-        cfg = self.config
-        cuda = current_platform.device_type == "cuda"
-        kwargs = dict(
-            model=cfg.model,
-            tokenizer=cfg.model,
-            load_format=cfg.load_format.value,
-            dtype=cfg.dtype.value,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            max_model_len=cfg.max_model_len,
-            seed=cfg.seed,
-            max_num_seqs=cfg.max_num_seqs,
-            enforce_eager=(not cuda) if cfg.enforce_eager is None else cfg.enforce_eager,
+        kwargs = llm_kwargs(self.config, cuda=current_platform.device_type == "cuda")
+        kwargs.update(
             worker_extension_cls=EXTENSION_QUALNAME,
             enable_sleep_mode=current_platform.is_sleep_mode_available(),
         )
-        if cuda:
-            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-        if cfg.tensor_parallel_size > 1:
-            # Inside a Ray placement group vLLM would pick its Ray executor, which the CPU
-            # platform refuses; on CPU the TP workers are local processes.
-            kwargs["distributed_executor_backend"] = "ray" if cuda else "mp"
-        if cfg.kv_cache_bytes is not None:
-            kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_bytes
-        kwargs.update(cfg.vllm_kwargs)
         return vllm.LLM(**kwargs)
 
     def capabilities(self) -> EngineCapabilities:

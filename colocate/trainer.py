@@ -490,8 +490,11 @@ class TrainerActor:
             os._exit(1)
 
     def shutdown(self) -> None:
-        """Closes the sync and the trainer group."""
+        """Closes the sync, the trainer group and the group's store."""
         self.close_sync_stores()
+        if self._group_store is not None:
+            self._group_store[1].close()
+            self._group_store = None
         if self.config.deepspeed:
             import torch.distributed as dist
 
