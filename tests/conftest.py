@@ -10,10 +10,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
-# DeepSpeed's accelerator probe warns on every import without this; tests run on CPU.
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
 from raysupport import RayState, ensure_local_ray, shutdown_ray
 
 
@@ -24,6 +20,12 @@ def _cuda_available() -> bool:
         return torch.cuda.is_available()
     except Exception:  # noqa: BLE001
         return False
+
+
+if not _cuda_available():
+    # DeepSpeed's accelerator probe warns on every import without this on a CPU machine; on a
+    # CUDA machine (the gpu checks) DeepSpeed must find CUDA.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def pytest_collection_modifyitems(config, items):

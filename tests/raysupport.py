@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 LOCAL_GPUS = 4
 
 
@@ -11,6 +13,8 @@ class RayState:
 
 
 def shutdown_ray() -> None:
+    if "ray" not in sys.modules:  # never started (e.g. the CUDA checks, on a machine without Ray)
+        return
     import ray
 
     if ray.is_initialized():

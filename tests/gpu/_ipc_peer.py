@@ -1,9 +1,15 @@
-"""Receiver process of the CUDA IPC check: maps the sender's buffers, copies each bucket out."""
+"""Receiver process of the CUDA IPC check: maps the sender's buffers, copies each bucket out.
+
+Arguments: port, timed buckets, bucket bytes, digest file. One untimed warm-up bucket comes
+first; "peer-ready" is posted once the handles are mapped and the sink is allocated, so the
+sender's clock never includes this process's start-up.
+"""
 
 import sys
 
 import torch
 
+from weight_sync.buckets import Bucket
 from weight_sync.cuda_ipc import IpcReceiver
 from weight_sync.transport import Backend, Rendezvous
 
@@ -13,14 +19,16 @@ def main() -> None:
     torch.cuda.set_device(0)
     rdv = Rendezvous("127.0.0.1", port, 2, "gpu-check", 60.0, Backend.CUDA_IPC)
     receiver = IpcReceiver(rdv, 1, torch.device("cuda", 0))
-    from weight_sync.buckets import Bucket
-
     sink = torch.empty(buckets * nbytes, dtype=torch.uint8, device="cuda")
-    for i in range(buckets):
+    torch.cuda.synchronize()
+    receiver.store.set("peer-ready", b"1")
+    for i in range(buckets + 1):
         bucket = Bucket(i, (), nbytes)
         buf = receiver.receive(bucket).wait()
-        # The "apply": copy every byte out of the mapped buffer before acknowledging it.
-        sink[i * nbytes : (i + 1) * nbytes].copy_(buf[:nbytes])
+        # The "apply": copy every byte out of the mapped buffer before acknowledging it (the
+        # warm-up bucket lands in slot 0, which the first timed bucket overwrites).
+        j = max(i - 1, 0)
+        sink[j * nbytes : (j + 1) * nbytes].copy_(buf[:nbytes])
         receiver.done(bucket)
     digest = int(sink.view(torch.int32).sum(dtype=torch.int64))  # after the timed part
     with open(out, "w") as f:

@@ -1,14 +1,20 @@
 """vLLM sleep mode on CUDA frees the engine's memory (needs CUDA and CUDA vLLM: skipped where
 either is missing, e.g. on the CPU build machine and on a device machine without vLLM)."""
 
+import importlib.util
+
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.timeout(600)]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.timeout(600),
+    # Checked before the tiny-model fixture runs (a device machine has no vLLM to test).
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs CUDA vLLM"),
+]
 
 
 def test_sleep_frees_engine_memory_and_wake_restores_service(tiny_model_dir):
-    pytest.importorskip("vllm")
     from colocate.config import EngineConfig, Sampling
     from colocate.engine import EngineActor
     from colocate.phases import EngineMemory
