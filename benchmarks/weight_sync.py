@@ -499,7 +499,13 @@ def main(argv=None) -> dict:
         os.chdir(os.path.dirname(_HERE))  # Ray puts the driver's cwd on the workers' path too
     bucket_bytes = int(args.bucket_mib * (1 << 20))
     model_dir = str(build_tiny_model(MODEL_SPEC))
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=args.verbose)
+    ray.init(
+        address="local",  # a fresh local Ray, never another job's cluster on this machine
+        num_cpus=2,
+        num_gpus=2,
+        include_dashboard=False,
+        log_to_driver=args.verbose,
+    )
     try:
         results = _run(args, model_dir, bucket_bytes, started, loadavg_start)
     finally:

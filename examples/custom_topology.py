@@ -78,7 +78,10 @@ def main(argv=None) -> None:
     else:
         cuda = torch.cuda.is_available()
         ray.init(
-            num_cpus=os.cpu_count() or 2, num_gpus=None if cuda else 4, include_dashboard=False
+            address="local",  # a new local instance, even if a `ray start` cluster runs here
+            num_cpus=os.cpu_count() or 2,
+            num_gpus=None if cuda else 4,
+            include_dashboard=False,
         )
     separate = TopologySpec(
         nodes=1, gpus_per_node=2, trainer_world_size=1, engines=1, colocate=False
