@@ -279,7 +279,7 @@ def _big_mlp() -> torch.nn.Module:
     return torch.nn.Sequential(*[torch.nn.Linear(4096, 4096) for _ in range(16)])
 
 
-def test_deepspeed_offload_states_frees_memory():
+def test_deepspeed_offload_states_frees_memory_and_restores_state():
     """The trainer actor's ZeRO-3 offload (DeepSpeed ``offload_states``) on one GPU.
 
     Skipped where DeepSpeed is not installed. The actor builds its DeepSpeed engine exactly as
@@ -357,6 +357,9 @@ def test_deepspeed_offload_states_frees_memory():
         },
     )
     assert same_lp and same_hp
+    # The training tensors left the GPU, whatever the allocator keeps cached (1.3 % measured).
+    live = torch_bytes["after_offload"]["allocated"] / torch_bytes["after_step"]["allocated"]
+    assert live <= 0.1, f"{live:.0%} of the training tensors stayed on the GPU"
     if "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
         # The trainer actors' setting on CUDA (colocate/fleet.py).
         assert allocator_freed >= 0.9, f"offload returned {allocator_freed:.0%} of the allocator"
