@@ -12,7 +12,9 @@ Public API::
         c.sync()
 
 Names are imported from their modules on first use: the actors' own modules (and the CUDA
-device checks) then load without Ray, vLLM or DeepSpeed.
+device checks) then load without Ray, vLLM or DeepSpeed. The contract every actor the
+coordinator drives answers to is ``colocate.contract``; the protocol is the hand-over table in
+``colocate.handovers``.
 """
 
 import importlib
@@ -29,14 +31,19 @@ _WHERE = {
     "Coordinator": "colocate.coordinator",
     "Timeouts": "colocate.coordinator",
     "SyncReport": "colocate.syncing",
-    "Completion": "colocate.engine",
+    "Completion": "colocate.contract",
+    "EngineTenant": "colocate.contract",
+    "Tenant": "colocate.contract",
+    "TrainerTenant": "colocate.contract",
     "EngineActor": "colocate.engine",
-    "EngineCapabilities": "colocate.engine",
+    "EngineCapabilities": "colocate.contract",
     "PromptTooLongError": "colocate.engine",
     "ActorFailedError": "colocate.errors",
     "ActorTimeoutError": "colocate.errors",
     "ColocateError": "colocate.errors",
     "InputError": "colocate.errors",
+    "Fault": "colocate.faults",
+    "ActorId": "colocate.handovers",
     "grpo_loss": "colocate.losses",
     "lm_loss": "colocate.losses",
     "make_grpo_batch": "colocate.losses",

@@ -1,49 +1,77 @@
-"""Explicit dispatch to actors, bounded waits, and the per-GPU hand-over.
+"""Typed dispatch to actors, bounded waits, and the per-GPU hand-over.
 
-``Call`` names who runs what; :func:`wait_all` turns a dead or slow actor into a typed error
-naming the actor, phase and step; :func:`handover` runs one transition with every release on a
-GPU finished before any acquisition on that GPU starts, GPUs proceeding independently.
+A :class:`Call` names the actor method itself (``EngineTenant.sleep``), never a string; its
+arguments are checked against the method's signature on the driver before anything is sent.
+:func:`wait_all` turns a dead or slow actor into a typed error naming the actor, phase and step;
+:func:`handover` runs one transition with every release on a GPU finished before any
+acquisition on that GPU starts, GPUs proceeding independently.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 
+from colocate.contract import Tag
 from colocate.errors import ActorFailedError, ActorTimeoutError, InputError
 
 __all__ = ["Call", "wait_all", "handover"]
 
 
+@functools.cache
+def _signature(verb: Callable) -> inspect.Signature:
+    return inspect.signature(verb)
+
+
 @dataclass(frozen=True)
 class Call:
-    """One method call on one actor, not yet started.
+    """One contract method on one actor, not yet started.
 
     Attributes:
         actor: Display name (``"engine0"``).
         handle: The Ray actor handle.
-        method: Method name.
-        args: Positional arguments.
+        verb: The contract method (e.g. ``EngineTenant.sleep``); the actor runs its own
+            implementation of it.
+        args: Positional arguments (checked against ``verb``'s signature).
+        tag: Timeline tag (phase or transition, step) the actor records its spans under.
         lanes: GPUs (bundle indices) it concerns; for the per-GPU hand-over.
     """
 
     actor: str
     handle: Any
-    method: str
+    verb: Callable
     args: tuple = ()
+    tag: Tag = ("direct", 0, 0)
     lanes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        try:
+            _signature(self.verb).bind(None, *self.args)  # None stands for self
+        except TypeError as exc:
+            raise TypeError(
+                f"{self.verb.__qualname__}{_signature(self.verb)} cannot take "
+                f"{len(self.args)} argument(s) {self.args!r:.120} for {self.actor}: {exc}"
+            ) from None
+
+    @property
+    def method(self) -> str:
+        """The method's name (for messages and Ray's task names)."""
+        return self.verb.__name__
 
     def start(self, *after: ray.ObjectRef) -> ray.ObjectRef:
         """Submits the call; Ray runs it only after the ``after`` results exist."""
-        return getattr(self.handle, self.method).remote(*self.args, *after)
+        task = self.handle.invoke.options(name=f"{self.actor}.{self.method}")
+        return task.remote(self.method, self.args, self.tag, *after)
 
 
-def _raise_for(call: Call, exc: BaseException, tag: tuple[str, int]) -> None:
-    phase, step = tag
+def _raise_for(call: Call, exc: BaseException) -> None:
+    phase, step = call.tag[:2]
     if _is_death(exc):
         raise ActorFailedError(
             f"{call.actor} died during {call.method} (phase {phase!r}, step {step}): {exc}",
@@ -63,9 +91,7 @@ def _raise_for(call: Call, exc: BaseException, tag: tuple[str, int]) -> None:
     ) from cause
 
 
-def wait_all(
-    calls: Sequence[Call], tag: tuple[str, int], timeout_s: float, refs: Sequence | None = None
-) -> list:
+def wait_all(calls: Sequence[Call], timeout_s: float, refs: Sequence | None = None) -> list:
     """Starts ``calls`` (unless ``refs`` are given) and returns their results in order.
 
     When one call fails, the others get a short grace period, and an actor that died is
@@ -88,16 +114,17 @@ def wait_all(
         if not done:
             late = ", ".join(f"{by_ref[r].actor}.{by_ref[r].method}" for r in remaining)
             first = by_ref[remaining[0]]
+            phase, step = first.tag[:2]
             raise ActorTimeoutError(
-                f"{late} did not finish within {timeout_s:g} s (phase {tag[0]!r}, step {tag[1]})",
+                f"{late} did not finish within {timeout_s:g} s (phase {phase!r}, step {step})",
                 actor=first.actor,
-                phase=tag[0],
-                step=tag[1],
+                phase=phase,
+                step=step,
             )
         try:
             ray.get(done[0])
         except Exception as exc:  # noqa: BLE001 - converted to a typed error naming the actor
-            _raise_for(*_root_cause(done[0], exc, remaining, by_ref), tag)
+            _raise_for(*_root_cause(done[0], exc, remaining, by_ref))
     return ray.get(refs)
 
 
@@ -123,23 +150,18 @@ def _is_death(exc: BaseException) -> bool:
     return isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError))
 
 
-def handover(
-    releases: Sequence[Call],
-    acquires: Sequence[Call],
-    tag: tuple[str, int],
-    timeout_s: float,
-) -> list:
+def handover(releases: Sequence[Call], acquires: Sequence[Call], timeout_s: float) -> list:
     """Runs one transition: per GPU, all releases end before any acquisition starts.
 
     Order: every release is submitted at once; each acquisition is submitted with the result
     references of the releases on its GPUs as extra arguments, so Ray runs it only once those
     releases have finished, without a round trip through the driver. GPUs with nothing to
     release acquire at once; independent GPUs never wait for each other; an acquisition that
-    spans several GPUs (a TP engine) waits for the releases on all of them. Acquisition
-    methods therefore accept (and ignore) trailing ``*after`` arguments.
+    spans several GPUs (a TP engine) waits for the releases on all of them. The release
+    results travel as Ray arguments of the acquisition's ``invoke`` and never reach the method.
 
     Returns:
-        The acquisitions' results, in the order given.
+        The releases' results, then the acquisitions', in the order given.
     """
     by_lane: dict[int, list] = {}
     release_refs = []
@@ -152,5 +174,4 @@ def handover(
     for c in acquires:
         after = list({id(r): r for lane in c.lanes for r in by_lane.get(lane, [])}.values())
         acquire_refs.append(c.start(*after))
-    results = wait_all([*releases, *acquires], tag, timeout_s, refs=release_refs + acquire_refs)
-    return results[len(releases) :]
+    return wait_all([*releases, *acquires], timeout_s, refs=release_refs + acquire_refs)

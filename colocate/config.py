@@ -315,8 +315,14 @@ class Sampling:
         )
 
 
-def check_engine_model(config: EngineConfig, device_type: str) -> dict:
+def check_engine_model(config: EngineConfig, device=None) -> dict:
     """Checks the engine's model directory in the driver, before any actor starts.
+
+    Args:
+        config: The engine configuration.
+        device: The bundles' device kind (``placement.DeviceKind``, or its value), as the
+            placement probe found it; None skips the device-specific checks (the coordinator
+            runs them once the reservation knows the device, still before any actor starts).
 
     Returns:
         The model's config.json as a dict.
@@ -325,6 +331,8 @@ def check_engine_model(config: EngineConfig, device_type: str) -> dict:
         ConfigError: Missing directory or config, TP that does not divide the heads, or a
             head size the CPU backend refuses.
     """
+    from placement.hardware import DeviceKind
+
     path = Path(config.model)
     if not path.is_dir():
         raise _err(
@@ -364,7 +372,8 @@ def check_engine_model(config: EngineConfig, device_type: str) -> dict:
             "use a TP size that divides (or is a multiple of) the KV heads",
         )
     head_dim = hf.get("head_dim") or (hf["hidden_size"] // heads if heads else None)
-    if device_type == "cpu" and head_dim is not None and head_dim not in CPU_HEAD_SIZES:
+    cpu = device is not None and DeviceKind(device) is DeviceKind.CPU
+    if cpu and head_dim is not None and head_dim not in CPU_HEAD_SIZES:
         raise _err(
             "EngineConfig",
             "model",

@@ -1,30 +1,34 @@
 """The coordinator: the one owner of ordering.
 
-It reserves the GPUs, has the fleet create the actors, moves every GPU through the phase
-protocol (``colocate.phases``), has the sync driver stream weights trainer -> engines, records
-the timeline, and recovers from faults.
+It reserves the GPUs (and learns from the bundles what device they are), has the fleet create
+the actors, moves every GPU through the phase protocol by executing rows of the hand-over
+table (``colocate.handovers``, the protocol's only statement), has the sync driver stream
+weights trainer -> engines, records the timeline (its own spans included), and recovers from
+faults.
 
-One RL step on a colocated topology (``../shared/DESIGN.md`` section 3):
+One RL step on a colocated topology (``docs/design.md``):
 
 1. ROLLOUT: engines generate; trainers are offloaded.
-2. ROLLOUT -> TRAIN: per GPU, engines sleep; then trainers reload. Trainers train.
-3. TRAIN -> SYNC: per GPU, trainers offload grads and optimizer states; then engines wake their
-   weights (no KV cache). Weights stream trainer -> engines; fingerprints are compared.
-4. SYNC -> ROLLOUT: per GPU, trainers offload params; then engines wake the KV cache (which
-   resets the prefix cache). Only now is the weight version bumped.
+2. ``train`` row, ROLLOUT -> TRAIN: per GPU, engines sleep; then trainers reload. Trainers train.
+3. ``sync`` row, TRAIN -> SYNC: per GPU, trainers offload grads and optimizer states; then
+   engines wake their weights (no KV cache). Weights stream trainer -> engines; fingerprints
+   are compared.
+4. ``rollout`` row, SYNC -> ROLLOUT: per GPU, trainers offload params; then engines wake the
+   KV cache (which resets the prefix cache) and take the new weight version.
 
-With separate pools (no GPU shared) the memory steps are skipped: engines stay awake and
+With separate pools (no GPU shared) the memory moves are planned away: engines stay awake and
 trainers keep their state; the sync and the phase rules are the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
-from colocate.calls import handover, wait_all
+from colocate.calls import Call, handover, wait_all
 from colocate.config import (
     ConfigError,
     EngineConfig,
@@ -32,18 +36,38 @@ from colocate.config import (
     Sampling,
     SyncConfig,
     TrainerConfig,
+    check_engine_model,
 )
-from colocate.config import check_engine_model as _check_engine_model
-from colocate.engine import Completion
+from colocate.contract import Completion, EngineTenant, Tag, Tenant, TrainerTenant
+from colocate.engine import EngineActor
 from colocate.errors import ColocateError, InputError
+from colocate.faults import Fault, coerce_fault
 from colocate.fleet import Fleet
-from colocate.phases import Phase, PhaseError, check_transition, require
+from colocate.handovers import (
+    INIT,
+    RECOVER,
+    RESTART_ENGINES,
+    RESTART_TRAINERS,
+    ROLLOUT,
+    SKIP_SYNC,
+    START,
+    SYNC,
+    TRAIN,
+    ActorId,
+    Context,
+    Row,
+    actors_of,
+    plan_handover,
+)
+from colocate.phases import RESIDENT, Phase, PhaseError, require
 from colocate.syncing import SyncDriver, SyncReport
-from colocate.timeline import Timeline
+from colocate.timeline import Recorder, Timeline
 from colocate.trainer import LossFn, TrainerActor, shard_batch
-from placement import Plan, Reservation, TopologySpec, plan, reserve
+from placement import DeviceKind, Plan, Reservation, TenantKind, TopologySpec, plan, reserve
 
 __all__ = ["Coordinator", "SyncReport", "Timeouts"]
+
+_ENGINE, _TRAINER = TenantKind.ENGINE, TenantKind.TRAINER
 
 
 @dataclass(frozen=True)
@@ -86,8 +110,14 @@ class Coordinator:
         sleep_level: 1 keeps a host copy of engine weights while asleep; 2 drops them (the
             weights are always re-sent before the KV cache wakes).
         timeouts: Bounds on actor work.
-        trainer_cls: A :class:`TrainerActor` subclass to use instead (custom training logic).
+        engine_cls: The engine actor class: an :class:`~colocate.contract.EngineTenant`
+            (default :class:`~colocate.engine.EngineActor`; the contract is in
+            ``colocate.contract``).
+        trainer_cls: The trainer actor class: a :class:`~colocate.contract.TrainerTenant`
+            (default :class:`~colocate.trainer.TrainerActor`; subclass it for custom training
+            logic and keep its constructor).
         name: Prefix of actor, placement-group and rendezvous names (unique by default).
+        probe: The placement probe run on each bundle (default ``placement.probe_bundle``).
 
     Raises:
         ConfigError: An inconsistent configuration (before anything starts).
@@ -104,8 +134,10 @@ class Coordinator:
         sync: SyncConfig | None = None,
         sleep_level: int = 1,
         timeouts: Timeouts | None = None,
-        trainer_cls: type[TrainerActor] = TrainerActor,
+        engine_cls: type[EngineTenant] = EngineActor,
+        trainer_cls: type[TrainerTenant] = TrainerActor,
         name: str | None = None,
+        probe=None,
     ):
         if sleep_level not in (1, 2) or isinstance(sleep_level, bool):
             raise ConfigError(f"sleep_level={sleep_level!r}: must be 1 or 2; fix: pass 1 or 2")
@@ -116,8 +148,15 @@ class Coordinator:
             )
         if not callable(loss_fn):
             raise ConfigError(f"loss_fn={loss_fn!r}: must be callable as loss_fn(model, batch)")
-        if not (isinstance(trainer_cls, type) and issubclass(trainer_cls, TrainerActor)):
-            raise ConfigError(f"trainer_cls={trainer_cls!r}: must subclass TrainerActor")
+        for label, cls, base in (
+            ("engine_cls", engine_cls, EngineTenant),
+            ("trainer_cls", trainer_cls, TrainerTenant),
+        ):
+            if not (isinstance(cls, type) and issubclass(cls, base)):
+                raise ConfigError(
+                    f"{label}={cls!r}: must subclass colocate.contract.{base.__name__}; fix: "
+                    f"subclass {'EngineActor' if base is EngineTenant else 'TrainerActor'}"
+                )
         if not trainer.deepspeed and spec.trainer_world_size != 1:
             raise ConfigError(
                 f"TrainerConfig.deepspeed=False needs trainer_world_size=1, got "
@@ -131,21 +170,30 @@ class Coordinator:
         self.sync_config = sync or SyncConfig()
         self.sleep_level = sleep_level
         self.timeouts = timeouts or Timeouts()
+        self.engine_cls = engine_cls
         self.trainer_cls = trainer_cls
         self.name = name or f"colocate-{uuid.uuid4().hex[:8]}"
-        self.device_type = "cuda" if _cuda_available() else "cpu"
-        _check_engine_model(engine, self.device_type)
-        self.phase = Phase.INIT
+        self._probe = probe
+        check_engine_model(engine)  # the device-specific checks run once the device is known
+        self._phase = Phase.INIT
         self.step = 0
+        self._seq = 0  # hand-over sequence number: one per tag
         self.weight_version = 0 if engine.load_format is LoadFormat.AUTO else -1
         self.timeline = Timeline()
+        self.recorder = Recorder("coordinator", ())
         self.last_sync: SyncReport | None = None
         self.reservation: Reservation | None = None
+        self.device: DeviceKind | None = None
         self.fleet: Fleet | None = None
         self._sync: SyncDriver | None = None
         self._started = False
 
-    # ----- helpers ----------------------------------------------------------------------------
+    # ----- state ------------------------------------------------------------------------------
+
+    @property
+    def phase(self) -> Phase:
+        """The current phase (changed only by executing a table row, a failure, or shutdown)."""
+        return self._phase
 
     @property
     def colocated(self) -> bool:
@@ -157,39 +205,103 @@ class Coordinator:
         """The bucket layout of every sync (None before start)."""
         return self._sync.bucket_plan if self._sync else None
 
-    def _shared(self, lanes: Sequence[int]) -> bool:
-        return bool(set(lanes) & set(self.plan.shared_bundles))
+    @property
+    def sync_driver(self) -> SyncDriver | None:
+        """The weight-sync driver (its transfer groups and set-up rounds); None before start."""
+        return self._sync
 
-    def _shared_engines(self) -> list[int]:
-        return [e for e in range(self.spec.engines) if self._shared(self.plan.engine_bundles(e))]
+    def hardware(self) -> dict:
+        """What the placement probe found on each bundle (device kind, names, memory)."""
+        return self.reservation.hardware() if self.reservation else {}
 
-    def _shared_trainers(self) -> list[int]:
-        ranks = range(self.spec.trainer_world_size)
-        return [r for r in ranks if self._shared((self.plan.trainer_bundle(r),))]
+    def _tag(self, name: str) -> Tag:
+        self._seq += 1
+        return (name, self.step, self._seq)
 
-    def _tag(self, phase: Phase | str) -> tuple[str, int]:
-        return (phase.value if isinstance(phase, Phase) else phase, self.step)
+    @contextlib.contextmanager
+    def _span(self, name: str, tag: Tag, **detail) -> Iterator[dict]:
+        """A span of the coordinator's own (no GPU lane): what a benchmark times it by."""
+        with self.recorder.span(name, tag, **detail) as d:
+            yield d
 
-    def _wait(self, calls, tag, timeout_s=None) -> list:
-        return wait_all(calls, tag, timeout_s or self.timeouts.step_s)
+    def _ctx(self, **kw) -> Context:
+        return Context(
+            sleep_level=self.sleep_level,
+            collective_timeout_s=self.sync_config.timeout_s * 5,
+            **kw,
+        )
+
+    # ----- the one executor of the hand-over table --------------------------------------------
+
+    def _run(self, row: Row, ctx: Context, timeout_s: float | None = None) -> list:
+        """Executes one row of the hand-over table; the only place the phase moves forward.
+
+        Order: (1) the row must start from the current phase (already in its target with no
+        row looping there: nothing to do); (2) the row is planned for this topology (pure);
+        (3) the hand-over runs: per GPU, every release ends before any acquisition starts;
+        (4) every memory state the actors report is checked against the table; (5) the phase
+        becomes the row's target.
+
+        Returns:
+            The releases' results, then the acquisitions'.
+        """
+        if self._phase not in row.sources:
+            if self._phase is row.target:
+                return []
+            allowed = " or ".join(repr(p.value) for p in sorted(row.sources, key=str))
+            raise PhaseError(
+                f"{row.name} needs phase {allowed}, but the pipeline is in {self._phase.value!r}"
+                + ("; call recover() first" if self._phase is Phase.FAILED else "")
+            )
+        planned = plan_handover(row, self.plan, ctx)
+        tag = self._tag(row.name)
+
+        def calls(items) -> list[Call]:
+            return [self.fleet.call(c.actor, c.verb, *c.args, tag=tag) for c in items]
+
+        with self._span("handover", tag, row=row.name):
+            results = handover(
+                calls(planned.releases),
+                calls(planned.acquires),
+                timeout_s or self.timeouts.step_s,
+            )
+        self._check_resident(row, [*planned.releases, *planned.acquires], results)
+        self._phase = row.target
+        return results
+
+    def _check_resident(self, row: Row, planned, results) -> None:
+        want = RESIDENT.get(row.target, {})
+        for call, got in zip(planned, results, strict=True):
+            expected = want.get(call.actor.kind)
+            if expected is not None and type(got) is type(expected) and got is not expected:
+                raise ColocateError(
+                    f"{call.actor.name} reports memory {got.value!r} after {call.verb.__name__} "
+                    f"in row {row.name!r}, but phase {row.target.value!r} needs "
+                    f"{expected.value!r}: the actor breaks the tenant contract",
+                    actor=call.actor.name,
+                    phase=row.name,
+                    step=self.step,
+                )
 
     # ----- start-up ---------------------------------------------------------------------------
 
     def start(self) -> Coordinator:
         """Reserves GPUs, creates the actors in memory order, and runs the first sync.
 
-        Order on each GPU: the engine is created (vLLM sizes itself from the free memory) and,
-        colocated, put to sleep; only then is the trainer rank created there. The first sync
-        then gives every engine the trainer's weights (an engine started with dummy weights
-        never serves before it), and the pipeline enters ROLLOUT.
+        Order: reserve (the probe reports each bundle's device; device-specific config checks
+        run now, before any actor starts); the ``start`` row creates the engines (vLLM sizes
+        itself from the free memory); the ``init`` row puts them to sleep on shared GPUs and
+        only then creates the trainer ranks there; the first sync then gives every engine the
+        trainer's weights (an engine started with dummy weights never serves before it), and
+        the pipeline enters ROLLOUT.
 
         Raises:
             PhaseError: Called twice, or after shutdown.
         """
         if self._started:
             raise PhaseError(
-                f"start() called twice (phase {self.phase.value!r}); a coordinator starts once: "
-                "create a new one for a new run"
+                f"start() called twice (phase {self._phase.value!r}); a coordinator starts "
+                "once: create a new one for a new run"
             )
         self._started = True
         self._guard(self._start_body)
@@ -197,65 +309,54 @@ class Coordinator:
         return self
 
     def _start_body(self) -> None:
-        self.reservation = reserve(
-            self.plan, timeout_s=min(120.0, self.timeouts.start_s), name=self.name
-        )
+        with self._span("reserve", self._tag("start")):
+            self.reservation = reserve(
+                self.plan,
+                timeout_s=min(120.0, self.timeouts.start_s),
+                name=self.name,
+                probe=self._probe,
+            )
+        self.device = self.reservation.device
+        check_engine_model(self.engine_config, self.device)
         self.fleet = Fleet(
             self.name,
             self.plan,
             self.reservation,
             self.engine_config,
             self.trainer_config,
+            self.engine_cls,
             self.trainer_cls,
             self.loss_fn,
-            self.device_type,
         )
         self._sync = SyncDriver(
-            self.fleet,
-            self.engine_config,
-            self.sync_config,
-            self.device_type,
-            self.timeouts.step_s,
-            self.name,
+            self.fleet, self.engine_config, self.sync_config, self.timeouts.step_s, self.name
         )
-        engines = range(self.spec.engines)
-        for e in engines:
-            self.fleet.spawn_engine(e)
-        tag = self._tag("start")
-        self._wait(
-            [self.fleet.engine_call(e, "start", tag) for e in engines],
-            tag,
-            self.timeouts.start_s,
-        )
-        self._start_trainers(self._tag(Phase.INIT))
-        self._sync.setup(self._tag(Phase.INIT))
+        for a in actors_of(self.plan, _ENGINE):
+            self.fleet.spawn(a)
+        self._run(START, self._ctx(), self.timeouts.start_s)
+        level = 2 if self.engine_config.load_format is LoadFormat.DUMMY else self.sleep_level
+        self._start_trainers(INIT, replace(self._ctx(), sleep_level=level))
+        self._sync.setup(self._tag("init"))
         self._do_sync()
 
-    def _start_trainers(self, tag: tuple[str, int]) -> None:
-        """Creates every trainer rank; on each shared GPU only after its engine slept."""
-        fleet = self.fleet
-        for r in range(self.spec.trainer_world_size):
-            fleet.spawn_trainer(r)
-        master = self._wait(
+    def _start_trainers(self, row: Row, ctx: Context) -> None:
+        """Creates every trainer rank and runs ``row`` (engines sleep, then trainers start)."""
+        for a in actors_of(self.plan, _TRAINER):
+            self.fleet.spawn(a)
+        tag = self._tag(row.name)
+        (master,) = wait_all(
             [
-                fleet.trainer_call(
-                    0, "host_group_store", self.spec.nodes > 1, self.sync_config.timeout_s * 5
+                self.fleet.trainer_call(
+                    0,
+                    TrainerTenant.host_group_store,
+                    self.spec.nodes > 1,
+                    self.sync_config.timeout_s * 5,
+                    tag=tag,
                 )
             ],
-            tag,
-        )[0]
-        level = 2 if self.engine_config.load_format is LoadFormat.DUMMY else self.sleep_level
-        collective_timeout = self.sync_config.timeout_s * 5
-        handover(
-            [fleet.engine_call(e, "sleep", level, tag) for e in self._shared_engines()],
-            [
-                fleet.trainer_call(r, "start", master, collective_timeout, tag)
-                for r in range(self.spec.trainer_world_size)
-            ],
-            tag,
-            self.timeouts.start_s,
+            self.timeouts.step_s,
         )
-        self._collect_spans()
+        self._run(row, replace(ctx, master=master), self.timeouts.start_s)
 
     # ----- the RL loop ------------------------------------------------------------------------
 
@@ -265,44 +366,51 @@ class Coordinator:
         Returns:
             Completions in prompt order (``prompt_index`` is global), ``sampling.n`` each.
         """
-        require(self.phase, Phase.ROLLOUT, "generate")
+        require(self._phase, Phase.ROLLOUT, "generate")
         prompts = list(prompts)
         if not prompts:
             raise ValueError("prompts is empty; pass at least one prompt")
         n = self.spec.engines
         bounds = [round(i * len(prompts) / n) for i in range(n + 1)]
         used = [e for e in range(n) if bounds[e + 1] > bounds[e]]
-        tag = self._tag(Phase.ROLLOUT)
+        tag = self._tag(Phase.ROLLOUT.value)
         calls = [
-            self.fleet.engine_call(e, "generate", prompts[bounds[e] : bounds[e + 1]], sampling, tag)
+            self.fleet.engine_call(
+                e, EngineTenant.generate, prompts[bounds[e] : bounds[e + 1]], sampling, tag=tag
+            )
             for e in used
         ]
+        with self._span("generate", tag):
+            results = self._guard(lambda: wait_all(calls, self.timeouts.step_s))
         out = []
-        results = self._guard(lambda: self._wait(calls, tag))
         for e, completions in zip(used, results, strict=True):
             out.extend(replace(c, prompt_index=c.prompt_index + bounds[e]) for c in completions)
         return out
 
     def train(self, batch: dict) -> dict[str, float]:
-        """Enters TRAIN if needed, then runs one train step on every rank; returns rank means.
+        """Runs the ``train`` row if needed, then one train step on every rank; rank means.
 
         The batch (a dict of tensors or lists, one row per sequence) is cut into contiguous
         shards on the driver; each rank receives only its own.
         """
+        require(self._phase, (Phase.ROLLOUT, Phase.TRAIN), "train")
         world = self.spec.trainer_world_size
         shards = [shard_batch(batch, r, world) for r in range(world)]  # bad input raises here
-        self._transition(Phase.TRAIN)
+        self._guard(lambda: self._run(TRAIN, self._ctx()))
         self.step += 1
-        tag = self._tag(Phase.TRAIN)
-        calls = [self.fleet.trainer_call(r, "train_step", shards[r], tag) for r in range(world)]
-        metrics = self._guard(lambda: self._wait(calls, tag))
+        tag = self._tag(Phase.TRAIN.value)
+        calls = [
+            self.fleet.trainer_call(r, TrainerTenant.train_step, shards[r], tag=tag)
+            for r in range(world)
+        ]
+        with self._span("train", tag):
+            metrics = self._guard(lambda: wait_all(calls, self.timeouts.step_s))
         return {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
 
     def sync(self) -> SyncReport:
         """TRAIN (or ROLLOUT) -> SYNC -> ROLLOUT: sends the trainer's weights to every engine."""
-        require(self.phase, (Phase.ROLLOUT, Phase.TRAIN), "sync")
-        if self.phase is Phase.ROLLOUT:
-            self._transition(Phase.TRAIN)
+        require(self._phase, (Phase.ROLLOUT, Phase.TRAIN), "sync")
+        self._guard(lambda: self._run(TRAIN, self._ctx()))
         self._guard(self._do_sync)
         self._collect_spans()
         return self.last_sync
@@ -317,10 +425,22 @@ class Coordinator:
                 "skip_sync needs sleep_level=1: at level 2 the engines dropped their weights; "
                 "call sync() instead"
             )
-        self._transition(Phase.ROLLOUT)
+        require(self._phase, (Phase.ROLLOUT, Phase.TRAIN), "skip_sync")
+        self._guard(lambda: self._run(SKIP_SYNC, self._ctx()))
         self._collect_spans()
 
-    # ----- transitions ------------------------------------------------------------------------
+    def _do_sync(self) -> None:
+        """The ``sync`` row, the verified transfer, then the ``rollout`` row (version bumped)."""
+        self._run(SYNC, self._ctx())
+        version = self.weight_version + 1 if self.weight_version >= 0 else 1
+        tag = self._tag(Phase.SYNC.value)
+        with self._span("transfer", tag, version=version):
+            report = self._sync.transfer(version, tag)
+        # The transfer is verified by now: the engines tag generations with the new version
+        # from the moment they can serve again.
+        self._run(ROLLOUT, self._ctx(version=version))
+        self.weight_version = version
+        self.last_sync = report
 
     def _guard(self, fn):
         """Runs ``fn``; any failure but refused input or a wrong-phase call leaves FAILED.
@@ -333,73 +453,23 @@ class Coordinator:
         except (InputError, PhaseError):
             raise  # nothing was changed: the pipeline stays where it was
         except BaseException:
-            self.phase = Phase.FAILED
+            self._phase = Phase.FAILED
             # Peers of a dead actor may sit in a collective until its timeout: do not wait for
             # their spans here (they come with a later collection).
             self._collect_spans(timeout_s=1.0)
             raise
-
-    def _transition(self, target: Phase) -> None:
-        require(self.phase, (Phase.ROLLOUT, Phase.TRAIN), f"entering {target.value}")
-        if check_transition(self.phase, target):
-            self._guard(lambda: self._run_transition(target))
-
-    def _run_transition(self, target: Phase) -> None:
-        tag, fleet = self._tag(target), self.fleet
-        if target is Phase.TRAIN:
-            releases = [
-                fleet.engine_call(e, "sleep", self.sleep_level, tag) for e in self._shared_engines()
-            ]
-            acquires = [
-                fleet.trainer_call(r, "reload", tag) for r in range(self.spec.trainer_world_size)
-            ]
-        elif target is Phase.ROLLOUT:  # skip_sync: engines wake with the weights they kept
-            releases = [
-                fleet.trainer_call(r, "offload", False, tag) for r in self._shared_trainers()
-            ]
-            acquires = [
-                fleet.engine_call(e, "wake_kv", tag, None) for e in range(self.spec.engines)
-            ]
-        else:
-            raise PhaseError(f"no direct transition to {target.value!r}")
-        handover(releases, acquires, tag, self.timeouts.step_s)
-        self.phase = target
-
-    def _do_sync(self) -> None:
-        """The body of a sync, from INIT/TRAIN: ends in ROLLOUT with the version bumped."""
-        fleet, engines = self.fleet, range(self.spec.engines)
-        tag = self._tag(Phase.SYNC)
-        handover(
-            [fleet.trainer_call(r, "offload", True, tag) for r in self._shared_trainers()],
-            [fleet.engine_call(e, "wake_weights", tag) for e in engines],
-            tag,
-            self.timeouts.step_s,
-        )
-        self.phase = Phase.SYNC
-        version = self.weight_version + 1 if self.weight_version >= 0 else 1
-        report = self._sync.transfer(version, tag)
-        tag = self._tag(Phase.ROLLOUT)
-        # The transfer is verified by now: the engines tag generations with the new version
-        # from the moment they can serve again.
-        handover(
-            [fleet.trainer_call(r, "offload", False, tag) for r in self._shared_trainers()],
-            [fleet.engine_call(e, "wake_kv", tag, version) for e in engines],
-            tag,
-            self.timeouts.step_s,
-        )
-        self.weight_version = version
-        self.last_sync = report
-        self.phase = Phase.ROLLOUT
 
     # ----- recovery ---------------------------------------------------------------------------
 
     def recover(self, checkpoint: str | None = None) -> SyncReport:
         """From FAILED: replaces dead actors, re-sends the trainer's weights, enters ROLLOUT.
 
-        Order: (1) ping every actor; (2) if a trainer rank died, its ZeRO shard is gone:
-        every rank is replaced and restored from ``checkpoint`` (required then); (3) each dead
-        engine is replaced on its bundle: on a shared GPU the trainer offloads first, the new
-        engine starts, then sleeps; (4) trainers reload; (5) the transfer groups are rebuilt
+        Order: (1) ping every actor; (2) if a trainer rank died, its ZeRO shard is gone: every
+        rank is killed, to be replaced and restored from ``checkpoint`` (required then); (3)
+        each dead engine is replaced on its bundle (``restart-engines`` row: on a shared GPU
+        the trainer offloads first, then the new engine starts); (4) replaced trainer ranks
+        start (``restart-trainers`` row: engines sleep first) and load the checkpoint; (5) the
+        ``recover`` row (engines sleep, trainers reload); (6) the transfer groups are rebuilt
         and a verified sync brings every engine to the trainer's weights.
 
         Args:
@@ -409,129 +479,111 @@ class Coordinator:
         Raises:
             ColocateError: A trainer rank died and no checkpoint was given (stays FAILED).
         """
-        require(self.phase, Phase.FAILED, "recover")
+        require(self._phase, Phase.FAILED, "recover")
         # A survivor may still be blocked in the failed transfer until the transfer timeout:
         # wait that long for its answer before calling it dead.
         ping = max(self.timeouts.ping_s, self.sync_config.timeout_s + 5.0)
-        dead_engines, dead_trainers = self.fleet.dead(ping)
+        dead = self.fleet.dead(ping)
+        dead_engines = [a for a in dead if a.kind is _ENGINE]
+        dead_trainers = [a for a in dead if a.kind is _TRAINER]
         if dead_trainers and checkpoint is None:
+            ranks = [a.index for a in dead_trainers]
             raise ColocateError(
-                f"trainer rank(s) {dead_trainers} died and took their ZeRO shards with them; fix: "
+                f"trainer rank(s) {ranks} died and took their ZeRO shards with them; fix: "
                 "call recover(checkpoint=...) with a directory written by save_trainer()",
-                actor=f"trainer{dead_trainers[0]}",
-                phase=self.phase.value,
+                actor=dead_trainers[0].name,
+                phase=self._phase.value,
                 step=self.step,
             )
 
         def body() -> None:
-            # Separate hand-overs, separate tags: the timeline checks each one's order.
+            absent: frozenset[ActorId] = frozenset()
             if dead_trainers:
-                self._replace_trainers(checkpoint, self._tag("restart-trainers"))
-            for e in dead_engines:
-                self._replace_engine(e, self._tag("restart-engines"))
-            tag = self._tag("recover")
-            fleet = self.fleet
-            handover(
-                [
-                    fleet.engine_call(e, "sleep", self.sleep_level, tag)
-                    for e in self._shared_engines()
-                ],
-                [fleet.trainer_call(r, "reload", tag) for r in range(self.spec.trainer_world_size)],
-                tag,
-                self.timeouts.step_s,
-            )
+                for a in actors_of(self.plan, _TRAINER):
+                    self.fleet.kill(a)  # survivors are in a broken DeepSpeed group too
+                absent = frozenset(actors_of(self.plan, _TRAINER))
+            if dead_engines:
+                for a in dead_engines:
+                    self.fleet.kill(a)
+                    self.fleet.spawn(a)
+                ctx = self._ctx(selected=frozenset(dead_engines), absent=absent)
+                self._run(RESTART_ENGINES, ctx, self.timeouts.start_s)
+            if dead_trainers:
+                self._start_trainers(RESTART_TRAINERS, self._ctx())
+                tag = self._tag(RESTART_TRAINERS.name)
+                wait_all(
+                    [
+                        self.fleet.call(a, TrainerTenant.load, checkpoint, tag=tag)
+                        for a in actors_of(self.plan, _TRAINER)
+                    ],
+                    self.timeouts.step_s,
+                )
+            self._run(RECOVER, self._ctx())
             # A failed transfer may have left a group half-used: always rebuild the groups.
-            self._sync.setup(tag)
+            self._sync.setup(self._tag(RECOVER.name))
             self._do_sync()
 
         self._guard(body)
         self._collect_spans()
         return self.last_sync
 
-    def _replace_trainers(self, checkpoint: str, tag: tuple[str, int]) -> None:
-        for r in range(self.spec.trainer_world_size):
-            self.fleet.kill_trainer(r)  # survivors are in a broken DeepSpeed group too
-        self._start_trainers(tag)
-        self._wait(
-            [
-                self.fleet.trainer_call(r, "load", checkpoint)
-                for r in range(self.spec.trainer_world_size)
-            ],
-            tag,
-        )
-
-    def _replace_engine(self, e: int, tag: tuple[str, int]) -> None:
-        fleet = self.fleet
-        fleet.kill_engine(e)
-        fleet.spawn_engine(e)
-        lanes = set(self.plan.engine_bundles(e))
-        ranks = [r for r in self._shared_trainers() if self.plan.trainer_bundle(r) in lanes]
-        handover(
-            [fleet.trainer_call(r, "offload", False, tag) for r in ranks],
-            [fleet.engine_call(e, "start", tag)],
-            tag,
-            self.timeouts.start_s,
-        )
-
     # ----- observation, checkpoints, shutdown -------------------------------------------------
 
     def _collect_spans(self, timeout_s: float = 30.0) -> None:
         if self.fleet is not None:
-            self.timeline.extend(self.fleet.drain_spans(timeout_s))
+            with self._span("collect_spans", self._tag(self._phase.value)):
+                spans = self.fleet.drain_spans(timeout_s)
+            self.timeline.extend(spans)
+        self.timeline.extend(self.recorder.drain())
 
     def actor_status(self) -> dict[str, dict]:
         """Each live actor's status: memory state, pid, RSS, open fds, threads."""
         return self.fleet.statuses() if self.fleet else {}
 
-    def inject_fault(self, actor: str, fault: str) -> None:
-        """Test hook: arms ``fault`` in ``actor`` (``"engine<i>"`` or ``"trainer<r>"``).
+    def inject_fault(self, actor: str, fault: Fault | str) -> None:
+        """Test hook: arms ``fault`` (a :class:`~colocate.faults.Fault`) in ``actor``.
 
-        Faults: ``corrupt_next_bucket`` (engine: flips bytes of the next bucket received),
-        ``crash_in_generate`` / ``crash_in_receive`` (engine process exits there),
-        ``crash_in_train_step`` / ``crash_in_send`` (trainer process exits there).
+        ``actor`` is a name like ``"engine1"`` or ``"trainer0"``; engine faults go to engines
+        and trainer faults to trainers (anything else is refused).
         """
-        kind, index = actor.rstrip("0123456789"), int(actor[len(actor.rstrip("0123456789")) :])
-        call = (self.fleet.engine_call if kind == "engine" else self.fleet.trainer_call)(
-            index, "inject_fault", fault
-        )
-        self._wait([call], self._tag(self.phase))
+        fault = coerce_fault(fault)
+        target = ActorId.parse(actor)
+        if target.kind is not fault.kind:
+            raise ValueError(
+                f"fault {fault.value!r} is armed in a {fault.kind.value}, not in {actor!r}"
+            )
+        call = self.fleet.call(target, Tenant.inject_fault, fault, tag=self._tag("fault"))
+        wait_all([call], self.timeouts.step_s)
+
+    def _on_trainers(self, verb, *args) -> list:
+        tag = self._tag(self._phase.value)
+        calls = [self.fleet.call(a, verb, *args, tag=tag) for a in actors_of(self.plan, _TRAINER)]
+        return wait_all(calls, self.timeouts.step_s)
 
     def trainer_fingerprints(self) -> dict:
         """Fingerprints of the trainer's full parameters (to prove its state is intact)."""
-        calls = [
-            self.fleet.trainer_call(r, "param_fingerprints")
-            for r in range(self.spec.trainer_world_size)
-        ]
-        return self._wait(calls, self._tag(self.phase))[0]
+        return self._on_trainers(TrainerTenant.param_fingerprints)[0]
 
     def save_trainer(self, path: str) -> str:
         """Checkpoints every trainer rank under ``path`` (model, optimizer, step)."""
-        calls = [
-            self.fleet.trainer_call(r, "save", path) for r in range(self.spec.trainer_world_size)
-        ]
-        self._wait(calls, self._tag(self.phase))
+        self._on_trainers(TrainerTenant.save, path)
         return path
 
     def export_hf(self, path: str) -> str:
         """Writes the trainer's current weights as an HF directory in the engine dtype."""
-        dtype = self.engine_config.dtype.value
-        calls = [
-            self.fleet.trainer_call(r, "export_hf", path, dtype)
-            for r in range(self.spec.trainer_world_size)
-        ]
-        self._wait(calls, self._tag(self.phase))
+        self._on_trainers(TrainerTenant.export_hf, path, self.engine_config.dtype.value)
         return path
 
     def shutdown(self) -> None:
         """Stops every actor and releases the GPUs. Idempotent; never raises for dead actors."""
-        if self.phase is Phase.SHUTDOWN:
+        if self._phase is Phase.SHUTDOWN:
             return
         if self.fleet is not None:
             self._collect_spans()
             self.fleet.shutdown()
         if self.reservation is not None:
             self.reservation.release()
-        self.phase = Phase.SHUTDOWN
+        self._phase = Phase.SHUTDOWN
         self._started = True
 
     def __enter__(self) -> Coordinator:
@@ -543,13 +595,3 @@ class Coordinator:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
-
-
-def _cuda_available() -> bool:
-    """True when this driver sees CUDA (logical GPUs on a CPU machine do not count)."""
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        return False

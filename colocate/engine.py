@@ -1,50 +1,31 @@
 """The engine actor: one ``vllm.LLM`` with sleep/wake, generation and the weight-sync receiver.
 
-Every method is an idempotent mechanism; the coordinator decides when each runs. Methods that
-touch memory record a timeline span tagged with the coordinator's (phase, step).
+It implements :class:`colocate.contract.EngineTenant`: every method is an idempotent mechanism;
+the coordinator decides when each runs. Methods that touch memory record a timeline span under
+the tag of the call they run in. The receiving side of a sync runs in every vLLM worker, as the
+worker extension ``weight_sync.receiver.WeightSyncWorkerExtension``; this actor reaches it with
+``collective_rpc``, naming each extension method by the method object itself.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
 
 from colocate.config import EngineConfig, LoadFormat, Sampling
+from colocate.contract import Completion, EngineCapabilities, EngineTenant
 from colocate.errors import InputError
+from colocate.faults import Fault, coerce_fault
 from colocate.memory import process_stats
 from colocate.phases import EngineMemory
-from colocate.timeline import Recorder, Span
+from placement import TenantKind
 
 __all__ = ["EngineActor", "Completion", "EngineCapabilities", "PromptTooLongError", "llm_kwargs"]
 
 
 class PromptTooLongError(InputError):
     """A prompt that does not fit in ``max_model_len`` with the requested completion."""
-
-
-@dataclass(frozen=True)
-class EngineCapabilities:
-    """What this engine can do on its platform."""
-
-    platform: str
-    device_type: str
-    sleep_supported: bool
-    tensor_parallel_size: int
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One sampled completion, tagged with the weight version that produced it."""
-
-    prompt_index: int
-    sample_index: int
-    prompt_token_ids: tuple[int, ...]
-    token_ids: tuple[int, ...]
-    logprobs: tuple[float, ...]
-    text: str
-    finish_reason: str | None
-    weight_version: int
 
 
 def llm_kwargs(config: EngineConfig, *, cuda: bool) -> dict:
@@ -75,7 +56,7 @@ def llm_kwargs(config: EngineConfig, *, cuda: bool) -> dict:
     return kwargs
 
 
-class EngineActor:
+class EngineActor(EngineTenant):
     """Owns one vLLM engine (created in its own Ray actor by the coordinator).
 
     Args:
@@ -92,22 +73,17 @@ class EngineActor:
         os.environ.update(env)
         # vLLM's CPU build calls deprecated torch.distributed names at import.
         warnings.filterwarnings("ignore", category=FutureWarning)
+        super().__init__(name, lanes)
         self.config = config
-        self.name = name
-        self.recorder = Recorder(name, lanes)
         self.weight_version = 0 if config.load_format is LoadFormat.AUTO else -1
         self.memory = EngineMemory.AWAKE
         self._llm = None
         self._sleep_level = 0
-        self._faults: set[str] = set()
 
-    def start(self, tag: tuple[str, int], *after) -> EngineCapabilities:
-        """Builds the vLLM engine (allocates weights and KV cache). Idempotent.
-
-        ``after``: results of the releases this acquisition waited for (ignored).
-        """
+    def start(self) -> EngineCapabilities:
+        """Builds the vLLM engine (allocates weights and KV cache). Idempotent."""
         if self._llm is None:
-            with self.recorder.span("engine.start", tag):
+            with self.span("engine.start"):
                 self._llm = self._build()
             self.memory = EngineMemory.AWAKE
         return self.capabilities()
@@ -137,10 +113,7 @@ class EngineActor:
         )
 
     def generate(
-        self,
-        prompts: list[str] | list[list[int]],
-        sampling: Sampling,
-        tag: tuple[str, int] = ("rollout", 0),
+        self, prompts: list[str] | list[list[int]], sampling: Sampling
     ) -> list[Completion]:
         """Generates ``sampling.n`` completions per prompt.
 
@@ -153,8 +126,8 @@ class EngineActor:
         """
         llm = self._require_awake("generate")
         token_prompts = self._tokenize(prompts, sampling.max_tokens)
-        self._maybe_crash("crash_in_generate")
-        with self.recorder.span("engine.generate", tag, prompts=len(token_prompts)):
+        self._maybe_crash(Fault.CRASH_IN_GENERATE)
+        with self.span("engine.generate", prompts=len(token_prompts)):
             outputs = llm.generate(
                 [{"prompt_token_ids": ids} for ids in token_prompts],
                 sampling.to_vllm(),
@@ -204,41 +177,36 @@ class EngineActor:
             out.append(ids)
         return out
 
-    def sleep(self, level: int, tag: tuple[str, int]) -> EngineMemory:
+    def sleep(self, level: int) -> EngineMemory:
         """Releases the KV cache and the weights (level 1 keeps a host copy, level 2 drops it)."""
         if level not in (1, 2):
             raise ValueError(f"sleep level={level!r}: must be 1 or 2")
         if self.memory is not EngineMemory.ASLEEP:
-            with self.recorder.span("engine.sleep", tag, level=level):
+            with self.span("engine.sleep", level=level):
                 self._llm.sleep(level=level)
             self._sleep_level = level
             self.memory = EngineMemory.ASLEEP
         return self.memory
 
-    def wake_weights(self, tag: tuple[str, int], *after) -> EngineMemory:
-        """Re-allocates the weights only (no KV cache), ready to receive a sync.
-
-        ``after``: results of the releases this acquisition waited for (ignored).
-        """
+    def wake_weights(self) -> EngineMemory:
+        """Re-allocates the weights only (no KV cache), ready to receive a sync."""
         if self.memory is EngineMemory.ASLEEP:
-            with self.recorder.span("engine.wake_weights", tag):
+            with self.span("engine.wake_weights"):
                 self._llm.wake_up(tags=["weights"])
             self.memory = EngineMemory.WEIGHTS
         return self.memory
 
-    def wake_kv(self, tag: tuple[str, int], version: int | None = None, *after) -> EngineMemory:
+    def wake_kv(self, version: int | None = None) -> EngineMemory:
         """Re-allocates the KV cache and resets the prefix cache; the engine can serve again.
 
         Args:
-            tag: Timeline (phase, step).
             version: The verified weight version to tag later generations with (None keeps
                 the current one, e.g. when the sync was skipped).
-            *after: Results of the releases this acquisition waited for (ignored).
         """
         if version is not None:
             self.weight_version = version
         if self.memory is not EngineMemory.AWAKE:
-            with self.recorder.span("engine.wake_kv", tag):
+            with self.span("engine.wake_kv"):
                 if self.memory is EngineMemory.ASLEEP:
                     self._llm.wake_up(tags=["weights"])
                 self._llm.wake_up(tags=["kv_cache"])
@@ -247,23 +215,50 @@ class EngineActor:
             self.memory = EngineMemory.AWAKE
         return self.memory
 
+    def _on_workers(self, method: Callable, *args) -> list:
+        """Runs worker-extension ``method`` on every worker of the engine; one result each.
+
+        The method is named by its own ``__name__`` (collective_rpc dispatches by name on the
+        worker, which works for in-process and multi-process executors alike).
+        """
+        return self._require_llm().collective_rpc(method.__name__, args=args)
+
+    def run_on_workers(self, fn: Callable, *args) -> list:
+        """Runs ``fn(worker, *args)`` in every vLLM worker of this engine; one result each.
+
+        An extension point (vLLM's ``collective_rpc`` with a callable) for code that needs
+        vLLM's worker objects: custom loading, diagnostics, benchmarks. The coordinator never
+        calls it; in multi-process executors ``fn`` and its arguments must pickle.
+        """
+        return self._require_llm().collective_rpc(fn, args=args)
+
+    def reset_prefix_cache(self) -> None:
+        """Drops every cached prefix (after weights changed outside a coordinator sync)."""
+        self._require_llm().reset_prefix_cache()
+
     def setup_sync(self, setup) -> list[dict]:
         """Every worker joins the transfer group (concurrently with the sender)."""
-        return self._require_llm().collective_rpc("ws_setup", args=(setup,))
+        from weight_sync.receiver import WeightSyncWorkerExtension as Ext
 
-    def receive_weights(self, request, tag: tuple[str, int]) -> list:
+        return self._on_workers(Ext.ws_setup, setup)
+
+    def receive_weights(self, request) -> list:
         """Every worker receives and applies the whole plan; returns one report per worker."""
+        from weight_sync.receiver import WeightSyncWorkerExtension as Ext
+
         llm = self._require_llm()
         if self.memory is EngineMemory.ASLEEP:
             raise RuntimeError(f"{self.name}: weights are asleep; wake_weights before a sync")
-        with self.recorder.span("engine.receive_weights", tag, version=request.version):
-            reports = llm.collective_rpc("ws_receive", args=(request,))
+        with self.span("engine.receive_weights", version=request.version):
+            reports = self._on_workers(Ext.ws_receive, request)
             llm.reset_prefix_cache()
         return reports
 
     def applied_fingerprints(self) -> list[dict]:
         """Per worker, fingerprints of the applied parameters readable on this platform."""
-        return self._require_llm().collective_rpc("ws_applied_fingerprints")
+        from weight_sync.receiver import WeightSyncWorkerExtension as Ext
+
+        return self._on_workers(Ext.ws_applied_fingerprints)
 
     def expected_weights(self) -> list:
         """The checkpoint tensors (HF names, shapes) this engine's model declares.
@@ -282,29 +277,24 @@ class EngineActor:
         dtype = self.config.dtype.torch
         return [TensorMeta(n, tuple(p.shape), dtype) for n, p in model.named_parameters()]
 
-    def inject_fault(self, fault: str) -> None:
-        """Arms a fault (test hook).
+    def inject_fault(self, fault: Fault) -> None:
+        """Arms an engine fault (test hook; see :class:`colocate.faults.Fault`).
 
-        ``corrupt_next_bucket`` flips bytes of the next bucket received (caught by
-        verification); ``crash_in_generate`` and ``crash_in_receive`` end the process at that
-        point (in the middle of the transfer for the latter), as a kill would.
+        ``CRASH_IN_GENERATE`` is armed here; ``CRASH_IN_RECEIVE`` and ``CORRUPT_NEXT_BUCKET``
+        in every worker's receiver.
         """
-        if fault == "crash_in_generate":
+        from weight_sync.receiver import ReceiveFaults
+        from weight_sync.receiver import WeightSyncWorkerExtension as Ext
+
+        fault = coerce_fault(fault)
+        if fault.kind is not TenantKind.ENGINE:
+            raise ValueError(f"{self.name}: {fault.value} is a {fault.kind.value} fault")
+        if fault is Fault.CRASH_IN_GENERATE:
             self._faults.add(fault)
-        elif fault == "crash_in_receive":
-            self._require_llm().collective_rpc(
-                "ws_inject_fault", args=("crash_after_first_bucket",)
-            )
+        elif fault is Fault.CRASH_IN_RECEIVE:
+            self._on_workers(Ext.ws_arm, ReceiveFaults(exit_after_first_bucket=True))
         else:
-            self._require_llm().collective_rpc("ws_inject_fault", args=(fault,))
-
-    def _maybe_crash(self, point: str) -> None:
-        if point in self._faults:
-            os._exit(1)
-
-    def drain_spans(self) -> list[Span]:
-        """Timeline spans recorded since the last drain."""
-        return self.recorder.drain()
+            self._on_workers(Ext.ws_arm, ReceiveFaults(corrupt_next_bucket=True))
 
     def status(self) -> dict:
         """Memory state, weight version, pid, RSS, open fds and threads (health and soak)."""
@@ -318,8 +308,10 @@ class EngineActor:
     def shutdown(self) -> None:
         """Leaves the transfer group and drops the engine."""
         if self._llm is not None:
+            from weight_sync.receiver import WeightSyncWorkerExtension as Ext
+
             try:
-                self._llm.collective_rpc("ws_teardown")
+                self._on_workers(Ext.ws_teardown)
             finally:
                 self._llm = None
                 import gc

@@ -1,8 +1,8 @@
 """The actors of one pipeline: created on their bundles, pinged, replaced, torn down.
 
 The fleet decides nothing about order; the coordinator calls it. It owns the Ray handles, the
-per-actor environment (read here, at the edge, and passed explicitly), and the explicit
-dispatch verbs (:meth:`Fleet.engine_call`, :meth:`Fleet.trainer_call`).
+per-actor environment (stated here, explicitly, for both device kinds, from the reservation's
+device facts), and the typed calls (:meth:`Fleet.call`).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import ray
 
 from colocate.calls import Call
 from colocate.config import EngineConfig, TrainerConfig
-from colocate.engine import EngineActor
+from colocate.contract import EngineTenant, Tag, TrainerTenant
+from colocate.handovers import ActorId, actors_of, lanes_of
 from colocate.timeline import Span
-from colocate.trainer import TrainerActor
-from placement import Plan, Reservation
+from placement import DeviceKind, Plan, Reservation, TenantKind
 
 __all__ = ["Fleet"]
 
@@ -30,9 +30,9 @@ class Fleet:
         reservation: The reserved bundles.
         engine_config: Shared by every engine.
         trainer_config: Shared by every trainer rank.
-        trainer_cls: The trainer actor class (a :class:`TrainerActor` subclass).
+        engine_cls: The engine actor class (an :class:`EngineTenant`).
+        trainer_cls: The trainer actor class (a :class:`TrainerTenant`).
         loss_fn: The user's loss, shipped to every trainer rank.
-        device_type: ``"cuda"`` or ``"cpu"``.
     """
 
     def __init__(
@@ -42,70 +42,93 @@ class Fleet:
         reservation: Reservation,
         engine_config: EngineConfig,
         trainer_config: TrainerConfig,
-        trainer_cls: type[TrainerActor],
+        engine_cls: type[EngineTenant],
+        trainer_cls: type[TrainerTenant],
         loss_fn: Callable,
-        device_type: str,
     ):
         self.name = name
         self.plan = plan
         self.reservation = reservation
+        self.device: DeviceKind = reservation.device
         self.engine_config = engine_config
         self.trainer_config = trainer_config
+        self.engine_cls = engine_cls
         self.trainer_cls = trainer_cls
         self.loss_fn = loss_fn
-        self.device_type = device_type
-        self.engines: list = [None] * plan.spec.engines
-        self.trainers: list = [None] * plan.spec.trainer_world_size
+        # Every planned actor, by id; None while it does not exist (before spawn, after a kill).
+        self._handles: dict[ActorId, object] = {
+            a: None for kind in TenantKind for a in actors_of(plan, kind)
+        }
         self._drains: dict = {}  # drain request -> actor, while unanswered
 
     # ----- dispatch ---------------------------------------------------------------------------
 
-    def engine_lanes(self, e: int) -> tuple[int, ...]:
-        """GPUs (bundle indices) of engine ``e``."""
-        return self.plan.engine_bundles(e)
+    @property
+    def actors(self) -> list[ActorId]:
+        """Every planned actor (alive or not), engines first."""
+        return list(self._handles)
 
-    def engine_call(self, e: int, method: str, *args) -> Call:
-        """A call of ``method`` on engine ``e``."""
-        return Call(f"engine{e}", self.engines[e], method, args, self.engine_lanes(e))
+    def handle(self, actor: ActorId):
+        """The Ray handle of ``actor`` (None while it does not exist)."""
+        return self._handles[actor]
 
-    def trainer_call(self, r: int, method: str, *args) -> Call:
-        """A call of ``method`` on trainer rank ``r``."""
-        return Call(f"trainer{r}", self.trainers[r], method, args, (self.plan.trainer_bundle(r),))
+    def call(self, actor: ActorId, verb: Callable, *args, tag: Tag) -> Call:
+        """A call of contract method ``verb`` on ``actor`` (arguments checked now)."""
+        return Call(actor.name, self.handle(actor), verb, args, tag, lanes_of(self.plan, actor))
+
+    def engine_call(self, e: int, verb: Callable, *args, tag: Tag) -> Call:
+        """A call of ``verb`` (an :class:`EngineTenant` method) on engine ``e``."""
+        return self.call(ActorId(TenantKind.ENGINE, e), verb, *args, tag=tag)
+
+    def trainer_call(self, r: int, verb: Callable, *args, tag: Tag) -> Call:
+        """A call of ``verb`` (a :class:`TrainerTenant` method) on trainer rank ``r``."""
+        return self.call(ActorId(TenantKind.TRAINER, r), verb, *args, tag=tag)
 
     # ----- creation ---------------------------------------------------------------------------
 
-    def _engine_env(self) -> dict[str, str]:
+    def engine_env(self) -> dict[str, str]:
+        """The environment every engine actor sets before vLLM is imported (both devices)."""
         # In-process engine core: collective_rpc then reaches the worker in the actor's process.
         env = {
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
             "VLLM_LOGGING_LEVEL": self.engine_config.log_level,
         }
-        if self.device_type == "cpu" and self.plan.spec.engine_tp > 1:
+        if self.device is DeviceKind.CPU and self.plan.spec.engine_tp > 1:
             # The CPU backend's NUMA auto-binding refuses several workers on one NUMA node.
             env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
         return env
 
-    def spawn_engine(self, e: int) -> None:
-        """Creates engine ``e``'s actor on its bundle (the engine is built by its ``start``)."""
-        launch = self.reservation.engine_launch(e, cuda=self.device_type == "cuda")
-        env = {**self._engine_env(), **launch.executor_env}
-        self.engines[e] = (
-            ray.remote(EngineActor)
+    def trainer_env(self) -> dict[str, str]:
+        """The environment every trainer actor sets before DeepSpeed is imported."""
+        if self.device is DeviceKind.CPU:
+            return {"DS_ACCELERATOR": "cpu"}
+        # Expandable segments let empty_cache() return partly used segments: after ZeRO-3
+        # offload_states torch's allocator keeps 1% of its training peak instead of 14%
+        # (measured on an H200, docs/gpu-results.md). Trainer processes only: vLLM's sleep
+        # mode allocator refuses this setting.
+        return {"DS_ACCELERATOR": "cuda", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+
+    def spawn(self, actor: ActorId) -> None:
+        """Creates ``actor`` on its bundle (its ``start`` builds the model), replacing none."""
+        if actor.kind is TenantKind.ENGINE:
+            self._spawn_engine(actor)
+        else:
+            self._spawn_trainer(actor)
+
+    def _spawn_engine(self, actor: ActorId) -> None:
+        e = actor.index
+        launch = self.reservation.engine_launch(e)
+        env = {**self.engine_env(), **launch.executor_env}
+        self._handles[actor] = (
+            ray.remote(self.engine_cls)
             .options(**launch.actor_options, name=f"{self.name}-engine{e}-{_fresh()}")
-            .remote(self.engine_config, f"engine{e}", self.engine_lanes(e), env)
+            .remote(self.engine_config, f"engine{e}", self.plan.engine_bundles(e), env)
         )
 
-    def spawn_trainer(self, r: int) -> None:
-        """Creates trainer rank ``r``'s actor on its bundle (the model is built by ``start``)."""
-        if self.device_type == "cpu":
-            env = {"DS_ACCELERATOR": "cpu"}
-        else:
-            # Expandable segments let empty_cache() return partly used segments: after ZeRO-3
-            # offload_states torch's allocator keeps 1% of its training peak instead of 14%
-            # (measured on an H200, docs/gpu-results.md). Trainer processes only: vLLM's sleep
-            # mode allocator refuses this setting.
-            env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-        self.trainers[r] = (
+    def _spawn_trainer(self, actor: ActorId) -> None:
+        r = actor.index
+        env = self.trainer_env()
+        self._handles[actor] = (
             ray.remote(self.trainer_cls)
             .options(
                 **self.reservation.trainer_options(r), name=f"{self.name}-trainer{r}-{_fresh()}"
@@ -123,11 +146,9 @@ class Fleet:
 
     # ----- health -----------------------------------------------------------------------------
 
-    def dead(self, timeout_s: float = 10.0) -> tuple[list[int], list[int]]:
-        """Pings every actor; returns the engines and trainer ranks that did not answer."""
-        handles = [("e", i, h) for i, h in enumerate(self.engines)]
-        handles += [("t", i, h) for i, h in enumerate(self.trainers)]
-        refs = {h.status.remote(): (kind, i) for kind, i, h in handles if h is not None}
+    def dead(self, timeout_s: float = 10.0) -> list[ActorId]:
+        """Pings every actor at once; returns those that did not answer within ``timeout_s``."""
+        refs = {h.status.remote(): a for a, h in self._handles.items() if h is not None}
         ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
         alive = set()
         for ref in ready:
@@ -136,18 +157,16 @@ class Fleet:
                 alive.add(refs[ref])
             except Exception:  # noqa: BLE001 - a dead actor raises here; it is what we look for
                 continue
-        dead_engines = [i for i, h in enumerate(self.engines) if ("e", i) not in alive]
-        dead_trainers = [i for i, h in enumerate(self.trainers) if ("t", i) not in alive]
-        return dead_engines, dead_trainers
+        return [a for a in self._handles if a not in alive]
 
     def statuses(self, timeout_s: float = 30.0) -> dict[str, dict]:
-        """Every live actor's status (memory state, pid, RSS, open fds, threads)."""
-        named = [(f"engine{i}", h) for i, h in enumerate(self.engines)]
-        named += [(f"trainer{i}", h) for i, h in enumerate(self.trainers)]
+        """Every live actor's status (memory state, pid, RSS, open fds, threads), by name."""
+        refs = {a: h.status.remote() for a, h in self._handles.items() if h is not None}
+        ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
         out = {}
-        for name, h in named:
+        for a, ref in refs.items():
             try:
-                out[name] = ray.get(h.status.remote(), timeout=timeout_s)
+                out[a.name] = ray.get(ref, timeout=0.1)
             except Exception:  # noqa: BLE001 - a dead actor has no status
                 continue
         return out
@@ -158,7 +177,7 @@ class Fleet:
         An actor still busy (e.g. blocked in a failed transfer until its timeout) answers
         later: its request stays pending and its spans come with a later call.
         """
-        for h in self.engines + self.trainers:
+        for h in self._handles.values():
             if h is not None and h not in self._drains.values():
                 self._drains[h.drain_spans.remote()] = h
         ready, _ = ray.wait(list(self._drains), num_returns=len(self._drains), timeout=timeout_s)
@@ -173,28 +192,20 @@ class Fleet:
 
     # ----- teardown ---------------------------------------------------------------------------
 
-    def kill_engine(self, e: int) -> None:
-        """Ends engine ``e``'s actor (dead or alive) without a restart."""
-        _kill(self.engines[e])
-        self.engines[e] = None
-
-    def kill_trainer(self, r: int) -> None:
-        """Ends trainer rank ``r``'s actor (dead or alive) without a restart."""
-        _kill(self.trainers[r])
-        self.trainers[r] = None
+    def kill(self, actor: ActorId) -> None:
+        """Ends ``actor`` (dead or alive) without a restart."""
+        _kill(self._handles[actor])
+        self._handles[actor] = None
 
     def shutdown(self) -> None:
-        """Asks every actor to close its groups, then kills it. Never raises."""
-        for h in self.engines + self.trainers:
-            if h is None:
-                continue
-            try:
-                ray.get(h.shutdown.remote(), timeout=30)
-            except Exception:  # noqa: BLE001 - best effort before the kill
-                pass
+        """Asks every actor to close its groups (all at once, bounded), then kills it."""
+        live = {a: h for a, h in self._handles.items() if h is not None}
+        refs = [h.shutdown.remote() for h in live.values()]
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=30)  # best effort before the kill
+        for a, h in live.items():
             _kill(h)
-        self.engines = [None] * len(self.engines)
-        self.trainers = [None] * len(self.trainers)
+            self._handles[a] = None
 
 
 def _kill(handle) -> None:

@@ -1,22 +1,24 @@
 """The phase protocol as data: the phases, the legal transitions, and each tenant's memory state.
 
-The coordinator is the only owner of the current phase. It consults :func:`check_transition`
-before it touches any actor, so a step requested in the wrong phase fails before it can cause
-an out-of-memory on a shared GPU.
+The coordinator is the only owner of the current phase. The transitions between phases are the
+rows of the hand-over table (``colocate.handovers``); the coordinator checks a row's source
+phases before it touches any actor, so a step requested in the wrong phase fails before it can
+cause an out-of-memory on a shared GPU.
 """
 
 from __future__ import annotations
 
 import enum
 
+from placement import TenantKind
+
 __all__ = [
     "Phase",
     "EngineMemory",
     "TrainerMemory",
-    "TRANSITIONS",
     "RESIDENT",
     "PhaseError",
-    "check_transition",
+    "require",
 ]
 
 
@@ -27,15 +29,18 @@ class PhaseError(RuntimeError):
 class Phase(enum.Enum):
     """Where the whole pipeline is; every GPU moves through the same sequence.
 
-    INIT: actors created; engines asleep, trainers hold their full training state.
+    INIT: configured; no actor exists yet.
+    BOOT: engines started (awake); trainer ranks not created yet.
     ROLLOUT: engines awake (weights + KV cache) and generating; trainers offloaded.
     TRAIN: engines asleep; trainers hold params, grads and optimizer states.
     SYNC: engines hold weights but no KV cache; trainers hold params only; weights stream.
-    FAILED: a transition failed part-way; only ``recover`` or ``shutdown`` are allowed.
+    FAILED: a transition failed part-way; only ``recover`` or ``shutdown`` are allowed (the
+        restart rows of recovery run in FAILED).
     SHUTDOWN: actors are gone.
     """
 
     INIT = "init"
+    BOOT = "boot"
     ROLLOUT = "rollout"
     TRAIN = "train"
     SYNC = "sync"
@@ -59,43 +64,19 @@ class TrainerMemory(enum.Enum):
     FULL = "full"  # everything resident: ready to train
 
 
-# Legal transitions. SYNC -> ROLLOUT is the only way to ROLLOUT once started, except TRAIN ->
-# ROLLOUT, which skips the sync (the engines keep the weights they had); the coordinator allows
-# that only with sleep level 1, which keeps a host copy of the weights.
-TRANSITIONS: dict[Phase, frozenset[Phase]] = {
-    Phase.INIT: frozenset({Phase.SYNC}),
-    Phase.SYNC: frozenset({Phase.ROLLOUT}),
-    Phase.ROLLOUT: frozenset({Phase.TRAIN, Phase.SYNC}),
-    Phase.TRAIN: frozenset({Phase.SYNC, Phase.ROLLOUT}),
-    Phase.FAILED: frozenset({Phase.SYNC}),
-    Phase.SHUTDOWN: frozenset(),
+# What each tenant on a shared GPU holds once a phase is reached (a tenant alone on its GPU
+# keeps everything resident). The coordinator checks every memory state an actor reports after a
+# hand-over against this table. On every GPU the sum of what the tenants hold is at most one
+# side's full working set plus the weights being transferred.
+RESIDENT: dict[Phase, dict[TenantKind, enum.Enum]] = {
+    Phase.BOOT: {TenantKind.ENGINE: EngineMemory.AWAKE},  # trainers not created yet
+    Phase.ROLLOUT: {
+        TenantKind.ENGINE: EngineMemory.AWAKE,
+        TenantKind.TRAINER: TrainerMemory.OFFLOADED,
+    },
+    Phase.TRAIN: {TenantKind.ENGINE: EngineMemory.ASLEEP, TenantKind.TRAINER: TrainerMemory.FULL},
+    Phase.SYNC: {TenantKind.ENGINE: EngineMemory.WEIGHTS, TenantKind.TRAINER: TrainerMemory.PARAMS},
 }
-
-# What each tenant holds on a shared GPU once a phase is reached. On every GPU the sum of what
-# the tenants hold is at most one side's full working set plus the weights being transferred.
-RESIDENT: dict[Phase, tuple[EngineMemory, TrainerMemory]] = {
-    Phase.INIT: (EngineMemory.ASLEEP, TrainerMemory.FULL),
-    Phase.ROLLOUT: (EngineMemory.AWAKE, TrainerMemory.OFFLOADED),
-    Phase.TRAIN: (EngineMemory.ASLEEP, TrainerMemory.FULL),
-    Phase.SYNC: (EngineMemory.WEIGHTS, TrainerMemory.PARAMS),
-}
-
-
-def check_transition(current: Phase, target: Phase) -> bool:
-    """Whether ``current -> target`` must run; raises :class:`PhaseError` if it is illegal.
-
-    Returns:
-        ``False`` when already in ``target`` (transitions are idempotent), else ``True``.
-    """
-    if current is target and target not in (Phase.FAILED, Phase.SHUTDOWN):
-        return False
-    if target not in TRANSITIONS.get(current, frozenset()):
-        allowed = sorted(p.value for p in TRANSITIONS.get(current, frozenset()))
-        raise PhaseError(
-            f"cannot go from phase {current.value!r} to {target.value!r}; from "
-            f"{current.value!r} the allowed next phases are {allowed or 'none'}"
-        )
-    return True
 
 
 def require(current: Phase, allowed: Phase | tuple[Phase, ...], action: str) -> None:

@@ -1,13 +1,15 @@
 """Driving a weight sync across the fleet: group set-up, the transfer, and its verification.
 
-The coordinator decides when; this module does the sync's own steps in order. Set-up: (1) the
-trainer's weights, as the engine will receive them, are checked against what the engine's
-model expects (names and shapes), before a byte moves; (2) buckets are planned; (3) transfer
-groups follow the placement (``weight_sync.groups``), each sender hosting its group's store;
-(4) senders and receivers build the groups concurrently. Transfer: every trainer rank sends
-(ZeRO-3 ranks all take part in the gathers) while every engine receives and applies; then the
-fingerprints of what every worker received, and of the applied parameters it can read, are
-compared with what was sent.
+The coordinator decides when; this module does the sync's own steps in order. Set-up, in three
+sequential driver rounds whatever the number of transfer groups: (1) every trainer rank closes
+its old stores, and at once the trainer's weights (as the engine will receive them) and what
+the engine's model expects are read, and the senders' node addresses where groups span nodes;
+the two lists of weights are checked (names and shapes) before a byte moves, buckets are
+planned, and transfer groups follow the placement (``weight_sync.groups``); (2) every sender
+hosts its groups' stores, all at once; (3) senders and receivers build the groups
+concurrently. Transfer: every trainer rank sends (ZeRO-3 ranks all take part in the gathers)
+while every engine receives and applies; then the fingerprints of what every worker received,
+and of the applied parameters it can read, are compared with what was sent.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from colocate.calls import wait_all
+from colocate.calls import Call, wait_all
 from colocate.config import ConfigError, EngineConfig, SyncConfig
+from colocate.contract import EngineTenant, Tag, TrainerTenant
 from colocate.fleet import Fleet
 from weight_sync.buckets import BucketPlan, default_bucket_bytes, plan_buckets
 from weight_sync.fingerprint import compare
-from weight_sync.groups import Receiver, plan_transfer_groups
+from weight_sync.groups import Receiver, TransferGroup, plan_transfer_groups
 from weight_sync.receiver import ReceiverSetup, SyncRequest
 from weight_sync.transport import Backend, Rendezvous
 from weight_sync.verify import check_applied
@@ -73,110 +76,136 @@ def check_compatible(sent: list, expected: list) -> None:
 
 
 class SyncDriver:
-    """Set-up and transfer of weight syncs for one fleet."""
+    """Set-up and transfer of weight syncs for one fleet.
+
+    Args:
+        fleet: The actors (its ``device`` is the reservation's, from the bundles).
+        engine_config: The engines' configuration (the dtype weights travel in).
+        sync_config: Bucket size, verification, transfer timeout.
+        step_timeout_s: Bound on each driver round.
+        run_name: Prefix of the per-run rendezvous keys.
+    """
 
     def __init__(
         self,
         fleet: Fleet,
         engine_config: EngineConfig,
         sync_config: SyncConfig,
-        device_type: str,
         step_timeout_s: float,
         run_name: str,
     ):
         self.fleet = fleet
         self.engine_config = engine_config
         self.sync_config = sync_config
-        self.device_type = device_type
         self.timeout_s = step_timeout_s
         self.run_name = run_name
         self.bucket_plan: BucketPlan | None = None
+        self.groups: tuple[TransferGroup, ...] = plan_transfer_groups(fleet.plan, fleet.device)
         self.rendezvous: list[Rendezvous] = []
+        #: Sequential driver rounds of the last :meth:`setup` (constant: 3).
+        self.setup_rounds = 0
 
-    def setup(self, tag: tuple[str, int]) -> BucketPlan:
-        """Checks compatibility, plans buckets and (re)builds every transfer group."""
+    @property
+    def bucket_bytes(self) -> int:
+        """The requested bucket size: the config's, else the default for the bundles' device."""
+        return self.sync_config.bucket_bytes or default_bucket_bytes(self.fleet.device)
+
+    def _round(self, calls: list[Call]) -> list:
+        self.setup_rounds += 1
+        return wait_all(calls, self.timeout_s)
+
+    def setup(self, tag: Tag) -> BucketPlan:
+        """Checks compatibility, plans buckets and (re)builds every transfer group.
+
+        Three driver rounds, each one set of concurrent calls (see the module docstring).
+        """
         fleet, spec = self.fleet, self.fleet.plan.spec
-        t = spec.trainer_world_size
-        wait_all(
-            [fleet.trainer_call(r, "close_sync_stores") for r in range(t)], tag, self.timeout_s
+        ranks = range(spec.trainer_world_size)
+        self.setup_rounds = 0
+        multi_node = spec.nodes > 1
+        # Loopback unless a collective group spans nodes (an IPC group never does).
+        remote = sorted(
+            {g.sender_rank for g in self.groups if multi_node and g.backend is not Backend.CUDA_IPC}
         )
         dtype = self.engine_config.dtype.torch
-        sent, expected = wait_all(
-            [
-                fleet.trainer_call(0, "weight_metas", dtype),
-                fleet.engine_call(0, "expected_weights"),
-            ],
-            tag,
-            self.timeout_s,
-        )
+        first = [fleet.trainer_call(r, TrainerTenant.close_sync_stores, tag=tag) for r in ranks]
+        first += [
+            fleet.trainer_call(0, TrainerTenant.weight_metas, dtype, tag=tag),
+            fleet.engine_call(0, EngineTenant.expected_weights, tag=tag),
+        ]
+        first += [fleet.trainer_call(r, TrainerTenant.node_address, True, tag=tag) for r in remote]
+        results = self._round(first)
+        sent, expected = results[len(ranks) : len(ranks) + 2]
+        hosts = dict(zip(remote, results[len(ranks) + 2 :], strict=True))
         check_compatible(sent, expected)
-        size = self.sync_config.bucket_bytes or default_bucket_bytes(self.device_type)
-        self.bucket_plan = plan_buckets(sent, size)
-        groups = plan_transfer_groups(fleet.plan, self.device_type)
+        self.bucket_plan = plan_buckets(sent, self.bucket_bytes)
         run_key = f"{self.run_name}-{uuid.uuid4().hex[:8]}"
-        rdvs = []
-        for i, g in enumerate(groups):
-            # Loopback unless a collective group spans nodes (an IPC group never does).
-            host = "127.0.0.1"
-            if spec.nodes > 1 and g.backend is not Backend.CUDA_IPC:
-                host = wait_all(
-                    [fleet.trainer_call(g.sender_rank, "node_address", True)], tag, self.timeout_s
-                )[0]
-            key = f"{run_key}-g{i}"
-            port = wait_all(
-                [
-                    fleet.trainer_call(
-                        g.sender_rank,
-                        "host_sync_store",
-                        host,
-                        g.world_size,
-                        key,
-                        self.sync_config.timeout_s,
-                    )
-                ],
-                tag,
-                self.timeout_s,
-            )[0]
-            rdvs.append(
-                Rendezvous(host, port, g.world_size, key, self.sync_config.timeout_s, g.backend)
-            )
+        timeout = self.sync_config.timeout_s
+        wanted = [
+            (hosts.get(g.sender_rank, "127.0.0.1"), g, f"{run_key}-g{i}")
+            for i, g in enumerate(self.groups)
+        ]
+        ports = self._round(
+            [
+                fleet.trainer_call(
+                    g.sender_rank,
+                    TrainerTenant.host_sync_store,
+                    host,
+                    g.world_size,
+                    key,
+                    timeout,
+                    tag=tag,
+                )
+                for host, g, key in wanted
+            ]
+        )
+        rdvs = [
+            Rendezvous(host, port, g.world_size, key, timeout, g.backend)
+            for (host, g, key), port in zip(wanted, ports, strict=True)
+        ]
         calls = [
             fleet.trainer_call(
                 r,
-                "setup_sync",
+                TrainerTenant.setup_sync,
                 self.bucket_plan,
-                [rdv for g, rdv in zip(groups, rdvs, strict=True) if g.sender_rank == r],
+                [rdv for g, rdv in zip(self.groups, rdvs, strict=True) if g.sender_rank == r],
+                tag=tag,
             )
-            for r in range(t)
+            for r in ranks
         ]
         for e in range(spec.engines):
             per_tp = []
             for tp in range(spec.engine_tp):
                 receiver = Receiver(e, tp)
                 g, rdv = next(
-                    (g, rdv) for g, rdv in zip(groups, rdvs, strict=True) if receiver in g.receivers
+                    (g, rdv)
+                    for g, rdv in zip(self.groups, rdvs, strict=True)
+                    if receiver in g.receivers
                 )
                 per_tp.append((rdv, g.rank_of(receiver)))
             setup = ReceiverSetup(
                 tuple(r for r, _ in per_tp), tuple(k for _, k in per_tp), self.bucket_plan
             )
-            calls.append(fleet.engine_call(e, "setup_sync", setup))
-        wait_all(calls, tag, self.timeout_s)
+            calls.append(fleet.engine_call(e, EngineTenant.setup_sync, setup, tag=tag))
+        self._round(calls)
         self.rendezvous = rdvs
         return self.bucket_plan
 
-    def transfer(self, version: int, tag: tuple[str, int]) -> SyncReport:
+    def transfer(self, version: int, tag: Tag) -> SyncReport:
         """Streams the weights to every engine and verifies them (if configured)."""
         fleet, spec = self.fleet, self.fleet.plan.spec
         verify = self.sync_config.verify
         request = SyncRequest(version=version, verify=verify)
         t = spec.trainer_world_size
-        calls = [fleet.trainer_call(r, "send_weights", request, tag) for r in range(t)]
+        calls = [
+            fleet.trainer_call(r, TrainerTenant.send_weights, request, tag=tag) for r in range(t)
+        ]
         calls += [
-            fleet.engine_call(e, "receive_weights", request, tag) for e in range(spec.engines)
+            fleet.engine_call(e, EngineTenant.receive_weights, request, tag=tag)
+            for e in range(spec.engines)
         ]
         start = time.perf_counter()
-        results = wait_all(calls, tag, self.timeout_s)
+        results = wait_all(calls, self.timeout_s)
         seconds = time.perf_counter() - start
         senders, received = results[:t], results[t:]
         # Every sending rank fingerprints the same full tensors; rank 0 always sends.

@@ -42,6 +42,7 @@ class Span:
         memory_before: Reading before the step.
         memory_after: Reading after the step.
         detail: Free-form small facts (sizes, levels).
+        seq: The coordinator's hand-over sequence number (0 for calls made directly).
     """
 
     actor: str
@@ -54,6 +55,7 @@ class Span:
     memory_before: MemoryReading | None = None
     memory_after: MemoryReading | None = None
     detail: dict = field(default_factory=dict)
+    seq: int = 0
 
     @property
     def seconds(self) -> float:
@@ -70,8 +72,8 @@ class Recorder:
         self._spans: list[Span] = []
 
     @contextlib.contextmanager
-    def span(self, name: str, tag: tuple[str, int], **detail) -> Iterator[dict]:
-        """Records ``name`` around the block under ``tag`` = (phase, step).
+    def span(self, name: str, tag: tuple, **detail) -> Iterator[dict]:
+        """Records ``name`` around the block under ``tag`` = (phase, step[, sequence number]).
 
         The yielded dict can take more detail while the block runs.
         """
@@ -93,6 +95,7 @@ class Recorder:
                     before,
                     read_memory(),
                     dict(detail),
+                    tag[2] if len(tag) > 2 else 0,
                 )
             )
 
@@ -123,7 +126,7 @@ class Timeline:
     def ordering_violations(self) -> list[str]:
         """Per GPU, each acquisition that started before a release of the same hand-over ended.
 
-        A hand-over is one transition: the spans tagged with the phase it enters and the step.
+        A hand-over is one transition: the spans tagged with its row, step and sequence number.
         (SYNC -> ROLLOUT holds the trainer's params offload and the engine's KV wake-up;
         start-up is ``start`` (engine created) then ``init`` (engine sleeps, trainer created).)
         Returns human-readable descriptions; empty means every release ended before any
@@ -131,10 +134,10 @@ class Timeline:
         """
         problems = []
         for lane in self.lanes():
-            groups: dict[tuple[str, int], list[Span]] = {}
+            groups: dict[tuple[str, int, int], list[Span]] = {}
             for s in self.on_lane(lane):
-                groups.setdefault((s.phase, s.step), []).append(s)
-            for (phase, step), spans in groups.items():
+                groups.setdefault((s.phase, s.step, s.seq), []).append(s)
+            for (phase, step, _), spans in groups.items():
                 releases = [s for s in spans if s.name in RELEASE_STEPS]
                 acquires = [s for s in spans if s.name in ACQUIRE_STEPS]
                 for a in acquires:

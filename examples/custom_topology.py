@@ -12,12 +12,6 @@ examples/custom_topology.py`` (local Ray with 4 logical GPUs on a CPU machine) o
 from __future__ import annotations
 
 import argparse
-import os
-
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-import ray
-import torch
 
 from colocate import (
     Coordinator,
@@ -28,6 +22,7 @@ from colocate import (
     make_grpo_batch,
     token_logprobs,
 )
+from colocate.cluster import connect
 from placement import TopologySpec
 
 
@@ -73,16 +68,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=5)
     args = p.parse_args(argv)
     model = args.model or str(build_tiny_model())
-    if "RAY_ADDRESS" in os.environ:
-        ray.init()
-    else:
-        cuda = torch.cuda.is_available()
-        ray.init(
-            address="local",  # a new local instance, even if a `ray start` cluster runs here
-            num_cpus=os.cpu_count() or 2,
-            num_gpus=None if cuda else 4,
-            include_dashboard=False,
-        )
+    connect(logical_gpus=4)
     separate = TopologySpec(
         nodes=1, gpus_per_node=2, trainer_world_size=1, engines=1, colocate=False
     )

@@ -14,14 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import time
 from pathlib import Path
-
-os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read by DeepSpeed's import in this process
-
-TARGET_TOKENS = 10
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,37 +52,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def target_set(vocab_size: int, seed: int) -> frozenset[int]:
-    """The 10 rewarded token ids (skipping the 3 special tokens)."""
-    rng = random.Random(seed)
-    return frozenset(rng.sample(range(3, vocab_size), TARGET_TOKENS))
-
-
-def reward(token_ids, targets: frozenset[int]) -> float:
-    """Fraction of generated tokens in the target set."""
-    return sum(t in targets for t in token_ids) / max(1, len(token_ids))
-
-
-def init_ray(address: str | None, gpus: int) -> None:
-    import ray
-
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return
-    import torch
-
-    cuda = torch.cuda.is_available()
-    ray.init(
-        address="local",  # a new local instance, even if a `ray start` cluster runs here
-        num_cpus=os.cpu_count() or 2,
-        # On a CPU machine the GPUs are logical: Ray only counts them.
-        num_gpus=torch.cuda.device_count() if cuda else gpus,
-        include_dashboard=False,
-        runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not cuda else None,
-    )
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from tqdm import tqdm
@@ -102,14 +66,15 @@ def main(argv=None) -> dict:
         grpo_loss,
         make_grpo_batch,
     )
-    from colocate.tiny_model import synthetic_corpus
+    from colocate.cluster import connect
+    from colocate.toy_task import TargetTokens
     from placement import TopologySpec
 
     started = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = args.model or str(build_tiny_model())
-    init_ray(args.address, args.gpus)
+    connect(args.address, logical_gpus=args.gpus)
     spec = TopologySpec(
         nodes=1,
         gpus_per_node=args.gpus,
@@ -131,8 +96,7 @@ def main(argv=None) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    targets = target_set(len(tokenizer), args.seed)
-    pool = [" ".join(line.split()[:4]) for line in synthetic_corpus(args.seed + 1, 512)]
+    task = TargetTokens.make(len(tokenizer), args.seed)
     rng = random.Random(args.seed)
     sampling = Sampling(n=args.group_size, max_tokens=args.max_tokens, temperature=1.0)
     phase_seconds = {"rollout": 0.0, "train": 0.0, "sync": 0.0}
@@ -142,9 +106,9 @@ def main(argv=None) -> dict:
         bar = tqdm(range(args.steps), disable=args.quiet, desc="grpo", unit="step")
         for step in bar:
             t0 = time.time()
-            prompts = rng.sample(pool, args.prompts)
+            prompts = task.sample_prompts(rng, args.prompts)
             completions = coord.generate(prompts, sampling)
-            rewards = [reward(c.token_ids, targets) for c in completions]
+            rewards = [task.reward(c.token_ids) for c in completions]
             t1 = time.time()
             batch = make_grpo_batch(completions, rewards, args.group_size, tokenizer.pad_token_id)
             stats = coord.train(batch)
@@ -181,6 +145,7 @@ def main(argv=None) -> dict:
         coord.timeline.to_png(out / "timeline.png", title="GRPO, colocated: one lane per GPU")
         violations = coord.timeline.ordering_violations()
         weight_version = coord.weight_version
+        hardware = coord.hardware()
     last = history[-5:]
     summary = {
         "initial_reward": history[0]["reward"],
@@ -191,6 +156,7 @@ def main(argv=None) -> dict:
         "total_seconds": time.time() - started,
         "weight_version": weight_version,
         "ordering_violations": violations,
+        "accelerator": hardware,
         "sync": not args.no_sync,
         "seed": args.seed,
         "topology": {

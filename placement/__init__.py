@@ -7,6 +7,7 @@ CUDA device checks) works where Ray is not installed.
 
 import importlib
 
+from placement.hardware import Accelerator, DeviceKind, device_kind_of
 from placement.plan import BundleSlot, Plan, Tenant, TenantKind, plan
 from placement.spec import ClusterInfo, NodeInfo, TopologyError, TopologySpec
 
@@ -16,13 +17,16 @@ _RAY_LAYER = {
     "PlacementTimeoutError",
     "Reservation",
     "discover_cluster",
+    "probe_bundle",
     "reserve",
 }
 
 __all__ = [
+    "Accelerator",
     "BundleLocation",
     "BundleSlot",
     "ClusterInfo",
+    "DeviceKind",
     "EngineLaunch",
     "NodeInfo",
     "PlacementTimeoutError",
@@ -32,8 +36,10 @@ __all__ = [
     "TenantKind",
     "TopologyError",
     "TopologySpec",
+    "device_kind_of",
     "discover_cluster",
     "plan",
+    "probe_bundle",
     "reserve",
 ]
 

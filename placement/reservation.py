@@ -3,7 +3,9 @@
 One placement group per planned node, each ``STRICT_PACK``: a node's bundles (and so every
 engine's TP ranks) can never be split across machines. Ray's bundle order says nothing about
 GPU ids, and the order of nodes is not stable, so after reservation a tiny probe task runs on
-every bundle, and bundles are ordered by (node address, node id, GPU id).
+every bundle, and bundles are ordered by (node address, node id, GPU id). The same probe reads
+each bundle's accelerator on its own node (``placement.hardware``): the reservation, not the
+driver, says whether the pipeline runs on CUDA.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from placement.hardware import Accelerator, DeviceKind, device_kind_of, probe_accelerator
 from placement.plan import Plan
 from placement.spec import ClusterInfo, NodeInfo, TopologyError
 
@@ -25,6 +28,7 @@ __all__ = [
     "EngineLaunch",
     "Reservation",
     "discover_cluster",
+    "probe_bundle",
     "reserve",
 ]
 
@@ -38,13 +42,14 @@ class PlacementTimeoutError(TimeoutError):
 
 @dataclass(frozen=True)
 class BundleLocation:
-    """Where a planned bundle landed: its placement group, index there, node and GPU id."""
+    """Where a planned bundle landed: placement group, index there, node, GPU id, accelerator."""
 
     placement_group: PlacementGroup
     index_in_group: int
     node_id: str
     node_address: str
     gpu_id: str
+    accelerator: Accelerator
 
 
 @dataclass(frozen=True)
@@ -90,10 +95,17 @@ def discover_cluster() -> ClusterInfo:
 # max_calls=0: Ray otherwise ends a GPU task's worker after one call, so every probe would
 # start a fresh Python process (64 bundles: ~23 s on the 2-core build machine).
 @ray.remote(num_cpus=_PROBE_SHARE, num_gpus=_PROBE_SHARE, max_calls=0)
-def _probe_bundle() -> tuple[str, str, str]:
+def probe_bundle() -> tuple[str, str, str, Accelerator]:
+    """Runs on a bundle: its node id, node address, GPU id and accelerator (read right there).
+
+    ``reserve(probe=...)`` takes a replacement with the same answer shape (e.g. to simulate
+    CUDA bundles on a CPU machine in tests).
+    """
     ctx = ray.get_runtime_context()
     gpus = ray.get_gpu_ids()
-    return ctx.get_node_id(), ray.util.get_node_ip_address(), str(gpus[0]) if gpus else "?"
+    gpu = str(gpus[0]) if gpus else "?"
+    address = ray.util.get_node_ip_address()
+    return ctx.get_node_id(), address, gpu, probe_accelerator(gpu, address)
 
 
 class Reservation:
@@ -102,11 +114,44 @@ class Reservation:
     Use as a context manager, or call :meth:`release`; the groups are removed either way.
     """
 
-    def __init__(self, plan: Plan, groups: list[PlacementGroup], locations: list[BundleLocation]):
+    def __init__(
+        self,
+        plan: Plan,
+        groups: list[PlacementGroup],
+        locations: list[BundleLocation],
+        timings: dict[str, float] | None = None,
+    ):
         self.plan = plan
+        #: Seconds of each step of :func:`reserve`: ``check_s``, ``ready_s``, ``probe_s``.
+        self.timings: dict[str, float] = dict(timings or {})
         self._groups = groups
         self._locations = locations
         self._released = False
+        self.device: DeviceKind = device_kind_of([loc.accelerator for loc in locations])
+
+    @property
+    def accelerators(self) -> tuple[Accelerator, ...]:
+        """Each planned bundle's accelerator, by bundle index (as its node reported it)."""
+        return tuple(loc.accelerator for loc in self._locations)
+
+    def hardware(self) -> dict:
+        """The device facts of the reservation as plain data (for summaries and logs)."""
+        return {
+            "device": self.device.value,
+            "source": "placement probe on each bundle",
+            "bundles": [
+                {
+                    "bundle": i,
+                    "node_id": loc.node_id,
+                    "node_address": loc.node_address,
+                    "gpu_id": loc.gpu_id,
+                    "name": loc.accelerator.name,
+                    "memory_bytes": loc.accelerator.memory_bytes,
+                    "memory_kind": loc.accelerator.memory_kind,
+                }
+                for i, loc in enumerate(self._locations)
+            ],
+        }
 
     def location(self, bundle: int) -> BundleLocation:
         """Where planned bundle ``bundle`` landed."""
@@ -117,7 +162,7 @@ class Reservation:
         """Ray actor options for trainer rank ``rank``: its bundle, GPU share and CPUs."""
         return self._options(self.plan.trainer_bundle(rank), self.plan.spec.trainer_fraction)
 
-    def engine_launch(self, engine: int, *, cuda: bool = False) -> EngineLaunch:
+    def engine_launch(self, engine: int) -> EngineLaunch:
         """How to start engine ``engine``.
 
         TP 1, or any TP off CUDA (vLLM's CPU build runs its TP workers as local processes):
@@ -130,7 +175,7 @@ class Reservation:
         pg = locs[0].placement_group
         fraction = self.plan.spec.engine_fraction
         indices = tuple(loc.index_in_group for loc in locs)
-        if cuda and len(bundles) > 1:
+        if self.device is DeviceKind.CUDA and len(bundles) > 1:
             options = self._options(bundles[0], 0.0)
             env = {
                 "VLLM_RAY_PER_WORKER_GPUS": repr(fraction),
@@ -197,13 +242,15 @@ def reserve(
     timeout_s: float = 60.0,
     check_cluster: bool = True,
     name: str | None = None,
+    probe=None,
 ) -> Reservation:
     """Reserves the plan's bundles and returns them ordered by (node, GPU id).
 
     Order of steps: (1) optionally check the spec against the discovered cluster (raises
     :class:`TopologyError` before anything is reserved); (2) create one ``STRICT_PACK``
     placement group per planned node; (3) wait for all of them, at most ``timeout_s``; on
-    timeout remove them and raise; (4) probe each bundle's node and GPU id; (5) order.
+    timeout remove them and raise; (4) probe each bundle's node, GPU id and accelerator; (5)
+    order; (6) check that every bundle has the same kind of device.
 
     Args:
         plan: The plan to reserve.
@@ -211,16 +258,21 @@ def reserve(
         check_cluster: Check feasibility against the live cluster first. Turn off on an
             autoscaling cluster that adds nodes on demand.
         name: Optional name prefix of the groups (shown by ``ray list placement-groups``).
+        probe: The remote function run on each bundle (default :func:`probe_bundle`).
 
     Raises:
-        TopologyError: The cluster cannot hold the plan.
+        TopologyError: The cluster cannot hold the plan, or its bundles mix device kinds
+            (nothing stays reserved).
         PlacementTimeoutError: Not ready within ``timeout_s`` (says what was asked and what
             is available); nothing stays reserved.
     """
     if timeout_s <= 0:
         raise TopologyError(f"reserve timeout_s={timeout_s!r}: must be > 0; fix: pass e.g. 60")
+    t0 = time.perf_counter()
     if check_cluster:
         discover_cluster().check(plan.spec)
+    timings = {"check_s": time.perf_counter() - t0}
+    t0 = time.perf_counter()
     spec = plan.spec
     bundles = [dict(b.resources) for b in plan.bundles[: spec.gpus_per_node]]
     groups = [
@@ -228,6 +280,7 @@ def reserve(
         for n in range(spec.nodes)
     ]
     ready, _ = ray.wait([pg.ready() for pg in groups], num_returns=len(groups), timeout=timeout_s)
+    timings["ready_s"] = time.perf_counter() - t0
     if len(ready) < len(groups):
         detail = _describe_available()
         for pg in groups:
@@ -239,16 +292,20 @@ def reserve(
             "add nodes, or lower cpus_per_bundle / gpus_per_node"
         )
     try:
-        located = _locate(groups, spec.gpus_per_node, timeout_s)
+        t0 = time.perf_counter()
+        located = _locate(groups, spec.gpus_per_node, timeout_s, probe or probe_bundle)
+        timings["probe_s"] = time.perf_counter() - t0
+        return Reservation(
+            plan, [g for g, _ in located], [loc for _, locs in located for loc in locs], timings
+        )
     except Exception:
         for pg in groups:
             remove_placement_group(pg)
         raise
-    return Reservation(plan, [g for g, _ in located], [loc for _, locs in located for loc in locs])
 
 
 def _locate(
-    groups: list[PlacementGroup], per_group: int, timeout_s: float
+    groups: list[PlacementGroup], per_group: int, timeout_s: float, probe
 ) -> list[tuple[PlacementGroup, list[BundleLocation]]]:
     # Bundle i of every group is probed together, then bundle i + 1: each node keeps reusing
     # one probe worker instead of starting one per bundle.
@@ -256,7 +313,7 @@ def _locate(
     probes: list[list] = [[] for _ in groups]
     for i in range(per_group):
         refs = [
-            _probe_bundle.options(
+            probe.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=i
                 )
@@ -268,8 +325,8 @@ def _locate(
     located = []
     for pg, results in zip(groups, probes, strict=True):
         locs = [
-            BundleLocation(pg, i, node_id, address, gpu)
-            for i, (node_id, address, gpu) in enumerate(results)
+            BundleLocation(pg, i, node_id, address, gpu, accelerator)
+            for i, (node_id, address, gpu, accelerator) in enumerate(results)
         ]
         locs.sort(key=lambda loc: _gpu_sort_key(loc.gpu_id))
         located.append((pg, locs))

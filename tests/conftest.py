@@ -7,8 +7,6 @@ mode shuts the running one down first. Every actor in these tests asks for fract
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from raysupport import RayState, ensure_local_ray, shutdown_ray
 
@@ -20,12 +18,6 @@ def _cuda_available() -> bool:
         return torch.cuda.is_available()
     except Exception:  # noqa: BLE001
         return False
-
-
-if not _cuda_available():
-    # DeepSpeed's accelerator probe warns on every import without this on a CPU machine; on a
-    # CUDA machine (the gpu checks) DeepSpeed must find CUDA.
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def pytest_collection_modifyitems(config, items):

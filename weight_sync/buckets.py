@@ -14,13 +14,15 @@ from dataclasses import dataclass
 
 import torch
 
+from placement.hardware import DeviceKind
+from weight_sync.errors import BucketPlanError
+
 __all__ = [
     "DEFAULT_FUSED_GROUPS",
     "TensorMeta",
     "TensorSlot",
     "Bucket",
     "BucketPlan",
-    "BucketPlanError",
     "fused_group_key",
     "plan_buckets",
     "default_bucket_bytes",
@@ -32,10 +34,6 @@ DEFAULT_FUSED_GROUPS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("gate_proj", "up_proj"), "gate_up_proj"),
 )
 _ALIGN = 64  # byte alignment of every tensor in a bucket: any dtype view is aligned
-
-
-class BucketPlanError(ValueError):
-    """A bucket layout that would corrupt the engine (a split fused group) or is ill-formed."""
 
 
 @dataclass(frozen=True)
@@ -213,10 +211,11 @@ def plan_buckets(
     return BucketPlan(tuple(buckets), bucket_bytes, tuple(fused_groups))
 
 
-def default_bucket_bytes(device_type: str) -> int:
+def default_bucket_bytes(device: DeviceKind) -> int:
     """Default bucket size by device: 512 MiB on CUDA (as slime uses), 32 MiB on CPU.
 
     On CPU, measured on the build machine, 32 MiB buckets were the best trade between the
     number of apply calls and the peak extra memory (two buffers in flight on each side).
+    ``device`` is the reservation's (what the placement probe found on the bundles).
     """
-    return (512 << 20) if device_type == "cuda" else (32 << 20)
+    return (512 << 20) if DeviceKind(device) is DeviceKind.CUDA else (32 << 20)

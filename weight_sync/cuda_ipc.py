@@ -18,7 +18,7 @@ import torch.distributed as dist
 from typing_extensions import override
 
 from weight_sync.buckets import Bucket
-from weight_sync.fingerprint import WeightSyncError
+from weight_sync.errors import WeightSyncError
 from weight_sync.transport import Pending, ReceiverTransport, Rendezvous, SenderTransport
 
 __all__ = ["IpcSender", "IpcReceiver"]

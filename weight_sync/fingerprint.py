@@ -17,14 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Fingerprint", "fingerprint", "WeightSyncError", "compare"]
+from weight_sync.errors import WeightSyncError
+
+__all__ = ["Fingerprint", "fingerprint", "compare"]
 
 _CHUNK = 1 << 22  # elements per step: 16 MiB int32 temporaries stay cache-friendly
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-class WeightSyncError(RuntimeError):
-    """A weight transfer failed or arrived different from what was sent."""
 
 
 @dataclass(frozen=True)

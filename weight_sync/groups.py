@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from placement import Plan, TenantKind
-from weight_sync.transport import Backend, choose_backend
+from placement import DeviceKind, Plan, TenantKind
+from weight_sync.factory import choose_backend
+from weight_sync.transport import Backend
 
 __all__ = ["Receiver", "TransferGroup", "plan_transfer_groups"]
 
@@ -42,8 +43,11 @@ class TransferGroup:
         return 1 + self.receivers.index(receiver)
 
 
-def plan_transfer_groups(plan: Plan, device_type: str) -> tuple[TransferGroup, ...]:
-    """Groups every engine worker of ``plan`` under one sender and transport."""
+def plan_transfer_groups(plan: Plan, device: DeviceKind) -> tuple[TransferGroup, ...]:
+    """Groups every engine worker of ``plan`` under one sender and transport.
+
+    ``device`` is the reservation's (what the placement probe found on the bundles).
+    """
     trainer_on = {
         b.index: t.index for b in plan.bundles for t in b.tenants if t.kind is TenantKind.TRAINER
     }
@@ -53,7 +57,7 @@ def plan_transfer_groups(plan: Plan, device_type: str) -> tuple[TransferGroup, .
             local = trainer_on.get(bundle)
             sender = local if local is not None else 0
             sender_bundle = plan.trainer_bundle(sender)
-            backend = choose_backend(sender_bundle, bundle, device_type)
+            backend = choose_backend(sender_bundle, bundle, device)
             if backend is not Backend.CUDA_IPC:
                 sender = 0  # one collective group, fed by rank 0
             by_key.setdefault((sender, backend), []).append(Receiver(e, tp_rank))

@@ -6,10 +6,10 @@ no plugin registration inside worker processes, and lets one call stream every b
 next receive posted before the current apply (the API drives one ``update_weights`` RPC per
 chunk). Both apply through the same layer-wise reload machinery.
 
-Per sync, in each worker: open one layer-wise reload session; for each bucket, wait for it, post
-the receive of the next, fingerprint what arrived (if verifying), ``load_weights`` it (vLLM's
-own weight loaders shard it for this TP rank, fuse q/k/v and gate/up, and repack on CPU), then
-tell the transport the buffer is free; close the session. Only metadata arrives by RPC.
+Per sync, in each worker: open one layer-wise reload session; run
+:func:`weight_sync.stream.receive_stream`, whose apply hook fingerprints what arrived (if
+verifying) and ``load_weights`` it (vLLM's own weight loaders shard it for this TP rank, fuse
+q/k/v and gate/up, and repack on CPU); close the session. Only metadata arrives by RPC.
 """
 
 from __future__ import annotations
@@ -22,18 +22,20 @@ from dataclasses import dataclass, field
 import torch
 
 from weight_sync.buckets import BucketPlan
-from weight_sync.fingerprint import Fingerprint, WeightSyncError, fingerprint
-from weight_sync.transport import ReceiverTransport, Rendezvous, make_receiver
+from weight_sync.errors import WeightSyncError
+from weight_sync.factory import make_receiver
+from weight_sync.fingerprint import Fingerprint, fingerprint
+from weight_sync.stream import receive_stream
+from weight_sync.transport import ReceiverTransport, Rendezvous
 
 __all__ = [
     "ReceiverSetup",
     "SyncRequest",
     "ReceiveReport",
+    "ReceiveFaults",
     "WeightSyncWorkerExtension",
     "EXTENSION_QUALNAME",
 ]
-
-EXTENSION_QUALNAME = "weight_sync.receiver.WeightSyncWorkerExtension"
 
 _RELOAD_LOGGER = "vllm.model_executor.model_loader.reload"
 
@@ -74,6 +76,20 @@ class SyncRequest:
     verify: bool = True
 
 
+@dataclass(frozen=True)
+class ReceiveFaults:
+    """Faults a test arms in a worker's receiver (``colocate.faults.Fault`` maps onto these).
+
+    Attributes:
+        corrupt_next_bucket: Flip bytes of the next bucket received, as a bad link would.
+        exit_after_first_bucket: End the worker's process after applying the first bucket of
+            the next sync, as a kill in the middle of a transfer would.
+    """
+
+    corrupt_next_bucket: bool = False
+    exit_after_first_bucket: bool = False
+
+
 @dataclass
 class ReceiveReport:
     """What one worker received in one sync."""
@@ -93,7 +109,7 @@ class _State:
         self.setup = setup
         self.tp_rank = tp_rank
         self.transport = transport
-        self.faults: set[str] = set()
+        self.faults = ReceiveFaults()
 
 
 class WeightSyncWorkerExtension:
@@ -134,33 +150,28 @@ class WeightSyncWorkerExtension:
             initialize_layerwise_reload,
         )
 
-        plan = state.setup.plan
         model = self.model_runner.model
         report = ReceiveReport(version=request.version, tp_rank=state.tp_rank)
+        faults, state.faults = state.faults, ReceiveFaults()  # each armed fault fires once
+
+        def apply(bucket, buffer) -> None:
+            if faults.corrupt_next_bucket and bucket.index == 0:
+                buffer[: bucket.nbytes : 4099].add_(1)  # flip a few bytes, as a bad link would
+            views = bucket.views(buffer)
+            if request.verify:
+                report.fingerprints.update((n, fingerprint(v)) for n, v in views)
+            model.load_weights(iter(views))
+            _detach_pending_loads(buffer)
+            if faults.exit_after_first_bucket:
+                os._exit(1)  # fault injection: die mid-transfer, as a killed worker would
+
         start = time.perf_counter()
         initialize_layerwise_reload(model)
         try:
-            pending = state.transport.receive(plan.buckets[0]) if plan.buckets else None
-            for i, bucket in enumerate(plan.buckets):
-                t0 = time.perf_counter()
-                buffer = pending.wait()
-                t1 = time.perf_counter()
-                if i + 1 < len(plan.buckets):
-                    pending = state.transport.receive(plan.buckets[i + 1])
-                if "corrupt_next_bucket" in state.faults:
-                    state.faults.discard("corrupt_next_bucket")
-                    buffer[: bucket.nbytes : 4099].add_(1)  # flip a few bytes, as a bad link would
-                views = bucket.views(buffer)
-                if request.verify:
-                    report.fingerprints.update((n, fingerprint(v)) for n, v in views)
-                model.load_weights(iter(views))
-                _detach_pending_loads(buffer)
-                state.transport.done(bucket)
-                if "crash_after_first_bucket" in state.faults:
-                    os._exit(1)  # fault injection: die mid-transfer, as a killed worker would
-                report.bytes_received += bucket.nbytes
-                report.wait_s += t1 - t0
-                report.apply_s += time.perf_counter() - t1
+            stats = receive_stream(state.setup.plan.buckets, state.transport, apply)
+            report.bytes_received = stats.bytes
+            report.wait_s = stats.wait_s
+            report.apply_s = stats.work_s
         finally:
             t0 = time.perf_counter()
             finalize_layerwise_reload(model, self.model_runner.model_config)
@@ -181,16 +192,9 @@ class WeightSyncWorkerExtension:
                 out[name] = fingerprint(param.data)
         return out
 
-    def ws_inject_fault(self, fault: str) -> None:
-        """Arms a fault (test hook).
-
-        ``corrupt_next_bucket`` flips bytes of the next bucket received;
-        ``crash_after_first_bucket`` ends the process after applying the first bucket.
-        """
-        known = ("corrupt_next_bucket", "crash_after_first_bucket")
-        if fault not in known:
-            raise ValueError(f"unknown fault {fault!r}; known: {known}")
-        self._ws_require().faults.add(fault)
+    def ws_arm(self, faults: ReceiveFaults) -> None:
+        """Arms faults for the next sync (test hook)."""
+        self._ws_require().faults = faults
 
     def ws_teardown(self) -> None:
         """Leaves the group and frees the receive buffers. Idempotent."""
@@ -227,3 +231,7 @@ def _detach_pending_loads(buffer: torch.Tensor) -> None:
                     and lo <= value.data_ptr() < hi
                 ):
                     bound.arguments[key] = value.clone()
+
+
+#: The ``worker_extension_cls`` vLLM is given (it imports the class in every worker).
+EXTENSION_QUALNAME = f"{__name__}.{WeightSyncWorkerExtension.__qualname__}"

@@ -1,9 +1,10 @@
 """The trainer side of a sync: gather, cast and pack each bucket, send it, two buckets in flight.
 
-Order per bucket ``i`` (buffer ``i % 2``): wait until that buffer's previous send finished;
-gather the bucket's parameters (a collective under ZeRO-3, entered by every trainer rank in
-the same order); cast-copy them into the buffer; fingerprint what was packed (if verifying);
-start sending. Packing bucket ``i + 1`` thus overlaps the transfer of bucket ``i``.
+The loop is :func:`weight_sync.stream.send_stream`: per bucket ``i`` (buffer ``i % 2``), wait
+until that buffer's previous send finished; gather the bucket's parameters (a collective under
+ZeRO-3, entered by every trainer rank in the same order); cast-copy them into the buffer;
+fingerprint what was packed (if verifying); start sending. Packing bucket ``i + 1`` thus
+overlaps the transfer of bucket ``i``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 from weight_sync.buckets import BucketPlan
 from weight_sync.fingerprint import Fingerprint, fingerprint
 from weight_sync.sources import WeightSource
-from weight_sync.transport import Pending, SenderTransport
+from weight_sync.stream import send_stream
+from weight_sync.transport import SenderTransport
 
 __all__ = ["SendReport", "WeightSender"]
 
@@ -73,7 +75,9 @@ class WeightSender:
     ) -> SendReport:
         """Runs one sync through every transport; returns timings and fingerprints if verifying.
 
-        If a transport fails, this rank stops sending but still enters every remaining gather
+        The loop is :func:`weight_sync.stream.send_stream`; this sender's hook gathers a
+        bucket's parameters (collective under ZeRO-3) and cast-copies them into the buffer. If
+        a transport fails, this rank stops sending but still enters every remaining gather
         (under ZeRO-3 the other trainer ranks are in those collectives: leaving early would
         leave them out of step), then raises the first transport error.
 
@@ -83,48 +87,29 @@ class WeightSender:
             after_bucket: Called with each bucket's index once it is handed to the transports.
         """
         report = SendReport(version=version)
-        start = time.perf_counter()
-        sending = bool(self.transports)
-        if not sending and not self.source.collective:
+        if not self.transports and not self.source.collective:
             return report
-        if sending:
+        if self.transports:
             self.allocate_buffers()
-        in_flight: list[list[Pending]] = [[], []]
-        error: BaseException | None = None
-        for bucket in self.plan.buckets:
-            slot = bucket.index % 2
+
+        def fill(bucket, buffer) -> None:
             t0 = time.perf_counter()
-            error = error or _wait_all(in_flight[slot])
-            in_flight[slot] = []
-            live = sending and error is None
-            t1 = time.perf_counter()
             with self.source.gathered(bucket.names) as tensors:
-                t2 = time.perf_counter()
-                if live:
-                    buffer = self.buffers[slot]
+                t1 = time.perf_counter()
+                if buffer is not None:
                     for name, view in self._bucket_views(bucket):
                         view.copy_(tensors[name])
                         if verify:
                             report.fingerprints[name] = fingerprint(view)
-            t3 = time.perf_counter()
-            if live:
-                try:
-                    in_flight[slot] = [t.send(bucket, buffer) for t in self.transports]
-                    report.bytes_sent += bucket.nbytes
-                except Exception as exc:  # noqa: BLE001 - kept until the gathers are done
-                    error = exc
-            if after_bucket is not None:
-                after_bucket(bucket.index)
-            report.wait_s += t1 - t0
-            report.gather_s += t2 - t1
-            report.pack_s += t3 - t2
-        t0 = time.perf_counter()
-        for ops in in_flight:
-            error = error or _wait_all(ops)
-        report.wait_s += time.perf_counter() - t0
-        if error is not None:
-            raise error
-        report.seconds = time.perf_counter() - start
+            report.gather_s += t1 - t0
+            report.pack_s += time.perf_counter() - t1
+
+        stats = send_stream(
+            self.plan.buckets, self.buffers, self.transports, fill, after_bucket=after_bucket
+        )
+        report.bytes_sent = stats.bytes
+        report.wait_s = stats.wait_s
+        report.seconds = stats.seconds
         return report
 
     def close(self) -> None:
@@ -134,14 +119,3 @@ class WeightSender:
         self.transports = []
         self.buffers = ()
         self._views = {}
-
-
-def _wait_all(ops: list[Pending]) -> BaseException | None:
-    """Waits for every op; returns the first failure instead of raising it."""
-    error = None
-    for op in ops:
-        try:
-            op.wait()
-        except Exception as exc:  # noqa: BLE001
-            error = error or exc
-    return error

@@ -1,4 +1,4 @@
-"""The transport interface, its rendezvous description, and the factory that picks one.
+"""The transport interface and its rendezvous description (implementations: one file each).
 
 A transport moves one bucket (a flat byte buffer) from a trainer rank to engine workers. Every
 operation is asynchronous and returns a handle whose ``wait()`` is bounded by the rendezvous
@@ -23,9 +23,6 @@ __all__ = [
     "Pending",
     "SenderTransport",
     "ReceiverTransport",
-    "choose_backend",
-    "make_sender",
-    "make_receiver",
 ]
 
 
@@ -108,44 +105,3 @@ class ReceiverTransport(ABC):
     @abstractmethod
     def close(self) -> None:
         """Releases the group. Idempotent."""
-
-
-def choose_backend(sender_bundle: int, receiver_bundle: int, device_type: str) -> Backend:
-    """Picks the transport for one sender/receiver pair from the placement.
-
-    Same GPU on CUDA: CUDA IPC (NCCL refuses two ranks on one GPU). Different GPUs on CUDA:
-    NCCL. Off CUDA: gloo, whatever the placement.
-    """
-    if device_type != "cuda":
-        return Backend.GLOO
-    return Backend.CUDA_IPC if sender_bundle == receiver_bundle else Backend.NCCL
-
-
-def make_sender(
-    rdv: Rendezvous, store, buffers: tuple[torch.Tensor, ...], device: torch.device
-) -> SenderTransport:
-    """Builds the sending side for ``rdv`` (rank 0 of the group) over the sender's own store.
-
-    Must run concurrently with :func:`make_receiver` on every receiver: collective groups
-    connect all members at construction.
-    """
-    if rdv.backend is Backend.CUDA_IPC:
-        from weight_sync.cuda_ipc import IpcSender
-
-        return IpcSender(rdv, store, buffers)
-    from weight_sync.collective import CollectiveSender
-
-    return CollectiveSender(rdv, store, device)
-
-
-def make_receiver(
-    rdv: Rendezvous, rank: int, buffer_bytes: int, device: torch.device
-) -> ReceiverTransport:
-    """Builds the receiving side for group rank ``rank`` (>= 1) of ``rdv``."""
-    if rdv.backend is Backend.CUDA_IPC:
-        from weight_sync.cuda_ipc import IpcReceiver
-
-        return IpcReceiver(rdv, rank, device)
-    from weight_sync.collective import CollectiveReceiver
-
-    return CollectiveReceiver(rdv, rank, buffer_bytes, device)

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from weight_sync.buckets import fused_group_key
-from weight_sync.fingerprint import Fingerprint, WeightSyncError
+from weight_sync.errors import WeightSyncError
+from weight_sync.fingerprint import Fingerprint
 
 __all__ = ["expected_applied", "check_applied"]
 

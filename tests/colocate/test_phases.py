@@ -2,8 +2,9 @@
 
 import pytest
 
+from colocate.handovers import TRANSITIONS, check_transition
 from colocate.memory import MemoryReading
-from colocate.phases import TRANSITIONS, Phase, PhaseError, check_transition, require
+from colocate.phases import Phase, PhaseError, require
 from colocate.timeline import Span, Timeline
 
 

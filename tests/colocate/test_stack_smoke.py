@@ -11,7 +11,6 @@ from colocate.trainer import TrainerActor
 pytestmark = pytest.mark.timeout(600)
 
 ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-TAG = ("smoke", 0)
 
 
 def _engine(model_dir, **kw):
@@ -22,7 +21,7 @@ def _engine(model_dir, **kw):
 def test_vllm_engine_in_ray_actor_generates_deterministically(ray_local, tiny_model_dir):
     engine = _engine(tiny_model_dir)
     try:
-        caps = ray.get(engine.start.remote(TAG), timeout=300)
+        caps = ray.get(engine.start.remote(), timeout=300)
         assert caps.device_type == "cpu" and caps.sleep_supported is False
         greedy = Sampling(n=1, max_tokens=12, temperature=0.0)
         prompts = ["kato rimu sena", "lo pe vi"]
@@ -40,7 +39,7 @@ def test_vllm_engine_in_ray_actor_generates_deterministically(ray_local, tiny_mo
 def test_dummy_engine_refuses_to_serve_before_a_sync(ray_local, tiny_model_dir):
     engine = _engine(tiny_model_dir, load_format=LoadFormat.DUMMY)
     try:
-        ray.get(engine.start.remote(TAG), timeout=300)
+        ray.get(engine.start.remote(), timeout=300)
         with pytest.raises(ray.exceptions.RayTaskError, match="dummy weights and not synced"):
             ray.get(engine.generate.remote(["kato"], Sampling(max_tokens=4)), timeout=60)
     finally:
@@ -68,7 +67,7 @@ def _trainers(model_dir, world=2, **kw):
         for r in range(world)
     ]
     master = ray.get(actors[0].host_group_store.remote(False, 60), timeout=60)
-    info = ray.get([a.start.remote(master, 60, TAG) for a in actors], timeout=400)
+    info = ray.get([a.start.remote(master, 60) for a in actors], timeout=400)
     return actors, info
 
 
@@ -80,7 +79,7 @@ def test_deepspeed_zero3_two_ranks_lowers_loss(ray_local, tiny_model_dir):
         batch = _fixed_batch()
         losses = []
         for _ in range(5):
-            metrics = ray.get([a.train_step.remote(batch, TAG) for a in actors], timeout=120)
+            metrics = ray.get([a.train_step.remote(batch) for a in actors], timeout=120)
             losses.append(sum(m["loss"] for m in metrics) / 2)
         assert losses[-1] < losses[0] - 0.3, losses
         assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
@@ -121,7 +120,7 @@ def test_gloo_group_beside_deepspeed_broadcasts_bit_exact(ray_local, tiny_model_
             timeout=60,
         )
         reports = ray.get(
-            [a.send_weights.remote(SyncRequest(1, verify=True), TAG) for a in actors], timeout=120
+            [a.send_weights.remote(SyncRequest(1, verify=True)) for a in actors], timeout=120
         )
         received = ray.get(got, timeout=120)
         sent = ray.get([a.param_fingerprints.remote() for a in actors], timeout=120)[0]
@@ -131,7 +130,7 @@ def test_gloo_group_beside_deepspeed_broadcasts_bit_exact(ray_local, tiny_model_
         for name, tensor in received.items():
             assert fingerprint(tensor) == sent[name], name
         # DeepSpeed's own group still works after the side group was used.
-        metrics = ray.get([a.train_step.remote(_fixed_batch(), TAG) for a in actors], timeout=120)
+        metrics = ray.get([a.train_step.remote(_fixed_batch()) for a in actors], timeout=120)
         assert all(m["loss"] > 0 for m in metrics)
     finally:
         ray.kill(receiver)

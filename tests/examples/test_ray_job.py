@@ -54,7 +54,6 @@ def ray_head(tmp_path):
         **os.environ,
         "PATH": f"{BIN}:{os.environ['PATH']}",
         "RAY_AUTH_MODE": "token",
-        "DS_ACCELERATOR": "cpu",
     }
     env.pop("RAY_ADDRESS", None)
     # Short: Ray's socket paths under it must stay within 107 bytes.
@@ -154,4 +153,10 @@ def test_ray_job_submit_runs_grpo(ray_head, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["weight_version"] == 5
     assert summary["ordering_violations"] == []
+    # The device kind comes from the bundles (the job's driver holds no GPU): each of the
+    # head's two logical GPUs answered the placement probe itself, as a CPU bundle.
+    accel = summary["accelerator"]
+    assert accel["device"] == "cpu" and accel["source"] == "placement probe on each bundle"
+    assert sorted(b["gpu_id"] for b in accel["bundles"]) == ["0", "1"]
+    assert all(b["memory_kind"] == "host" for b in accel["bundles"])
     assert "GRPO done" in logs

@@ -164,30 +164,35 @@ def test_torch_fallback_offload_frees_memory_and_restores_params():
 
     torch.cuda.empty_cache()
     free_before, total = torch.cuda.mem_get_info()
-    actor = TrainerActor(
-        TrainerConfig(model="unused", deepspeed=False), 0, 1, "trainer0", 0, None, {}
+
+    class MlpTrainer(TrainerActor):
+        def load_model(self):
+            return _big_mlp()
+
+    actor = MlpTrainer(
+        TrainerConfig(model="unused", deepspeed=False, lr=1e-3), 0, 1, "trainer0", 0, None, {}
     )
-    model = _big_mlp().cuda()
-    actor.engine, actor.optimizer = model, torch.optim.AdamW(model.parameters(), lr=1e-3)
-    _train_step(model, actor.optimizer)
+    actor.start(actor.host_group_store(False, 60.0), 60.0)
+    model, optimizer = actor.backend.module, actor.backend.optimizer
+    _train_step(model, optimizer)
     torch.cuda.synchronize()
     before = {n: p.detach().clone().cpu() for n, p in model.named_parameters()}
     states = [
         {k: v.clone().cpu() for k, v in st.items() if torch.is_tensor(v)}
-        for st in actor.optimizer.state.values()
+        for st in optimizer.state.values()
     ]
     training = free_before - torch.cuda.mem_get_info()[0]
-    actor.offload(keep_params=False, tag=("gpu", 0))
+    actor.offload(keep_params=False)
     freed = torch.cuda.mem_get_info()[0] - (free_before - training)
     fraction = freed / training
-    actor.reload(tag=("gpu", 0))
+    actor.reload()
     same = all(torch.equal(before[n], p.detach().cpu()) for n, p in model.named_parameters())
     same_states = all(
         torch.equal(v, st[k].cpu())
-        for old, st in zip(states, actor.optimizer.state.values(), strict=True)
+        for old, st in zip(states, optimizer.state.values(), strict=True)
         for k, v in old.items()
     )
-    _train_step(model, actor.optimizer)  # training continues after reload
+    _train_step(model, optimizer)  # training continues after reload
     _record(
         "torch_offload",
         {
@@ -293,7 +298,7 @@ def test_deepspeed_offload_states_frees_memory_and_restores_state():
     from colocate.trainer import TrainerActor
 
     class MlpTrainer(TrainerActor):
-        def _load_model(self):
+        def load_model(self):
             return _big_mlp()
 
     torch.cuda.empty_cache()
@@ -303,9 +308,9 @@ def test_deepspeed_offload_states_frees_memory_and_restores_state():
         TrainerConfig(model="unused", dtype="bfloat16", lr=1e-3), 0, 1, "trainer0", 0, None, {}
     )
     master = actor.host_group_store(False, 60.0)
-    actor.start(master, 60.0, ("gpu", 0))
+    actor.start(master, 60.0)
     torch_bytes["after_start"] = _torch_bytes()
-    engine = actor.engine
+    engine = actor.backend.model
     x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
     engine.backward(engine(x).float().pow(2).mean())
     engine.step()
@@ -317,16 +322,16 @@ def test_deepspeed_offload_states_frees_memory_and_restores_state():
     lp_before = [p.ds_tensor.detach().cpu() for p in engine.module.parameters()]
     hp_before = [t.detach().cpu() for t in opt.fp32_partitioned_groups_flat]
 
-    actor.offload(keep_params=True, tag=("gpu", 1))
+    actor.offload(keep_params=True)
     torch.cuda.synchronize()
     freed_keep = torch.cuda.mem_get_info()[0] - (free_before - training)
     torch_bytes["after_offload_keep_params"] = _torch_bytes()
-    actor.offload(keep_params=False, tag=("gpu", 1))
+    actor.offload(keep_params=False)
     torch.cuda.synchronize()
     freed = torch.cuda.mem_get_info()[0] - (free_before - training)
     torch_bytes["after_offload"] = _torch_bytes()
     remaining = _largest_cuda_tensors()
-    actor.reload(tag=("gpu", 2))
+    actor.reload()
     torch.cuda.synchronize()
     params = list(engine.module.parameters())
     same_lp = all(torch.equal(a, p.ds_tensor.cpu()) for a, p in zip(lp_before, params, strict=True))

@@ -26,15 +26,15 @@ def test_sleep_frees_engine_memory_and_wake_restores_service(tiny_model_dir):
         (0,),
         {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
     )
-    caps = engine.start(("gpu", 0))
+    caps = engine.start()
     assert caps.sleep_supported
     greedy = Sampling(n=1, max_tokens=8, temperature=0.0)
     before = [c.token_ids for c in engine.generate(["kato rimu"], greedy)]
     awake = free0 - torch.cuda.mem_get_info()[0]
-    engine.sleep(1, ("gpu", 0))
+    engine.sleep(1)
     asleep = free0 - torch.cuda.mem_get_info()[0]
     assert asleep < 0.1 * awake, f"asleep holds {asleep / awake:.0%} of {awake} bytes"
-    assert engine.wake_kv(("gpu", 0)) is EngineMemory.AWAKE  # level 1: weights came back
+    assert engine.wake_kv(None) is EngineMemory.AWAKE  # level 1: weights came back
     assert [c.token_ids for c in engine.generate(["kato rimu"], greedy)] == before
     engine.shutdown()
     assert total > 0

@@ -4,8 +4,10 @@ import time
 
 import pytest
 import ray
+from raysupport import fake_cuda_probe
 
 from placement import (
+    DeviceKind,
     PlacementTimeoutError,
     TopologyError,
     TopologySpec,
@@ -71,12 +73,14 @@ def test_multi_node_tp_never_spans_nodes_and_order_is_stable(ray_cluster):
     p = plan(spec)
     layouts = []
     for _ in range(2):
-        with reserve(p, timeout_s=60) as res:
+        # The probe reports CUDA bundles: the TP > 1 launch path for vLLM's Ray executor.
+        with reserve(p, timeout_s=60, probe=fake_cuda_probe()) as res:
+            assert res.device is DeviceKind.CUDA
             locs = [res.location(b) for b in range(12)]
             for e in range(spec.engines):
                 nodes = {locs[b].node_id for b in p.engine_bundles(e)}
                 assert len(nodes) == 1
-                launch = res.engine_launch(e, cuda=True)
+                launch = res.engine_launch(e)
                 assert launch.executor_env["VLLM_RAY_BUNDLE_INDICES"] == ",".join(
                     str(locs[b].index_in_group) for b in p.engine_bundles(e)
                 )
@@ -89,3 +93,45 @@ def test_multi_node_tp_never_spans_nodes_and_order_is_stable(ray_cluster):
             assert len({loc.node_id for loc in locs}) == 3
             layouts.append([(loc.node_id, loc.gpu_id) for loc in locs])
     assert layouts[0] == layouts[1]
+
+
+def test_probe_reports_each_bundles_device_from_its_node(ray_local):
+    spec = TopologySpec(nodes=1, gpus_per_node=2, trainer_world_size=2, engines=2)
+    with reserve(plan(spec), timeout_s=60) as res:
+        # This machine has no CUDA: Ray's GPUs are logical and the bundles say so.
+        assert res.device is DeviceKind.CPU
+        accel = res.accelerators
+        assert len(accel) == 2 and all(a.kind is DeviceKind.CPU for a in accel)
+        assert all(a.memory_kind == "host" and a.memory_bytes > 1 << 30 for a in accel)
+        facts = res.hardware()
+        assert facts["device"] == "cpu" and facts["source"] == "placement probe on each bundle"
+        assert {b["gpu_id"] for b in facts["bundles"]} == {res.location(b).gpu_id for b in (0, 1)}
+
+
+@ray.remote(num_cpus=0.01)
+class _Counter:
+    def __init__(self):
+        self.n = 0
+
+    def next(self):
+        self.n += 1
+        return self.n
+
+
+def test_bundles_of_mixed_device_kinds_are_refused_and_released(ray_local):
+    counter = _Counter.remote()
+
+    @ray.remote(num_cpus=0.01, num_gpus=0.01, max_calls=0)
+    def half_cuda():
+        from placement.hardware import Accelerator
+
+        gpu = str(ray.get_gpu_ids()[0])
+        first = ray.get(counter.next.remote(), timeout=30) == 1
+        kind = DeviceKind.CUDA if first else DeviceKind.CPU
+        node = ray.get_runtime_context().get_node_id()
+        return node, "127.0.0.1", gpu, Accelerator(kind, "x", 1 << 30, "127.0.0.1", gpu)
+
+    spec = TopologySpec(nodes=1, gpus_per_node=2, trainer_world_size=2, engines=2)
+    with pytest.raises(TopologyError, match=r"mix device kinds \(bundle 0 .* is (cuda|cpu)"):
+        reserve(plan(spec), timeout_s=60, probe=half_cuda)
+    ray.kill(counter)  # and no placement group is left reserved (the fixture checks)

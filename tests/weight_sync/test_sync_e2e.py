@@ -45,7 +45,7 @@ def _reference_generate(model_dir, prompts, tp=1):
     config = EngineConfig(model=str(model_dir), tensor_parallel_size=tp)
     ref = actor.remote(config, "reference", (9,), env)
     try:
-        ray.get(ref.start.remote(("ref", 0)), timeout=300)
+        ray.get(ref.start.remote(), timeout=300)
         return ray.get(ref.generate.remote(prompts, GREEDY), timeout=120)
     finally:
         ray.kill(ref)

@@ -9,10 +9,10 @@ gpus_per_node=8, trainer_world_size=64, engines=32, engine_tp=2, cpus_per_bundle
   microseconds. ``TopologySpec(...)`` construction (the validation) is timed the same way.
 - ``reserve``: ``placement.reserve(plan, timeout_s=...)`` end to end, ``--repeats`` times,
   each followed by ``release()`` and a wait until all GPUs are available again (that wait is
-  not part of the figure). Each repeat is split into phases by wrapping, at run time and
-  without changing ``placement/``, the two helpers ``reserve`` calls: ``discover_cluster``
-  (``check``: the feasibility check) and ``_locate`` (``probe``: one probe task per bundle).
-  The rest (``ready``) is creating the per-node ``STRICT_PACK`` groups and waiting for them.
+  not part of the figure). Each repeat is split into the phases ``reserve`` times itself
+  (``Reservation.timings``): ``check`` (the feasibility check), ``ready`` (creating the
+  per-node ``STRICT_PACK`` groups and waiting for them) and ``probe`` (one probe task per
+  bundle, which also reads each bundle's accelerator).
 - Diagnostics. Ray gives a remote function that asks for GPUs ``max_calls=1`` by default,
   so every probe task (``num_gpus=0.01``) runs in a new worker process that exits after it.
   While each reservation is held, ``seq probe`` runs the same probe with ``max_calls=0`` and
@@ -28,36 +28,25 @@ not exited yet). They are expected and do not affect the figures.
 The simulated nodes are processes on one machine: the figures are for this machine's CPUs, not
 for a real cluster.
 
-Run: ``.venv/bin/python benchmarks/placement.py [--json out.json]`` (a few minutes on 2 cores).
+Run: ``.venv/bin/python benchmarks/bench_placement.py [--json out.json]`` (minutes on 2 cores).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import os
 import platform
-import statistics
-import sys
 import time
 
-# This file is named like the package it measures: keep its own folder off the import path (and
-# so off the Ray workers' path, which Ray copies from the driver's), or `import placement` would
-# import this script.
-_HERE = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
+import ray
+from common import code_version, median, write_json
+from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: E402
+from placement import TopologySpec, plan, reserve
 
-from placement import TopologySpec, plan, reserve  # noqa: E402
 
 # The module, not the function of the same name that ``placement`` re-exports.
-reserve_mod = importlib.import_module("placement.reservation")
-
-
 def _pid() -> int:
     return os.getpid()
 
@@ -75,38 +64,6 @@ def _time_pure(fn, iters: int) -> list[int]:
         fn()
         samples.append(time.perf_counter_ns() - t0)
     return samples
-
-
-class _PhaseTimer:
-    """Wraps ``discover_cluster`` and ``_locate`` inside ``placement.reservation`` to time them."""
-
-    def __init__(self) -> None:
-        self.times: dict[str, float] = {}
-        self._orig_discover = reserve_mod.discover_cluster
-        self._orig_locate = reserve_mod._locate
-
-    def __enter__(self) -> _PhaseTimer:
-        def discover():
-            t0 = time.perf_counter()
-            try:
-                return self._orig_discover()
-            finally:
-                self.times["check_s"] = time.perf_counter() - t0
-
-        def locate(*args):
-            t0 = time.perf_counter()
-            try:
-                return self._orig_locate(*args)
-            finally:
-                self.times["probe_s"] = time.perf_counter() - t0
-
-        reserve_mod.discover_cluster = discover
-        reserve_mod._locate = locate
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        reserve_mod.discover_cluster = self._orig_discover
-        reserve_mod._locate = self._orig_locate
 
 
 def _sequential_probe(res) -> tuple[float, int]:
@@ -170,24 +127,19 @@ def _run(args: argparse.Namespace, spec: TopologySpec, spec_kwargs: dict) -> dic
 
         repeats = []
         for i in range(args.repeats):
-            with _PhaseTimer() as phases:
-                t0 = time.perf_counter()
-                res = reserve(p, timeout_s=args.timeout_s)
-                reserve_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            res = reserve(p, timeout_s=args.timeout_s)
+            reserve_s = time.perf_counter() - t0
             try:
                 seq_s, seq_workers = _sequential_probe(res)
             finally:
                 res.release()
             _wait_all_gpus_free(float(total))
-            check_s = phases.times.get("check_s", 0.0)
-            probe_s = phases.times["probe_s"]
             repeats.append(
                 {
                     "repeat": i,
                     "reserve_s": reserve_s,
-                    "check_s": check_s,
-                    "ready_s": reserve_s - check_s - probe_s,
-                    "probe_s": probe_s,
+                    **res.timings,  # check_s, ready_s, probe_s: measured by reserve itself
                     "seq_probe_s": seq_s,
                     "seq_probe_workers": seq_workers,
                 }
@@ -201,7 +153,7 @@ def _run(args: argparse.Namespace, spec: TopologySpec, spec_kwargs: dict) -> dic
             cluster.shutdown()
 
     def med(key: str) -> float:
-        return statistics.median(r[key] for r in repeats)
+        return median(r[key] for r in repeats)
 
     return {
         "machine": {
@@ -220,8 +172,8 @@ def _run(args: argparse.Namespace, spec: TopologySpec, spec_kwargs: dict) -> dic
         "spec": spec_kwargs,
         "bundles": len(p.bundles),
         "plan_iters": args.plan_iters,
-        "spec_validate_median_us": statistics.median(spec_ns) / 1e3,
-        "plan_median_us": statistics.median(plan_ns) / 1e3,
+        "spec_validate_median_us": median(spec_ns) / 1e3,
+        "plan_median_us": median(plan_ns) / 1e3,
         "reserve_timeout_s": args.timeout_s,
         "reserve": repeats,
         "reserve_median_s": med("reserve_s"),
@@ -230,6 +182,7 @@ def _run(args: argparse.Namespace, spec: TopologySpec, spec_kwargs: dict) -> dic
         "seq_probe_median_s": med("seq_probe_s"),
         "two_tasks_default_max_calls": two_default,
         "two_tasks_max_calls_0": two_reusable,
+        "code": code_version(),
     }
 
 
@@ -309,10 +262,7 @@ def main() -> None:
     spec = TopologySpec(**spec_kwargs)  # validates before any process is started
     result = _run(args, spec, spec_kwargs)
     _print(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

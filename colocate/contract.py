@@ -1,0 +1,266 @@
+"""The written-down contract between the coordinator and the actors it drives.
+
+One base class per kind of tenant: :class:`Tenant` (what every actor answers to),
+:class:`EngineTenant` and :class:`TrainerTenant`. ``colocate.engine.EngineActor`` and
+``colocate.trainer.TrainerActor`` implement them; a user's subclass of either (passed as
+``Coordinator(engine_cls=..., trainer_cls=...)``) must keep the signatures below.
+
+How a call arrives. The driver never names a method by a string: it builds a
+:class:`colocate.calls.Call` from the method itself (``EngineTenant.sleep``), whose arguments
+are checked against this signature before anything is sent. Ray then runs
+:meth:`Tenant.invoke` in the actor, which sets the call's timeline tag (phase, step) and calls
+the method; hand-over dependencies (results of releases an acquisition waits for) are Ray
+arguments of ``invoke`` and never reach the method. A method records its timeline span with
+:meth:`Tenant.span`, which uses the tag of the call it runs in.
+
+Rules every implementation keeps:
+
+- Memory methods are idempotent: sleeping a sleeping engine, offloading an offloaded trainer,
+  reloading a loaded one does nothing, records nothing, and returns the state it is in.
+- Memory methods return the memory state reached (:class:`~colocate.phases.EngineMemory` or
+  :class:`~colocate.phases.TrainerMemory`); the coordinator checks it against the phase table.
+- A method that needs a memory state it is not in raises (it never reads freed memory).
+- Input the caller got wrong raises :class:`~colocate.errors.InputError` (the actor stays
+  healthy); anything else is reported as the actor's failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from colocate.faults import Fault
+from colocate.phases import EngineMemory, TrainerMemory
+from colocate.timeline import Recorder, Span
+
+__all__ = [
+    "Tag",
+    "Tenant",
+    "EngineTenant",
+    "TrainerTenant",
+    "Completion",
+    "EngineCapabilities",
+    "verbs_of",
+]
+
+#: (phase or transition name, RL step, hand-over sequence number): the spans of one hand-over
+#: share it on the timeline (the sequence number tells apart two hand-overs of one row and step,
+#: e.g. a sync and the sync of a recovery).
+Tag = tuple[str, int, int]
+
+_DIRECT: Tag = ("direct", 0, 0)
+
+
+@dataclass(frozen=True)
+class EngineCapabilities:
+    """What an engine can do on its platform (reported by the engine, from its worker)."""
+
+    platform: str
+    device_type: str
+    sleep_supported: bool
+    tensor_parallel_size: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled completion, tagged with the weight version that produced it."""
+
+    prompt_index: int
+    sample_index: int
+    prompt_token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    text: str
+    finish_reason: str | None
+    weight_version: int
+
+
+def verbs_of(cls: type) -> frozenset[str]:
+    """The public methods of a contract class and its bases: what ``invoke`` may run."""
+    return frozenset(
+        name
+        for klass in cls.__mro__
+        for name, value in vars(klass).items()
+        if inspect.isfunction(value) and not name.startswith("_") and name != "invoke"
+    )
+
+
+class Tenant(ABC):
+    """What every actor the coordinator drives answers to.
+
+    Args:
+        name: Display name for errors and the timeline (``"engine0"``, ``"trainer1"``).
+        lanes: GPUs (bundle indices) the actor occupies.
+    """
+
+    #: The verbs :meth:`invoke` may run: a kind's contract methods (set by each kind); None
+    #: allows the public methods of the actor's own class (a user-defined tenant).
+    verbs: frozenset[str] | None = None
+
+    def __init__(self, name: str, lanes: tuple[int, ...]):
+        self.name = name
+        self.recorder = Recorder(name, lanes)
+        self._tag: Tag = _DIRECT
+        self._faults: set[Fault] = set()
+
+    def invoke(self, verb: str, args: tuple, tag: Tag, *after: Any) -> Any:
+        """Runs one contract method under ``tag``: the only entry point the coordinator uses.
+
+        ``verb`` is the method's own ``__name__``, taken by the driver from the method object.
+        ``after`` holds the results of the releases this call waited for (Ray resolved them
+        before scheduling it); they are not passed on.
+        """
+        allowed = self.verbs if self.verbs is not None else verbs_of(type(self))
+        if verb not in allowed:
+            raise AttributeError(f"{self.name}: {verb!r} is not a verb of {type(self).__name__}")
+        self._tag = tag
+        try:
+            return getattr(self, verb)(*args)
+        finally:
+            self._tag = _DIRECT
+
+    @contextlib.contextmanager
+    def span(self, name: str, **detail: Any) -> Iterator[dict]:
+        """Records timeline span ``name`` around the block, under the current call's tag."""
+        with self.recorder.span(name, self._tag, **detail) as d:
+            yield d
+
+    def drain_spans(self) -> list[Span]:
+        """Timeline spans recorded since the last drain."""
+        return self.recorder.drain()
+
+    @abstractmethod
+    def status(self) -> dict:
+        """Name, memory state, pid, RSS, open fds and threads (health checks and soak)."""
+
+    @abstractmethod
+    def inject_fault(self, fault: Fault) -> None:
+        """Arms ``fault`` (test hook); refuses a fault of another kind of actor."""
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Leaves every group and frees what the actor holds. Idempotent; called before a kill."""
+
+    def _maybe_crash(self, fault: Fault) -> None:
+        if fault in self._faults:
+            os._exit(1)  # as a kill would: no cleanup, no reply
+
+
+class EngineTenant(Tenant):
+    """An inference engine (vLLM): generation, sleep/wake, and the receiving side of a sync."""
+
+    @abstractmethod
+    def start(self) -> EngineCapabilities:
+        """Builds the engine (weights and KV cache allocated: awake). Idempotent."""
+
+    @abstractmethod
+    def sleep(self, level: int) -> EngineMemory:
+        """Releases the KV cache and the weights (level 1 keeps a host copy, level 2 drops it)."""
+
+    @abstractmethod
+    def wake_weights(self) -> EngineMemory:
+        """Re-allocates the weights only (no KV cache), ready to receive a sync."""
+
+    @abstractmethod
+    def wake_kv(self, version: int | None) -> EngineMemory:
+        """Re-allocates the KV cache and resets the prefix cache; the engine can serve again.
+
+        Args:
+            version: The verified weight version later generations carry (None keeps the
+                current one: the sync was skipped).
+        """
+
+    @abstractmethod
+    def generate(self, prompts: list, sampling: Any) -> list[Completion]:
+        """``sampling.n`` completions per prompt, prompt-major; needs the engine awake."""
+
+    @abstractmethod
+    def expected_weights(self) -> list:
+        """``TensorMeta`` of every checkpoint tensor this engine's model declares."""
+
+    @abstractmethod
+    def setup_sync(self, setup: Any) -> list[dict]:
+        """Every worker joins its transfer group (``weight_sync.ReceiverSetup``)."""
+
+    @abstractmethod
+    def receive_weights(self, request: Any) -> list:
+        """Every worker receives and applies one sync; one ``ReceiveReport`` per worker."""
+
+
+EngineTenant.verbs = verbs_of(EngineTenant)
+
+
+class TrainerTenant(Tenant):
+    """One trainer rank: training, offload/reload, and the sending side of a sync.
+
+    Collective methods (``start``, ``train_step``, ``send_weights`` under ZeRO-3,
+    ``param_fingerprints``, ``save``, ``load``, ``export_hf``) are called on every rank at once.
+    """
+
+    @abstractmethod
+    def host_group_store(self, multi_node: bool, timeout_s: float) -> tuple[str, int]:
+        """Rank 0 only: starts the trainer group's store; returns its (host, port)."""
+
+    @abstractmethod
+    def start(self, master: tuple[str, int], timeout_s: float) -> dict:
+        """Joins the trainer group, builds model and optimizer (holds everything). Idempotent."""
+
+    @abstractmethod
+    def train_step(self, shard: dict) -> dict[str, float]:
+        """One optimizer step on this rank's shard; needs everything resident."""
+
+    @abstractmethod
+    def offload(self, keep_params: bool) -> TrainerMemory:
+        """Moves training state to host memory; with ``keep_params`` the params stay."""
+
+    @abstractmethod
+    def reload(self) -> TrainerMemory:
+        """Brings every offloaded state back to the device."""
+
+    @abstractmethod
+    def node_address(self, multi_node: bool) -> str:
+        """The address this rank's listeners bind to (loopback on a single node)."""
+
+    @abstractmethod
+    def weight_metas(self, dtype: Any) -> list:
+        """``TensorMeta`` of every weight to send, as the engine receives it."""
+
+    @abstractmethod
+    def host_sync_store(self, host: str, world_size: int, key: str, timeout_s: float) -> int:
+        """Starts one transfer group's store on this rank; returns its port."""
+
+    @abstractmethod
+    def setup_sync(self, plan: Any, rendezvous: list) -> bool:
+        """Builds this rank's sender over the given rendezvous (concurrently with receivers)."""
+
+    @abstractmethod
+    def send_weights(self, request: Any) -> Any:
+        """Streams every bucket of one sync; returns this rank's ``SendReport``."""
+
+    @abstractmethod
+    def close_sync_stores(self) -> None:
+        """Closes the sender and the stores this rank hosts. Idempotent."""
+
+    @abstractmethod
+    def param_fingerprints(self) -> dict:
+        """Fingerprints of every full parameter, as stored."""
+
+    @abstractmethod
+    def save(self, path: str) -> str:
+        """Checkpoints model, optimizer and step count under ``path``."""
+
+    @abstractmethod
+    def load(self, path: str) -> int:
+        """Restores a checkpoint written by :meth:`save`; returns the step count."""
+
+    @abstractmethod
+    def export_hf(self, path: str, dtype: str) -> str | None:
+        """Writes the current weights as an HF model directory (rank 0 writes)."""
+
+
+TrainerTenant.verbs = verbs_of(TrainerTenant)

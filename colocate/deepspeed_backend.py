@@ -1,0 +1,158 @@
+"""The DeepSpeed trainer backend: ZeRO 0-3 with DeepSpeed's AdamW, over our own group store."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable
+from typing import Any
+
+from typing_extensions import override
+
+from colocate.config import ZeroStage
+from colocate.host_offload import offload_to_host, reload_to_device
+from colocate.trainer_backend import TrainerBackend
+
+__all__ = ["DeepSpeedBackend", "deepspeed_config"]
+
+# DeepSpeed state groups kept on the device while weights are sent (TRAIN -> SYNC).
+_KEEP_FOR_SYNC = "lp_params"
+
+
+def deepspeed_config(config) -> dict:
+    """The DeepSpeed config a ``TrainerConfig`` stands for (``ds_config`` merged over it)."""
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": config.grad_clip,
+        "optimizer": {
+            # DeepSpeed's own AdamW (FusedAdam, with a CPU build): ZeRO-3 offload_states
+            # refuses a torch optimizer.
+            "type": "AdamW",
+            "params": {
+                "lr": config.lr,
+                "betas": list(config.betas),
+                "weight_decay": config.weight_decay,
+            },
+        },
+        "zero_optimization": {"stage": int(config.zero_stage)},
+        "bf16": {"enabled": config.dtype.value == "bfloat16"},
+        "fp16": {"enabled": config.dtype.value == "float16"},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if config.zero_stage is ZeroStage.ZERO3:
+        # Partition every parameter (small ones are otherwise kept whole on every rank).
+        ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    _merge(ds_config, config.ds_config)
+    return ds_config
+
+
+class DeepSpeedBackend(TrainerBackend):
+    """One rank of a DeepSpeed engine; offload through DeepSpeed's ``offload_states``."""
+
+    _engine: Any = None
+    _optimizer: Any = None
+
+    @override
+    def start(self, store: Any, master: tuple[str, int], timeout_s: float) -> None:
+        os.environ.update(
+            MASTER_ADDR=master[0],
+            MASTER_PORT=str(master[1]),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK=str(0),
+        )
+        import deepspeed
+        import torch.distributed as dist
+
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # Our store (bound to one address) and our timeout, which bounds every trainer
+        # collective (DeepSpeed's default: 10 min); DeepSpeed then adopts this default group.
+        dist.init_process_group(
+            backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timeout
+        )
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+        model = self.model_factory()
+        self._engine, self._optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=deepspeed_config(self.config)
+        )
+
+    @property
+    @override
+    def model(self) -> Any:
+        return self._engine
+
+    @property
+    @override
+    def module(self):
+        return self._engine.module
+
+    @property
+    @override
+    def optimizer(self) -> Any:
+        return self._optimizer
+
+    @override
+    def step(self, loss_fn: Callable, shard: dict, after_forward: Callable[[], None]) -> tuple:
+        loss, metrics = loss_fn(self._engine, shard)
+        after_forward()
+        self._engine.backward(loss)
+        self._engine.step()
+        return loss, metrics
+
+    def _zero0(self) -> bool:
+        return self.config.zero_stage is ZeroStage.ZERO0
+
+    @override
+    def offload(self, keep_params: bool) -> None:
+        if self._zero0():  # offload_states needs a ZeRO optimizer
+            offload_to_host(self.module, self._optimizer, self.device, keep_params)
+            return
+        from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum
+
+        include = [
+            s for s in OffloadStateTypeEnum if not (keep_params and s.value == _KEEP_FOR_SYNC)
+        ]
+        self._engine.offload_states(include=include)
+
+    @override
+    def reload(self) -> None:
+        if self._zero0():
+            reload_to_device(self.module, self._optimizer, self.device)
+        else:
+            self._engine.reload_states()
+
+    @override
+    def weight_source(self):
+        from weight_sync.sources import DeepSpeedSource
+
+        return DeepSpeedSource(self._engine)
+
+    @override
+    def save(self, path: str, steps: int) -> None:
+        # DeepSpeed also writes a file named "latest" naming the newest tag.
+        self._engine.save_checkpoint(path, tag=f"step{steps}", client_state={"steps": steps})
+
+    @override
+    def load(self, path: str) -> int:
+        _, client = self._engine.load_checkpoint(path)  # the tag in <path>/latest
+        return int((client or {}).get("steps", 0))
+
+    @override
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self._engine = None
+        self._optimizer = None
+
+
+def _merge(base: dict, extra: dict) -> None:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v

@@ -1,0 +1,139 @@
+"""The interface a trainer rank's training engine implements, and the factory that picks one.
+
+Two backends, one file each: DeepSpeed ZeRO 0-3 (``colocate.deepspeed_backend``) and plain
+torch on one rank (``colocate.torch_backend``). The trainer actor owns the protocol side (memory
+state, spans, faults, the sync's stores); a backend owns the model, the optimizer and the
+moves of their tensors.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from colocate.config import TrainerConfig
+
+__all__ = ["TrainerBackend", "make_backend", "load_model", "train_device"]
+
+
+def train_device() -> torch.device:
+    """The device this process trains on: its CUDA device if it sees one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def load_model(config: TrainerConfig) -> torch.nn.Module:
+    """The trainer's starting model, from its local directory, in fp32 (master weights)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
+
+
+class TrainerBackend(ABC):
+    """Model and optimizer of one trainer rank.
+
+    Args:
+        config: The trainer configuration.
+        rank: This rank.
+        world_size: Trainer ranks.
+        model_factory: Builds the starting model (fp32); default :func:`load_model`.
+    """
+
+    def __init__(
+        self,
+        config: TrainerConfig,
+        rank: int,
+        world_size: int,
+        model_factory: Callable[[], torch.nn.Module] | None = None,
+    ):
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.device = train_device()
+        self.model_factory = model_factory or (lambda: load_model(config))
+
+    @abstractmethod
+    def start(self, store: Any, master: tuple[str, int], timeout_s: float) -> None:
+        """Joins the trainer group over ``store`` at ``master`` and builds model and optimizer."""
+
+    @property
+    @abstractmethod
+    def model(self) -> Any:
+        """What the user's ``loss_fn`` is called with (callable like the HF model)."""
+
+    @property
+    @abstractmethod
+    def module(self) -> torch.nn.Module:
+        """The underlying HF module."""
+
+    @property
+    @abstractmethod
+    def optimizer(self) -> Any:
+        """The optimizer doing the steps (DeepSpeed's wrapper, or the torch optimizer)."""
+
+    @property
+    def optimizer_name(self) -> str:
+        """Class name of the optimizer doing the steps."""
+        return type(getattr(self.optimizer, "optimizer", self.optimizer)).__name__
+
+    @abstractmethod
+    def step(self, loss_fn: Callable, shard: dict, after_forward: Callable[[], None]) -> tuple:
+        """Forward (``loss_fn``), ``after_forward()``, backward and optimizer step.
+
+        Returns:
+            ``(loss, metrics)`` as the loss function gave them.
+        """
+
+    @abstractmethod
+    def offload(self, keep_params: bool) -> None:
+        """Moves grads and optimizer states (and the params unless ``keep_params``) to host."""
+
+    @abstractmethod
+    def reload(self) -> None:
+        """Brings every offloaded tensor back to the training device."""
+
+    @abstractmethod
+    def weight_source(self):
+        """The ``weight_sync.WeightSource`` over this rank's parameters."""
+
+    @abstractmethod
+    def save(self, path: str, steps: int) -> None:
+        """Checkpoints model, optimizer and ``steps`` under ``path`` (all ranks at once)."""
+
+    @abstractmethod
+    def load(self, path: str) -> int:
+        """Restores what :meth:`save` wrote; returns the step count."""
+
+    def describe(self) -> dict:
+        """Backend, ZeRO stage, optimizer and parameter count."""
+        return {
+            "rank": self.rank,
+            "deepspeed": self.config.deepspeed,
+            "zero_stage": int(self.config.zero_stage) if self.config.deepspeed else None,
+            "optimizer": self.optimizer_name,
+            "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in self.module.parameters()),
+        }
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Leaves the trainer group (if any) and drops model and optimizer. Idempotent."""
+
+
+def make_backend(
+    config: TrainerConfig,
+    rank: int,
+    world_size: int,
+    model_factory: Callable[[], torch.nn.Module] | None = None,
+) -> TrainerBackend:
+    """DeepSpeed unless ``config.deepspeed`` is False (then plain torch, one rank)."""
+    if config.deepspeed:
+        from colocate.deepspeed_backend import DeepSpeedBackend
+
+        return DeepSpeedBackend(config, rank, world_size, model_factory)
+    from colocate.torch_backend import TorchBackend
+
+    return TorchBackend(config, rank, world_size, model_factory)

@@ -1,0 +1,101 @@
+"""Static checks of the code base: public names import, no verb named by a string, no driver
+setting DeepSpeed or vLLM variables for its workers."""
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("colocate", "placement", "weight_sync")
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_every_public_name_imports(package):
+    module = importlib.import_module(package)
+    assert module.__all__, package
+    missing = [name for name in module.__all__ if getattr(module, name, None) is None]
+    assert missing == []
+
+
+def _python_files(*dirs):
+    for d in dirs:
+        yield from sorted((ROOT / d).rglob("*.py"))
+
+
+def _verbs() -> set[str]:
+    from colocate.contract import EngineTenant, TrainerTenant, verbs_of
+    from weight_sync.receiver import WeightSyncWorkerExtension
+
+    ext = {n for n in vars(WeightSyncWorkerExtension) if n.startswith("ws_")}
+    return set(verbs_of(EngineTenant)) | set(verbs_of(TrainerTenant)) | ext
+
+
+_DISPATCH = {"getattr", "collective_rpc", "remote", "Call", "call", "engine_call", "trainer_call"}
+
+
+def test_no_actor_verb_is_named_by_a_string_in_colocate():
+    """No verb (contract method or worker-extension method) is dispatched by a string literal.
+
+    Span names and tags that read like verbs ("generate", "start") are fine; a string verb in
+    a dispatching position (getattr, collective_rpc, a Ray ``.remote``, a ``Call``) is not.
+    """
+    verbs = _verbs()
+    found = []
+    for path in _python_files("colocate"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name not in _DISPATCH:
+                continue
+            for arg in [*node.args, *(k.value for k in node.keywords)]:
+                if isinstance(arg, ast.Constant) and arg.value in verbs:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {arg.value!r}")
+    assert found == []
+
+
+def test_the_static_check_would_see_a_string_verb(tmp_path):
+    """The check above is not vacuous: the patterns it looks for are found in such code."""
+    code = 'getattr(h, "sleep").remote(1)\nllm.collective_rpc("ws_receive")\n'
+    calls = [n for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Call)]
+    hits = [
+        a.value
+        for n in calls
+        if (n.func.attr if isinstance(n.func, ast.Attribute) else n.func.id) in _DISPATCH
+        for a in n.args
+        if isinstance(a, ast.Constant) and a.value in _verbs()
+    ]
+    assert sorted(hits) == ["sleep", "ws_receive"]
+
+
+def _sets_worker_variable(node) -> str | None:
+    """The DeepSpeed/vLLM variable a statement sets in the process environment, if any."""
+    for const in ast.walk(node):
+        if isinstance(const, ast.Constant) and isinstance(const.value, str):
+            if const.value.startswith(("DS_", "VLLM_")):
+                return const.value
+    return None
+
+
+def test_no_driver_sets_deepspeed_or_vllm_variables_for_its_workers():
+    found = []
+    for path in _python_files("examples", "benchmarks", "tests"):
+        if path.name == Path(__file__).name:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            env_write = (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("setdefault", "update", "__setitem__")
+                and "environ" in ast.unparse(node.func.value)
+            ) or (
+                isinstance(node, ast.Assign)
+                and any("environ" in ast.unparse(t) for t in node.targets)
+            )
+            runtime_env = isinstance(node, ast.keyword) and node.arg == "runtime_env"
+            if (env_write or runtime_env) and (name := _sets_worker_variable(node)):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {name}")
+    assert found == []

@@ -1,0 +1,50 @@
+"""The factory: which transport a sender/receiver pair uses, and building either side of it.
+
+The interfaces live in ``weight_sync.transport``; each implementation in its own module
+(``collective``: gloo/NCCL, ``cuda_ipc``); only this module knows all of them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from placement.hardware import DeviceKind
+from weight_sync.collective import CollectiveReceiver, CollectiveSender
+from weight_sync.cuda_ipc import IpcReceiver, IpcSender
+from weight_sync.transport import Backend, ReceiverTransport, Rendezvous, SenderTransport
+
+__all__ = ["choose_backend", "make_sender", "make_receiver"]
+
+
+def choose_backend(sender_bundle: int, receiver_bundle: int, device: DeviceKind) -> Backend:
+    """Picks the transport for one sender/receiver pair from the placement.
+
+    Same GPU on CUDA: CUDA IPC (NCCL refuses two ranks on one GPU). Different GPUs on CUDA:
+    NCCL. Off CUDA: gloo, whatever the placement. ``device`` is what the placement probe
+    found on the bundles, never the driver's own view.
+    """
+    if DeviceKind(device) is not DeviceKind.CUDA:
+        return Backend.GLOO
+    return Backend.CUDA_IPC if sender_bundle == receiver_bundle else Backend.NCCL
+
+
+def make_sender(
+    rdv: Rendezvous, store, buffers: tuple[torch.Tensor, ...], device: torch.device
+) -> SenderTransport:
+    """Builds the sending side for ``rdv`` (rank 0 of the group) over the sender's own store.
+
+    Must run concurrently with :func:`make_receiver` on every receiver: collective groups
+    connect all members at construction.
+    """
+    if rdv.backend is Backend.CUDA_IPC:
+        return IpcSender(rdv, store, buffers)
+    return CollectiveSender(rdv, store, device)
+
+
+def make_receiver(
+    rdv: Rendezvous, rank: int, buffer_bytes: int, device: torch.device
+) -> ReceiverTransport:
+    """Builds the receiving side for group rank ``rank`` (>= 1) of ``rdv``."""
+    if rdv.backend is Backend.CUDA_IPC:
+        return IpcReceiver(rdv, rank, device)
+    return CollectiveReceiver(rdv, rank, buffer_bytes, device)
