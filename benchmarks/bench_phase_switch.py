@@ -31,11 +31,22 @@ import random
 import time
 
 import ray
-from common import clipped, code_version, machine, median, union_length, verdict, write_json
+from common import (
+    clipped,
+    code_version,
+    gc_probe,
+    handover_latency,
+    machine,
+    median,
+    union_length,
+    verdict,
+    write_json,
+)
 
 from colocate import (
     ActorId,
     Coordinator,
+    EngineActor,
     EngineConfig,
     Sampling,
     TrainerConfig,
@@ -48,7 +59,12 @@ from colocate.engine import llm_kwargs
 from colocate.toy_task import TargetTokens
 from placement import DeviceKind, TenantKind, TopologySpec
 
-TARGETS = {"overhead_fraction": 0.05, "max_transition_overhead_s": 0.05, "rollout_ratio": 0.95}
+TARGETS = {
+    "overhead_fraction": 0.05,
+    "max_transition_overhead_s": 0.05,
+    "rollout_ratio": 0.95,
+    "engine_rss_freed_fraction": 0.9,
+}
 TRANSITIONS = {"train": "train_transition", "sync": "sync_handover", "rollout": "rollout_handover"}
 OFFLOAD_SPANS = ("trainer.offload", "trainer.offload_params", "trainer.reload")
 
@@ -170,22 +186,6 @@ def step_record(s: dict, actor_spans, coord_spans) -> dict:
     }
 
 
-def handover_latency(spans, release: str, acquire: str) -> list[float]:
-    """Per GPU and hand-over: from the release's end to the acquisition's start."""
-    out = []
-    for lane in {lane for s in spans for lane in s.lanes}:
-        groups: dict = {}
-        for s in spans:
-            if lane in s.lanes:
-                groups.setdefault((s.phase, s.step, s.seq), {})[s.name] = s
-        out += [
-            g[acquire].start - g[release].end
-            for g in groups.values()
-            if {release, acquire} <= set(g)
-        ]
-    return out
-
-
 def rpc_baseline(coord: Coordinator, pings: int) -> dict:
     """Ray round trips of a no-op (``status``) to one engine and one trainer, and to all four."""
     handles = [coord.fleet.handle(a) for a in coord.fleet.actors]
@@ -206,18 +206,6 @@ def rpc_baseline(coord: Coordinator, pings: int) -> dict:
         "drain_batched_s": timed(lambda: [h.status.remote() for h in handles], pings // 3),
         "actors": len(handles),
     }
-
-
-def _gc_probe(actor, rounds: int) -> dict:
-    """Runs inside an actor (``__ray_call__``): a full ``gc.collect()``, median of ``rounds``."""
-    import gc
-
-    samples = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        gc.collect()
-        samples.append(time.perf_counter() - t)
-    return {"gc_collect_s": sorted(samples)[rounds // 2], "tracked_objects": len(gc.get_objects())}
 
 
 def rollout_comparison(coord: Coordinator, engine: EngineConfig, task, args) -> dict:
@@ -275,6 +263,45 @@ def rollout_comparison(coord: Coordinator, engine: EngineConfig, task, args) -> 
         "paired_ratio_median": median(paired),
         "samples": samples,
     }
+
+
+def sleep_effect(args) -> dict:
+    """What an engine's sleep really frees (process RSS on CPU), at levels 1 and 2.
+
+    One engine actor on the weight-sync benchmark's 216 MB model with a 512 MiB KV cache:
+    freed RSS (awake minus asleep, the engine's own process tree) over the bytes the sleep
+    released (computed from the tensors), and the sleep and wake times from its spans.
+    """
+    from common import MODEL_SPEC
+
+    config = EngineConfig(model=str(build_tiny_model(MODEL_SPEC)), kv_cache_bytes=512 << 20)
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    engine = (
+        ray.remote(EngineActor).options(num_gpus=0.5, num_cpus=0.1).remote(config, "e", (0,), env)
+    )
+    out = {}
+    try:
+        ray.get(engine.start.remote(), timeout=args.timeout)
+        ray.get(engine.generate.remote(["kato rimu"], Sampling(max_tokens=8)), timeout=args.timeout)
+        for level in (1, 2):  # level 2 last: its weights stay released (nothing syncs them)
+            awake = ray.get(engine.status.remote(), timeout=60)["rss_tree_bytes"]
+            ray.get(engine.sleep.remote(level), timeout=args.timeout)
+            status = ray.get(engine.status.remote(), timeout=60)
+            ray.get(engine.wake_kv.remote(None), timeout=args.timeout)
+            spans = {s.name: s.seconds for s in ray.get(engine.drain_spans.remote(), timeout=60)}
+            released = status["released"]
+            out[f"level{level}"] = {
+                "freed_rss_bytes": awake - status["rss_tree_bytes"],
+                "released": released,
+                "freed_fraction": (awake - status["rss_tree_bytes"]) / released["total_bytes"],
+                "sleep_s": spans["engine.sleep"],
+                "wake_s": spans["engine.wake_kv"],
+            }
+    finally:
+        ray.kill(engine)
+    out["engine_rss_freed_fraction"] = min(v["freed_fraction"] for v in out.values())
+    out["memory_kind"] = "process RSS (CPU): the engine's process tree"
+    return out
 
 
 def summarise(per_step, spans, coord_spans, rpc, rollout) -> dict:
@@ -364,7 +391,7 @@ def main(argv=None) -> dict:
                 ("trainer0", "engine0"),
                 ray.get(
                     [
-                        coord.fleet.handle(ActorId(kind, 0)).__ray_call__.remote(_gc_probe, 5)
+                        coord.fleet.handle(ActorId(kind, 0)).__ray_call__.remote(gc_probe, 5)
                         for kind in (TenantKind.TRAINER, TenantKind.ENGINE)
                     ],
                     timeout=args.timeout,
@@ -374,6 +401,8 @@ def main(argv=None) -> dict:
         )
         rollout = rollout_comparison(coord, engine, task, args)
         timeline = coord.timeline
+        coord.shutdown()  # frees the CPUs and logical GPUs for the sleep measurement
+        effect = sleep_effect(args)
         violations = timeline.ordering_violations()
     finally:
         coord.shutdown()
@@ -382,11 +411,14 @@ def main(argv=None) -> dict:
     coord_spans = [s for s in timeline.spans if s.actor == "coordinator"]
     per_step = [step_record(s, spans, coord_spans) for s in steps]
     results = summarise(per_step, spans, coord_spans, rpc, rollout)
+    results["engine_rss_freed_fraction"] = effect.pop("engine_rss_freed_fraction")
+    results["engine_sleep_effect"] = effect
     results["targets"] = TARGETS
     results["verdicts"] = {
         "overhead_fraction": verdict(results["overhead_fraction"], 0.05, False),
         "max_transition_overhead_s": verdict(results["max_transition_overhead_s"], 0.05, False),
         "rollout_ratio_vs_bare": verdict(results["rollout_ratio_vs_bare"], 0.95, True),
+        "engine_rss_freed_fraction": verdict(results["engine_rss_freed_fraction"], 0.9, True),
     }
     results["definitions"] = {"overhead": __doc__.split("Overhead, defined")[1].split("Keys:")[0]}
     results.update(
@@ -419,7 +451,10 @@ def print_report(r: dict) -> None:
     )
     for op, v in sorted(r["step_overhead_by_op_s"].items(), key=lambda x: -x[1]):
         print(f"  {op:28s} {v * 1e3:7.2f} ms")
-    for key in ("overhead_fraction", "max_transition_overhead_s", "rollout_ratio_vs_bare"):
+    for level, e in r["engine_sleep_effect"].items():
+        if isinstance(e, dict):
+            print(f"  sleep {level}: freed {e['freed_fraction']:.3f}, {e['sleep_s']:.3f} s")
+    for key in r["verdicts"]:
         print(f"{key} = {r[key]:.4f}: {r['verdicts'][key]}")
 
 

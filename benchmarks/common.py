@@ -183,3 +183,31 @@ class PeakRss:
             self._thread.join()
             peak = max(self._peak, _status_kib("VmRSS") * 1024)
         return {"rss_before": self.before, "rss_peak": peak, "rss_method": self.method}
+
+
+def handover_latency(spans, release: str, acquire: str) -> list[float]:
+    """Per GPU and hand-over: from the release's end to the acquisition's start."""
+    out = []
+    for lane in {lane for s in spans for lane in s.lanes}:
+        groups: dict = {}
+        for s in spans:
+            if lane in s.lanes:
+                groups.setdefault((s.phase, s.step, s.seq), {})[s.name] = s
+        out += [
+            g[acquire].start - g[release].end
+            for g in groups.values()
+            if {release, acquire} <= set(g)
+        ]
+    return out
+
+
+def gc_probe(actor, rounds: int) -> dict:
+    """Runs inside an actor (``__ray_call__``): a full ``gc.collect()``, median of ``rounds``."""
+    import gc
+
+    samples = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        gc.collect()
+        samples.append(time.perf_counter() - t)
+    return {"gc_collect_s": sorted(samples)[rounds // 2], "tracked_objects": len(gc.get_objects())}

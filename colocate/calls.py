@@ -20,6 +20,7 @@ import ray
 
 from colocate.contract import Tag
 from colocate.errors import ActorFailedError, ActorTimeoutError, InputError
+from colocate.phases import PhaseError
 
 __all__ = ["Call", "wait_all", "handover"]
 
@@ -80,8 +81,8 @@ def _raise_for(call: Call, exc: BaseException) -> None:
             step=step,
         ) from exc
     cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause else exc
-    if isinstance(cause, InputError):
-        raise cause  # the caller's input was refused; the actor is healthy
+    if isinstance(cause, (InputError, PhaseError)):
+        raise cause  # the caller's input (or its timing) was refused; the actor is healthy
     raise ActorFailedError(
         f"{call.actor} failed in {call.method} (phase {phase!r}, step {step}): "
         f"{type(cause).__name__}: {cause}",

@@ -180,7 +180,7 @@ class Coordinator:
         self._seq = 0  # hand-over sequence number: one per tag
         self.weight_version = 0 if engine.load_format is LoadFormat.AUTO else -1
         self.timeline = Timeline()
-        self.recorder = Recorder("coordinator", ())
+        self.recorder = Recorder("coordinator", (), memory=False)
         self.last_sync: SyncReport | None = None
         self.reservation: Reservation | None = None
         self.device: DeviceKind | None = None

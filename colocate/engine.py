@@ -17,8 +17,8 @@ from colocate.config import EngineConfig, LoadFormat, Sampling
 from colocate.contract import Completion, EngineCapabilities, EngineTenant
 from colocate.errors import InputError
 from colocate.faults import Fault, coerce_fault
-from colocate.memory import process_stats
-from colocate.phases import EngineMemory
+from colocate.memory import process_stats, refresh_children
+from colocate.phases import EngineMemory, PhaseError
 from placement import TenantKind
 
 __all__ = ["EngineActor", "Completion", "EngineCapabilities", "PromptTooLongError", "llm_kwargs"]
@@ -79,20 +79,26 @@ class EngineActor(EngineTenant):
         self.memory = EngineMemory.AWAKE
         self._llm = None
         self._sleep_level = 0
+        self._cpu_sleep = False  # this platform has no sleep mode: colocate.cpu_sleep frees
+        self._weights_released = False  # a level-2 CPU sleep dropped them: sync before serving
+        self.released: dict[str, int] = {}  # what the last sleep released (summed over workers)
 
     def start(self) -> EngineCapabilities:
         """Builds the vLLM engine (allocates weights and KV cache). Idempotent."""
         if self._llm is None:
             with self.span("engine.start"):
                 self._llm = self._build()
+                refresh_children()  # the TP worker processes count in this engine's RSS
             self.memory = EngineMemory.AWAKE
-        return self.capabilities()
+        caps = self.capabilities()
+        self._cpu_sleep = not caps.sleep_supported and caps.device_type == "cpu"
+        return caps
 
     def _build(self):
         import vllm
         from vllm.platforms import current_platform
 
-        from weight_sync.receiver import EXTENSION_QUALNAME
+        from colocate.engine_extension import EXTENSION_QUALNAME
 
         kwargs = llm_kwargs(self.config, cuda=current_platform.device_type == "cuda")
         kwargs.update(
@@ -178,21 +184,48 @@ class EngineActor(EngineTenant):
         return out
 
     def sleep(self, level: int) -> EngineMemory:
-        """Releases the KV cache and the weights (level 1 keeps a host copy, level 2 drops it)."""
+        """Releases the KV cache and the weights (level 1 keeps a host copy, level 2 drops it).
+
+        On CUDA vLLM's sleep mode does it. On CPU, where vLLM has no sleep mode,
+        ``colocate.cpu_sleep`` returns the pages to the OS in every worker (the KV cache; at
+        level 2 the weights too); the span's ``released`` detail says how many bytes.
+        """
         if level not in (1, 2):
             raise ValueError(f"sleep level={level!r}: must be 1 or 2")
         if self.memory is not EngineMemory.ASLEEP:
-            with self.span("engine.sleep", level=level):
+            with self.span("engine.sleep", level=level) as detail:
                 self._llm.sleep(level=level)
+                if self._cpu_sleep:
+                    detail["released"] = self._release(level)
             self._sleep_level = level
             self.memory = EngineMemory.ASLEEP
         return self.memory
+
+    def _release(self, level: int) -> dict[str, int]:
+        from colocate.engine_extension import EngineWorkerExtension as Ext
+
+        per_worker = self._on_workers(Ext.cs_release, level)
+        keys = ("kv_bytes", "weight_bytes", "packed_bytes", "kept_bytes")
+        total = {k: sum(w[k] for w in per_worker) for k in keys}
+        total["total_bytes"] = total["kv_bytes"] + total["weight_bytes"] + total["packed_bytes"]
+        total["workers"] = len(per_worker)
+        self.released = total
+        self._weights_released = self._weights_released or level == 2
+        return total
+
+    def _acquire(self, tag: str) -> None:
+        if self._cpu_sleep:
+            from colocate.engine_extension import EngineWorkerExtension as Ext
+
+            self._on_workers(Ext.cs_acquire, tag)
 
     def wake_weights(self) -> EngineMemory:
         """Re-allocates the weights only (no KV cache), ready to receive a sync."""
         if self.memory is EngineMemory.ASLEEP:
             with self.span("engine.wake_weights"):
                 self._llm.wake_up(tags=["weights"])
+                if self._sleep_level == 2:
+                    self._acquire("weights")
             self.memory = EngineMemory.WEIGHTS
         return self.memory
 
@@ -209,7 +242,10 @@ class EngineActor(EngineTenant):
             with self.span("engine.wake_kv"):
                 if self.memory is EngineMemory.ASLEEP:
                     self._llm.wake_up(tags=["weights"])
+                    if self._sleep_level == 2:
+                        self._acquire("weights")
                 self._llm.wake_up(tags=["kv_cache"])
+                self._acquire("kv_cache")
                 # Stale KV computed with older weights must never be served (vLLM issue 9744).
                 self._llm.reset_prefix_cache()
             self.memory = EngineMemory.AWAKE
@@ -244,14 +280,15 @@ class EngineActor(EngineTenant):
 
     def receive_weights(self, request) -> list:
         """Every worker receives and applies the whole plan; returns one report per worker."""
-        from weight_sync.receiver import WeightSyncWorkerExtension as Ext
+        from colocate.engine_extension import EngineWorkerExtension as Ext
 
         llm = self._require_llm()
         if self.memory is EngineMemory.ASLEEP:
-            raise RuntimeError(f"{self.name}: weights are asleep; wake_weights before a sync")
+            raise PhaseError(f"{self.name}: weights are asleep; wake_weights before a sync")
         with self.span("engine.receive_weights", version=request.version):
             reports = self._on_workers(Ext.ws_receive, request)
             llm.reset_prefix_cache()
+        self._weights_released = False
         return reports
 
     def applied_fingerprints(self) -> list[dict]:
@@ -297,11 +334,15 @@ class EngineActor(EngineTenant):
             self._on_workers(Ext.ws_arm, ReceiveFaults(corrupt_next_bucket=True))
 
     def status(self) -> dict:
-        """Memory state, weight version, pid, RSS, open fds and threads (health and soak)."""
+        """Memory state, weight version, what the last sleep released, pid, RSS, fds, threads.
+
+        ``rss_tree_bytes`` includes the engine's TP worker processes.
+        """
         return {
             "name": self.name,
             "memory": self.memory.value,
             "weight_version": self.weight_version,
+            "released": dict(self.released),
             **process_stats(),
         }
 
@@ -326,11 +367,16 @@ class EngineActor(EngineTenant):
     def _require_awake(self, action: str):
         llm = self._require_llm()
         if self.memory is not EngineMemory.AWAKE:
-            raise RuntimeError(
+            raise PhaseError(
                 f"{self.name}: {action} needs the engine awake, it is {self.memory.value}"
             )
         if self.weight_version < 0:
-            raise RuntimeError(
+            raise PhaseError(
                 f"{self.name}: started with dummy weights and not synced yet; sync before {action}"
+            )
+        if self._weights_released:
+            raise PhaseError(
+                f"{self.name}: a level-2 sleep released the weights and no sync has restored "
+                f"them; sync before {action}"
             )
         return llm

@@ -1,5 +1,9 @@
 """Soak: many rollout -> train -> sync cycles; memory, descriptors and threads stay flat, every
-sync verifies, and shutdown returns Ray to its baseline. 20 cycles in CI, 200 marked slow."""
+sync verifies, and shutdown returns Ray to its baseline. 20 cycles in CI, 200 marked slow.
+
+The engines' sleep frees memory on CPU too (``colocate.cpu_sleep``): after every ROLLOUT ->
+TRAIN hand-over each engine's process RSS must be down by its KV cache, and asleep it must come
+back to the same level every cycle."""
 
 import os
 import threading
@@ -14,6 +18,7 @@ from placement import TopologySpec
 
 WARMUP = 5
 RSS_DRIFT = 0.05
+KV = 256 << 20  # per engine: asleep vs awake is unmistakable
 # Ray's core worker and gRPC start native threads on demand, up to fixed pool sizes; seen:
 # +2 in the driver over 200 cycles, never more. Python-level threads must not grow at all.
 NATIVE_THREAD_SLACK = 2
@@ -30,19 +35,36 @@ def _reserved_groups():
     return len([g for g in placement_group_table().values() if g["state"] != "REMOVED"])
 
 
+def _engine_rss(coord) -> dict[str, int]:
+    """Each engine's process-tree RSS, as the engine reports it."""
+    return {
+        name: s["rss_tree_bytes"]
+        for name, s in coord.actor_status().items()
+        if name.startswith("engine")
+    }
+
+
 def _soak(cycles, model_dir, report):
     driver = psutil.Process(os.getpid())
     actors_before, groups_before = _alive_actors(), _reserved_groups()
     spec = TopologySpec(nodes=1, gpus_per_node=2, trainer_world_size=2, engines=2)
-    samples = []
+    samples, asleep = [], []
     with Coordinator(
-        spec, EngineConfig(model=model_dir), TrainerConfig(model=model_dir, lr=1e-3), grpo_loss
+        spec,
+        EngineConfig(model=model_dir, kv_cache_bytes=KV),
+        TrainerConfig(model=model_dir, lr=1e-3),
+        grpo_loss,
     ) as coord:
         tensors = len(coord.bucket_plan.metas)
         for cycle in range(cycles):
             completions = coord.generate(PROMPTS, SAMPLING)
             rewards = [float(sum(t % 3 == 0 for t in c.token_ids)) for c in completions]
+            awake = _engine_rss(coord)
             coord.train(make_grpo_batch(completions, rewards, SAMPLING.n, pad_id=2))
+            slept = _engine_rss(coord)  # after the ROLLOUT -> TRAIN hand-over
+            for name, rss in slept.items():
+                assert awake[name] - rss >= 0.9 * KV, f"{name} still resident asleep ({cycle})"
+            asleep.append(slept)
             sync = coord.sync()
             assert sync.verified_tensors == 2 * tensors, cycle  # fingerprints matched
             status = coord.actor_status()
@@ -66,10 +88,22 @@ def _soak(cycles, model_dir, report):
         threads[name] = growth
         if "python_threads" in base:
             assert later[-1]["python_threads"] <= base["python_threads"], "driver threads grew"
+    asleep_drift = {}
+    for name in asleep[0]:
+        base = asleep[WARMUP][name]
+        drift = max(abs(a[name] - base) for a in asleep[WARMUP:]) / base
+        asleep_drift[name] = drift
+        assert drift <= RSS_DRIFT, f"{name}: RSS asleep drifted {drift:.1%} after warm-up"
     assert _alive_actors() == actors_before
     assert _reserved_groups() == groups_before
     report.setdefault("soak", []).append(
-        {"cycles": cycles, "largest_rss_drift": max(worst.values()), "rss_drift_by_actor": worst}
+        {
+            "cycles": cycles,
+            "largest_rss_drift": max(worst.values()),
+            "rss_drift_by_actor": worst,
+            "largest_asleep_rss_drift": max(asleep_drift.values()),
+            "asleep_rss_drift_by_engine": asleep_drift,
+        }
     )
 
 
