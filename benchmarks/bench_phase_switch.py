@@ -9,11 +9,12 @@ Overhead, defined from the timeline only (nothing is patched): the actors' work 
 timeline spans; a step's wall time is the driver's time inside ``generate``, ``train`` and
 ``sync`` (the reward and batch building between them are user code, reported apart); its work
 is the length of the UNION of the actor spans clipped to those calls (actors run in parallel:
-the critical path); its overhead is wall minus work. The coordinator records its own spans
-(each hand-over row, the transfer, generate, train, span collection): each one's overhead is
-its wall time minus the actor work inside it, and "driver glue" is the rest. A transition's
-overhead is that of its hand-over span (rows ``train``, ``sync``, ``rollout``) or of the
-transfer.
+the critical path); its overhead is wall minus work. The coordinator records its own span per
+call (one driver wait each: a hand-over, the work after it and the next hand-over are chained
+on the actors): each one's overhead is its wall time minus the actor work inside it, and
+"driver glue" is the rest. A transition's overhead (rows ``train``, ``sync``, ``rollout``, and
+the transfer with its verification) is the time within it, from its first actor span's start
+to its last one's end, when no actor works.
 
 Keys: ``overhead_fraction`` (median over measured steps of overhead / step time, target <=
 0.05); ``max_transition_overhead_s`` (max over measured steps and transitions, target <= 0.05
@@ -148,18 +149,21 @@ def step_record(s: dict, actor_spans, coord_spans) -> dict:
     work = sum(union_length(clipped(actor_spans, a, b)) for a, b in windows)
     inside = [c for c in coord_spans if any(a <= c.start and c.end <= b for a, b in windows)]
     by_op: dict[str, float] = {}
-    transitions = {}
-    for c in inside:
-        label = f"{c.name}[{c.detail['row']}]" if c.name == "handover" else c.name
-        nested = [x for x in inside if x is not c and c.start <= x.start and x.end <= c.end]
-        if nested:
-            continue  # an outer span (none today): its children are counted
+    for c in inside:  # the coordinator's own spans: generate, train, sync (one wait each)
         over = (c.end - c.start) - union_length(clipped(actor_spans, c.start, c.end))
-        by_op[label] = by_op.get(label, 0.0) + over
-        if c.name == "handover" and c.detail["row"] in TRANSITIONS:
-            transitions[TRANSITIONS[c.detail["row"]]] = over
-        if c.name == "transfer":
-            transitions["transfer"] = over
+        by_op[c.name] = by_op.get(c.name, 0.0) + over
+    mine = [x for x in actor_spans if any(a <= x.start and x.end <= b for a, b in windows)]
+    groups: dict[tuple, list] = {}
+    for x in mine:
+        groups.setdefault((x.phase, x.seq), []).append(x)
+    transitions = {}
+    for (phase, _), members in groups.items():
+        # A transition's overhead: the time within it (first release start .. last
+        # acquisition end) when no actor works; the transfer's likewise (send/receive/commit).
+        key = TRANSITIONS.get(phase) if phase != "sync" or _is_handover(members) else "transfer"
+        if key:
+            lo, hi = min(x.start for x in members), max(x.end for x in members)
+            transitions[key] = (hi - lo) - union_length(clipped(mine, lo, hi))
     overhead = wall - work
     by_op["driver glue"] = overhead - sum(by_op.values())
     work_by_span: dict[str, float] = {}
@@ -184,6 +188,10 @@ def step_record(s: dict, actor_spans, coord_spans) -> dict:
         "tokens": s["tokens"],
         "transfer_report_s": s["transfer_report_s"],
     }
+
+
+def _is_handover(spans) -> bool:
+    return any(x.name in ("trainer.offload", "engine.wake_weights") for x in spans)
 
 
 def rpc_baseline(coord: Coordinator, pings: int) -> dict:
@@ -287,7 +295,7 @@ def sleep_effect(args) -> dict:
             awake = ray.get(engine.status.remote(), timeout=60)["rss_tree_bytes"]
             ray.get(engine.sleep.remote(level), timeout=args.timeout)
             status = ray.get(engine.status.remote(), timeout=60)
-            ray.get(engine.wake_kv.remote(None), timeout=args.timeout)
+            ray.get(engine.wake_kv.remote(), timeout=args.timeout)
             spans = {s.name: s.seconds for s in ray.get(engine.drain_spans.remote(), timeout=60)}
             released = status["released"]
             out[f"level{level}"] = {

@@ -117,7 +117,7 @@ class BenchEngine(EngineActor):
 
     def bench_total(self, request) -> dict:
         rss = PeakRss()
-        out = timed(self._bench, lambda: {"report": self.receive_weights(request)[0]})
+        out = timed(self._bench, lambda: {"report": self.receive_weights(request).workers[0]})
         return {**out, **rss.stop()}
 
     def pt_begin(self) -> None:

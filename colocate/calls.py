@@ -13,16 +13,17 @@ import functools
 import inspect
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
 
-from colocate.contract import Tag
+from colocate.contract import Reply, Slot, StepFailed, Tag
 from colocate.errors import ActorFailedError, ActorTimeoutError, InputError
 from colocate.phases import PhaseError
+from weight_sync.errors import VerificationError
 
-__all__ = ["Call", "wait_all", "handover"]
+__all__ = ["Call", "Use", "Chain", "wait_all", "handover"]
 
 
 @functools.cache
@@ -67,11 +68,13 @@ class Call:
 
     def start(self, *after: ray.ObjectRef) -> ray.ObjectRef:
         """Submits the call; Ray runs it only after the ``after`` results exist."""
-        task = self.handle.invoke.options(name=f"{self.actor}.{self.method}")
-        return task.remote(self.method, self.args, self.tag, *after)
+        return self.handle.invoke.remote(self.method, self.args, self.tag, *after)
 
 
 def _raise_for(call: Call, exc: BaseException) -> None:
+    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause else exc
+    if isinstance(cause, StepFailed) and isinstance(call, _Program):
+        call, exc = call.members[cause.index], cause.error  # the step of the program that failed
     phase, step = call.tag[:2]
     if _is_death(exc):
         raise ActorFailedError(
@@ -81,8 +84,11 @@ def _raise_for(call: Call, exc: BaseException) -> None:
             step=step,
         ) from exc
     cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause else exc
-    if isinstance(cause, (InputError, PhaseError)):
-        raise cause  # the caller's input (or its timing) was refused; the actor is healthy
+    if isinstance(cause, (InputError, PhaseError, VerificationError)):
+        # The caller's input (or its timing) was refused, or a transfer arrived different
+        # from what was sent (the message names the engine, worker and tensor): the actor
+        # itself is healthy; the error is reported as it is.
+        raise cause
     raise ActorFailedError(
         f"{call.actor} failed in {call.method} (phase {phase!r}, step {step}): "
         f"{type(cause).__name__}: {cause}",
@@ -92,12 +98,23 @@ def _raise_for(call: Call, exc: BaseException) -> None:
     ) from cause
 
 
-def wait_all(calls: Sequence[Call], timeout_s: float, refs: Sequence | None = None) -> list:
+_POLL_S = 0.25  # how soon a failed call is noticed while others still run
+
+
+def wait_all(
+    calls: Sequence[Call],
+    timeout_s: float,
+    refs: Sequence | None = None,
+    spans: list | None = None,
+) -> list:
     """Starts ``calls`` (unless ``refs`` are given) and returns their results in order.
 
-    When one call fails, the others get a short grace period, and an actor that died is
-    reported in preference to a peer that merely lost its connection to it: the error names
-    the root cause.
+    One ``ray.wait`` for all of them when all succeed; a failure is noticed within 0.25 s
+    while the others still run. When one call fails, the others get a short grace period,
+    and an actor that died is reported in preference to a peer that merely lost its
+    connection to it: the error names the root cause. Each answer carries the spans its
+    actor recorded (``Reply``): they go to ``spans`` when given, those of the calls that
+    succeeded also when another failed.
 
     Raises:
         ActorFailedError: A call failed (dead actor or exception).
@@ -106,13 +123,14 @@ def wait_all(calls: Sequence[Call], timeout_s: float, refs: Sequence | None = No
     """
     refs = list(refs) if refs is not None else [c.start() for c in calls]
     by_ref = dict(zip(refs, calls, strict=True))
+    values: dict = {}
     deadline = time.monotonic() + timeout_s
     remaining = list(refs)
     while remaining:
-        done, remaining = ray.wait(
-            remaining, num_returns=1, timeout=max(0.0, deadline - time.monotonic())
-        )
-        if not done:
+        wait = max(0.0, min(_POLL_S, deadline - time.monotonic()))
+        done, remaining = ray.wait(remaining, num_returns=len(remaining), timeout=wait)
+        _take(done, remaining, by_ref, values, spans)
+        if remaining and time.monotonic() >= deadline:
             late = ", ".join(f"{by_ref[r].actor}.{by_ref[r].method}" for r in remaining)
             first = by_ref[remaining[0]]
             phase, step = first.tag[:2]
@@ -122,11 +140,34 @@ def wait_all(calls: Sequence[Call], timeout_s: float, refs: Sequence | None = No
                 phase=phase,
                 step=step,
             )
-        try:
-            ray.get(done[0])
-        except Exception as exc:  # noqa: BLE001 - converted to a typed error naming the actor
-            _raise_for(*_root_cause(done[0], exc, remaining, by_ref))
-    return ray.get(refs)
+    return [values[r] for r in refs]
+
+
+def _take(done, remaining, by_ref, values: dict, spans: list | None) -> None:
+    """Takes the answers of ``done`` (spans to ``spans``); raises the first failure typed."""
+    try:
+        replies = ray.get(done, timeout=0)  # one call for all: the common case
+    except Exception:  # noqa: BLE001 - some failed: look at them one by one
+        replies = None
+    failures = []
+    for i, ref in enumerate(done):
+        if replies is not None:
+            reply = replies[i]
+        else:
+            try:
+                reply = ray.get(ref, timeout=0)
+            except Exception as exc:  # noqa: BLE001 - converted to a typed error naming it
+                failures.append((ref, exc))
+                continue
+        if isinstance(reply, Reply):
+            if spans is not None:
+                spans.extend(reply.spans)
+            reply = reply.value
+        values[ref] = reply
+    if failures:
+        # A dead actor among the failures seen together is the root cause of the others.
+        ref, exc = next((f for f in failures if _is_death(f[1])), failures[0])
+        _raise_for(*_root_cause(ref, exc, remaining, by_ref))
 
 
 def _root_cause(ref, exc, remaining, by_ref, grace_s: float = 5.0):
@@ -151,7 +192,138 @@ def _is_death(exc: BaseException) -> bool:
     return isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError))
 
 
-def handover(releases: Sequence[Call], acquires: Sequence[Call], timeout_s: float) -> list:
+@dataclass(frozen=True)
+class Use:
+    """In a :class:`Chain`, an argument taken from the result of the chain's call ``step``."""
+
+    step: int
+
+
+class Chain:
+    """Calls submitted together, each running only after the earlier calls it depends on.
+
+    A call waits (as Ray arguments, with no driver round trip) for the calls named in its
+    ``after`` and in the :class:`Use` arguments it takes; calls on one actor also run in the
+    order they were added (Ray runs an actor's tasks from one caller in submission order). So
+    a whole step - a hand-over, the work after it, the next hand-over - costs the driver one
+    wait. :func:`handover` is the one-row case.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self.refs: list = []  # one result reference per call once run() submitted them
+        self._after: list[tuple[int, ...]] = []
+
+    def add(self, call: Call, after: Sequence[int] = ()) -> int:
+        """Adds ``call`` (waiting for chain steps ``after``); returns its step index."""
+        uses = tuple(a.step for a in call.args if isinstance(a, Use))
+        deps = tuple(dict.fromkeys([*after, *uses]))
+        if any(not 0 <= d < len(self.calls) for d in deps):
+            raise ValueError(f"{call.actor}.{call.method} depends on a step not in the chain")
+        self.calls.append(call)
+        self._after.append(deps)
+        return len(self.calls) - 1
+
+    def add_handover(self, releases: Sequence[Call], acquires: Sequence[Call]) -> list[int]:
+        """Adds one transition: each acquisition waits for the releases on its GPUs."""
+        steps = [self.add(c) for c in releases]
+        by_lane: dict[int, list[int]] = {}
+        for step, c in zip(steps, releases, strict=True):
+            for lane in c.lanes:
+                by_lane.setdefault(lane, []).append(step)
+        for c in acquires:
+            steps.append(
+                self.add(c, sorted({s for lane in c.lanes for s in by_lane.get(lane, [])}))
+            )
+        return steps
+
+    def programs(self) -> list[list[int]]:
+        """The chain's steps grouped into one Ray call per group, in submission order.
+
+        Consecutive steps on one actor join a group when the new step waits for nothing
+        beyond what the group's first step waits for (or the group itself), and no other step
+        waits for the step before it: the group then starts exactly when its first step
+        would have, and nothing is delayed by it (so no collective peer can be starved).
+        """
+        dependents: dict[int, set[int]] = {}
+        for step, deps in enumerate(self._after):
+            for d in deps:
+                dependents.setdefault(d, set()).add(step)
+        groups: list[list[int]] = []
+        open_group: dict[str, list[int]] = {}  # actor -> its last group
+        for step, call in enumerate(self.calls):
+            group = open_group.get(call.actor)
+            if group is not None:
+                allowed = set(self._after[group[0]]) | set(group)
+                if set(self._after[step]) <= allowed and dependents.get(group[-1], set()) <= {step}:
+                    group.append(step)
+                    continue
+            group = [step]
+            groups.append(group)
+            open_group[call.actor] = group
+        return groups
+
+    def run(self, timeout_s: float, spans: list | None = None) -> list:
+        """Submits every call at once; returns every result, in step order (bounded wait).
+
+        The steps of a group (:meth:`programs`) go to their actor as one program. The spans
+        the calls' actors recorded go to ``spans`` (see :func:`wait_all`).
+        """
+        refs: dict[int, object] = {}  # step -> the Ray reference that answers it
+        units, unit_refs = [], []
+        groups = self.programs()
+        for group in groups:
+            deps = tuple(dict.fromkeys(d for s in group for d in self._after[s] if d not in group))
+            slot = {d: k for k, d in enumerate(deps)}
+            members = []
+            for s in group:
+                call = self.calls[s]
+                args = tuple(Slot(slot[a.step]) if isinstance(a, Use) else a for a in call.args)
+                members.append(call if args == call.args else replace(call, args=args))
+            unit = members[0] if len(members) == 1 else _Program(tuple(members))
+            ref = unit.start(*(refs[d] for d in deps))
+            units.append(unit)
+            unit_refs.append(ref)
+            for s in group:
+                refs[s] = ref
+        self.refs = [refs[s] for s in range(len(self.calls))]
+        answers = wait_all(units, timeout_s, refs=unit_refs, spans=spans)
+        results: list = [None] * len(self.calls)
+        for group, answer in zip(groups, answers, strict=True):
+            for s, value in zip(group, answer if len(group) > 1 else [answer], strict=True):
+                results[s] = value
+        return results
+
+
+@dataclass(frozen=True)
+class _Program:
+    """Several calls on one actor sent as one (see :meth:`Chain.programs`)."""
+
+    members: tuple[Call, ...]
+
+    @property
+    def actor(self) -> str:
+        return self.members[0].actor
+
+    @property
+    def method(self) -> str:
+        return "+".join(c.method for c in self.members)
+
+    @property
+    def tag(self) -> Tag:
+        return self.members[0].tag
+
+    def start(self, *after: ray.ObjectRef) -> ray.ObjectRef:
+        program = tuple((c.method, c.args, c.tag) for c in self.members)
+        return self.members[0].handle.invoke_many.remote(program, *after)
+
+
+def handover(
+    releases: Sequence[Call],
+    acquires: Sequence[Call],
+    timeout_s: float,
+    spans: list | None = None,
+) -> list:
     """Runs one transition: per GPU, all releases end before any acquisition starts.
 
     Order: every release is submitted at once; each acquisition is submitted with the result
@@ -164,15 +336,6 @@ def handover(releases: Sequence[Call], acquires: Sequence[Call], timeout_s: floa
     Returns:
         The releases' results, then the acquisitions', in the order given.
     """
-    by_lane: dict[int, list] = {}
-    release_refs = []
-    for c in releases:
-        ref = c.start()
-        release_refs.append(ref)
-        for lane in c.lanes:
-            by_lane.setdefault(lane, []).append(ref)
-    acquire_refs = []
-    for c in acquires:
-        after = list({id(r): r for lane in c.lanes for r in by_lane.get(lane, [])}.values())
-        acquire_refs.append(c.start(*after))
-    return wait_all([*releases, *acquires], timeout_s, refs=release_refs + acquire_refs)
+    chain = Chain()
+    chain.add_handover(releases, acquires)
+    return chain.run(timeout_s, spans)

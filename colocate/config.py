@@ -23,6 +23,8 @@ __all__ = [
     "TrainerConfig",
     "SyncConfig",
     "Sampling",
+    "Pipeline",
+    "PipelineConfig",
     "check_engine_model",
 ]
 
@@ -272,6 +274,37 @@ class SyncConfig:
                     "pass e.g. 32 << 20, or None for the device default",
                 )
         _finite("SyncConfig", "timeout_s", self.timeout_s, 0.0, 86400.0)
+
+
+class Pipeline(enum.Enum):
+    """How rollouts and training follow each other.
+
+    SYNC: in turns; every batch is generated with the trainer's current weights.
+    ASYNC: one-step off-policy, for trainer and engines on separate GPUs: the engines
+        generate batch k+1 (``Coordinator.generate_async``) while the trainer trains on batch
+        k; the weights of step k reach the engines before batch k+2 starts.
+    """
+
+    SYNC = "sync"
+    ASYNC = "async"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Rollout/training overlap.
+
+    Attributes:
+        mode: SYNC or ASYNC.
+        max_staleness: ASYNC only: most optimizer steps between the weights that generated a
+            batch and the weights it is trained on (``Coordinator.train`` refuses more).
+    """
+
+    mode: Pipeline = Pipeline.SYNC
+    max_staleness: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", _enum("PipelineConfig", "mode", self.mode, Pipeline))
+        _positive_int("PipelineConfig", "max_staleness", self.max_staleness)
 
 
 @dataclass(frozen=True)

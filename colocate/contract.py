@@ -45,6 +45,10 @@ __all__ = [
     "TrainerTenant",
     "Completion",
     "EngineCapabilities",
+    "Receipt",
+    "Reply",
+    "Slot",
+    "StepFailed",
     "verbs_of",
 ]
 
@@ -67,6 +71,23 @@ class EngineCapabilities:
 
 
 @dataclass(frozen=True)
+class Receipt:
+    """What an engine received in one sync.
+
+    Attributes:
+        version: The version it took (after verifying, if asked to).
+        workers: One ``weight_sync.ReceiveReport`` per TP worker.
+        verified: Received tensors compared with the sender's manifest (all workers).
+        applied: Applied parameters compared with what their members sum to.
+    """
+
+    version: int
+    workers: list
+    verified: int = 0
+    applied: int = 0
+
+
+@dataclass(frozen=True)
 class Completion:
     """One sampled completion, tagged with the weight version that produced it."""
 
@@ -80,13 +101,54 @@ class Completion:
     weight_version: int
 
 
+@dataclass(frozen=True)
+class Slot:
+    """An argument of a call filled, when the call runs, with the result of an earlier call.
+
+    ``index`` is the position of that result among the ``after`` values of :meth:`Tenant.invoke`
+    (the driver's ``colocate.calls.Chain`` writes these; a method never sees a Slot).
+    """
+
+    index: int
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What :meth:`Tenant.invoke` returns: the method's value and the spans recorded since.
+
+    Spans travel with every answer, so collecting the timeline costs no calls of its own
+    (``colocate.calls.wait_all`` unwraps replies and hands the spans over).
+    """
+
+    value: Any
+    spans: list
+
+
+class StepFailed(Exception):  # noqa: N818 - it carries the step's own error, not a new one
+    """Step ``index`` of an :meth:`Tenant.invoke_many` program raised ``error``."""
+
+    def __init__(self, index: int, error: BaseException):
+        super().__init__(index, error)
+        self.index = index
+        self.error = error
+
+    def __str__(self) -> str:
+        return f"step {self.index}: {type(self.error).__name__}: {self.error}"
+
+
+def _value(result: Any) -> Any:
+    return result.value if isinstance(result, Reply) else result
+
+
 def verbs_of(cls: type) -> frozenset[str]:
     """The public methods of a contract class and its bases: what ``invoke`` may run."""
     return frozenset(
         name
         for klass in cls.__mro__
         for name, value in vars(klass).items()
-        if inspect.isfunction(value) and not name.startswith("_") and name != "invoke"
+        if inspect.isfunction(value)
+        and not name.startswith("_")
+        and name not in ("invoke", "invoke_many")
     )
 
 
@@ -108,21 +170,41 @@ class Tenant(ABC):
         self._tag: Tag = _DIRECT
         self._faults: set[Fault] = set()
 
-    def invoke(self, verb: str, args: tuple, tag: Tag, *after: Any) -> Any:
+    def invoke(self, verb: str, args: tuple, tag: Tag, *after: Any) -> Reply:
         """Runs one contract method under ``tag``: the only entry point the coordinator uses.
 
         ``verb`` is the method's own ``__name__``, taken by the driver from the method object.
-        ``after`` holds the results of the releases this call waited for (Ray resolved them
-        before scheduling it); they are not passed on.
+        ``after`` holds the results of the calls this one waited for (Ray resolved them before
+        scheduling it); only those an argument names by a :class:`Slot` are passed on.
         """
         allowed = self.verbs if self.verbs is not None else verbs_of(type(self))
         if verb not in allowed:
             raise AttributeError(f"{self.name}: {verb!r} is not a verb of {type(self).__name__}")
+        args = tuple(_value(after[a.index]) if isinstance(a, Slot) else a for a in args)
         self._tag = tag
         try:
-            return getattr(self, verb)(*args)
+            value = getattr(self, verb)(*args)
         finally:
             self._tag = _DIRECT
+        return Reply(value, self.recorder.drain())
+
+    def invoke_many(self, program: tuple, *after: Any) -> Reply:
+        """Runs several contract methods in order: ``program`` is ``(verb, args, tag)`` each.
+
+        What the driver sends instead of consecutive calls to one actor when none of them
+        waits for more than the first one does and nothing waits for the ones before the
+        last (``colocate.calls.Chain`` decides): one Ray call instead of several. A step that
+        raises stops the program; the error says which step (:class:`StepFailed`).
+        """
+        values, spans = [], []
+        for i, (verb, args, tag) in enumerate(program):
+            try:
+                reply = self.invoke(verb, args, tag, *after)
+            except Exception as exc:
+                raise StepFailed(i, exc) from exc
+            values.append(reply.value)
+            spans.extend(reply.spans)
+        return Reply(values, spans)
 
     @contextlib.contextmanager
     def span(self, name: str, **detail: Any) -> Iterator[dict]:
@@ -167,17 +249,15 @@ class EngineTenant(Tenant):
         """Re-allocates the weights only (no KV cache), ready to receive a sync."""
 
     @abstractmethod
-    def wake_kv(self, version: int | None) -> EngineMemory:
-        """Re-allocates the KV cache and resets the prefix cache; the engine can serve again.
-
-        Args:
-            version: The verified weight version later generations carry (None keeps the
-                current one: the sync was skipped).
-        """
+    def wake_kv(self) -> EngineMemory:
+        """Re-allocates the KV cache and resets the prefix cache; the engine can serve again."""
 
     @abstractmethod
-    def generate(self, prompts: list, sampling: Any) -> list[Completion]:
-        """``sampling.n`` completions per prompt, prompt-major; needs the engine awake."""
+    def generate(self, prompts: list, sampling: Any, first_index: int) -> list[Completion]:
+        """``sampling.n`` completions per prompt, prompt-major; needs the engine awake.
+
+        ``first_index`` is the ``prompt_index`` of the first prompt (its place in the batch).
+        """
 
     @abstractmethod
     def expected_weights(self) -> list:
@@ -188,8 +268,14 @@ class EngineTenant(Tenant):
         """Every worker joins its transfer group (``weight_sync.ReceiverSetup``)."""
 
     @abstractmethod
-    def receive_weights(self, request: Any) -> list:
-        """Every worker receives and applies one sync; one ``ReceiveReport`` per worker."""
+    def receive_weights(self, request: Any) -> Receipt:
+        """Every worker receives, applies and (when asked) verifies one sync.
+
+        Verifying: every worker compares what it received with the sender's manifest (which
+        came through the transport), and the engine every readable applied parameter with
+        what its fused members sum to; a mismatch raises ``VerificationError`` naming the
+        tensor. Only then does the engine take ``request.version``.
+        """
 
 
 EngineTenant.verbs = verbs_of(EngineTenant)

@@ -22,17 +22,18 @@ trainers keep their state; the sync and the phase rules are the same.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from colocate.calls import Call, handover, wait_all
+from colocate.calls import Call, wait_all
 from colocate.config import (
     ConfigError,
     EngineConfig,
     LoadFormat,
+    Pipeline,
+    PipelineConfig,
     Sampling,
     SyncConfig,
     TrainerConfig,
@@ -41,6 +42,7 @@ from colocate.config import (
 from colocate.contract import Completion, EngineTenant, Tag, Tenant, TrainerTenant
 from colocate.engine import EngineActor
 from colocate.errors import ColocateError, InputError
+from colocate.executor import Executor
 from colocate.faults import Fault, coerce_fault
 from colocate.fleet import Fleet
 from colocate.handovers import (
@@ -57,11 +59,11 @@ from colocate.handovers import (
     Context,
     Row,
     actors_of,
-    plan_handover,
 )
-from colocate.phases import RESIDENT, Phase, PhaseError, require
+from colocate.phases import Phase, PhaseError, require
+from colocate.rollouts import Rollout, StalenessError, VersionLedger
 from colocate.syncing import SyncDriver, SyncReport
-from colocate.timeline import Recorder, Timeline
+from colocate.timeline import Timeline
 from colocate.trainer import LossFn, TrainerActor, shard_batch
 from placement import DeviceKind, Plan, Reservation, TenantKind, TopologySpec, plan, reserve
 
@@ -118,6 +120,7 @@ class Coordinator:
             logic and keep its constructor).
         name: Prefix of actor, placement-group and rendezvous names (unique by default).
         probe: The placement probe run on each bundle (default ``placement.probe_bundle``).
+        pipeline: SYNC (default) or ASYNC one-step off-policy rollouts (separate pools only).
 
     Raises:
         ConfigError: An inconsistent configuration (before anything starts).
@@ -138,7 +141,16 @@ class Coordinator:
         trainer_cls: type[TrainerTenant] = TrainerActor,
         name: str | None = None,
         probe=None,
+        pipeline: PipelineConfig | None = None,
     ):
+        pipeline = pipeline or PipelineConfig()
+        if pipeline.mode is Pipeline.ASYNC and spec.colocate:
+            raise ConfigError(
+                "PipelineConfig.mode='async' overlaps rollouts with training, which needs the "
+                "trainer and the engines on different GPUs, but TopologySpec.colocate=True puts "
+                "them on the same ones; fix: TopologySpec(colocate=False) with GPUs for both "
+                "pools, or mode='sync'"
+            )
         if sleep_level not in (1, 2) or isinstance(sleep_level, bool):
             raise ConfigError(f"sleep_level={sleep_level!r}: must be 1 or 2; fix: pass 1 or 2")
         if engine.tensor_parallel_size != spec.engine_tp:
@@ -173,14 +185,14 @@ class Coordinator:
         self.engine_cls = engine_cls
         self.trainer_cls = trainer_cls
         self.name = name or f"colocate-{uuid.uuid4().hex[:8]}"
+        self.pipeline = pipeline
+        self.versions = VersionLedger()  # which trainer step each weight version carries
         self._probe = probe
         check_engine_model(engine)  # the device-specific checks run once the device is known
-        self._phase = Phase.INIT
         self.step = 0
-        self._seq = 0  # hand-over sequence number: one per tag
         self.weight_version = 0 if engine.load_format is LoadFormat.AUTO else -1
         self.timeline = Timeline()
-        self.recorder = Recorder("coordinator", (), memory=False)
+        self._exec = Executor(self.plan, self.timeline, self.timeouts.step_s, lambda: self.step)
         self.last_sync: SyncReport | None = None
         self.reservation: Reservation | None = None
         self.device: DeviceKind | None = None
@@ -193,7 +205,12 @@ class Coordinator:
     @property
     def phase(self) -> Phase:
         """The current phase (changed only by executing a table row, a failure, or shutdown)."""
-        return self._phase
+        return self._exec.phase
+
+    @property
+    def rounds(self) -> int:
+        """Sequential driver rounds so far (a loop step of generate, train, sync costs 3)."""
+        return self._exec.rounds
 
     @property
     def colocated(self) -> bool:
@@ -214,74 +231,12 @@ class Coordinator:
         """What the placement probe found on each bundle (device kind, names, memory)."""
         return self.reservation.hardware() if self.reservation else {}
 
-    def _tag(self, name: str) -> Tag:
-        self._seq += 1
-        return (name, self.step, self._seq)
-
-    @contextlib.contextmanager
-    def _span(self, name: str, tag: Tag, **detail) -> Iterator[dict]:
-        """A span of the coordinator's own (no GPU lane): what a benchmark times it by."""
-        with self.recorder.span(name, tag, **detail) as d:
-            yield d
-
     def _ctx(self, **kw) -> Context:
         return Context(
             sleep_level=self.sleep_level,
             collective_timeout_s=self.sync_config.timeout_s * 5,
             **kw,
         )
-
-    # ----- the one executor of the hand-over table --------------------------------------------
-
-    def _run(self, row: Row, ctx: Context, timeout_s: float | None = None) -> list:
-        """Executes one row of the hand-over table; the only place the phase moves forward.
-
-        Order: (1) the row must start from the current phase (already in its target with no
-        row looping there: nothing to do); (2) the row is planned for this topology (pure);
-        (3) the hand-over runs: per GPU, every release ends before any acquisition starts;
-        (4) every memory state the actors report is checked against the table; (5) the phase
-        becomes the row's target.
-
-        Returns:
-            The releases' results, then the acquisitions'.
-        """
-        if self._phase not in row.sources:
-            if self._phase is row.target:
-                return []
-            allowed = " or ".join(repr(p.value) for p in sorted(row.sources, key=str))
-            raise PhaseError(
-                f"{row.name} needs phase {allowed}, but the pipeline is in {self._phase.value!r}"
-                + ("; call recover() first" if self._phase is Phase.FAILED else "")
-            )
-        planned = plan_handover(row, self.plan, ctx)
-        tag = self._tag(row.name)
-
-        def calls(items) -> list[Call]:
-            return [self.fleet.call(c.actor, c.verb, *c.args, tag=tag) for c in items]
-
-        with self._span("handover", tag, row=row.name):
-            results = handover(
-                calls(planned.releases),
-                calls(planned.acquires),
-                timeout_s or self.timeouts.step_s,
-            )
-        self._check_resident(row, [*planned.releases, *planned.acquires], results)
-        self._phase = row.target
-        return results
-
-    def _check_resident(self, row: Row, planned, results) -> None:
-        want = RESIDENT.get(row.target, {})
-        for call, got in zip(planned, results, strict=True):
-            expected = want.get(call.actor.kind)
-            if expected is not None and type(got) is type(expected) and got is not expected:
-                raise ColocateError(
-                    f"{call.actor.name} reports memory {got.value!r} after {call.verb.__name__} "
-                    f"in row {row.name!r}, but phase {row.target.value!r} needs "
-                    f"{expected.value!r}: the actor breaks the tenant contract",
-                    actor=call.actor.name,
-                    phase=row.name,
-                    step=self.step,
-                )
 
     # ----- start-up ---------------------------------------------------------------------------
 
@@ -300,7 +255,7 @@ class Coordinator:
         """
         if self._started:
             raise PhaseError(
-                f"start() called twice (phase {self._phase.value!r}); a coordinator starts "
+                f"start() called twice (phase {self._exec.phase.value!r}); a coordinator starts "
                 "once: create a new one for a new run"
             )
         self._started = True
@@ -309,7 +264,7 @@ class Coordinator:
         return self
 
     def _start_body(self) -> None:
-        with self._span("reserve", self._tag("start")):
+        with self._exec.span("reserve", self._exec.tag("start")):
             self.reservation = reserve(
                 self.plan,
                 timeout_s=min(120.0, self.timeouts.start_s),
@@ -328,23 +283,29 @@ class Coordinator:
             self.trainer_cls,
             self.loss_fn,
         )
+        self._exec.fleet = self.fleet
         self._sync = SyncDriver(
-            self.fleet, self.engine_config, self.sync_config, self.timeouts.step_s, self.name
+            self.fleet,
+            self.engine_config,
+            self.sync_config,
+            self.timeouts.step_s,
+            self.name,
+            self.timeline.extend,
         )
         for a in actors_of(self.plan, _ENGINE):
             self.fleet.spawn(a)
-        self._run(START, self._ctx(), self.timeouts.start_s)
+        self._exec.run(START, self._ctx(), self.timeouts.start_s)
         level = 2 if self.engine_config.load_format is LoadFormat.DUMMY else self.sleep_level
         self._start_trainers(INIT, replace(self._ctx(), sleep_level=level))
-        self._sync.setup(self._tag("init"))
-        self._do_sync()
+        self._sync.setup(self._exec.tag("init"))
+        self._sync_chain()
 
     def _start_trainers(self, row: Row, ctx: Context) -> None:
         """Creates every trainer rank and runs ``row`` (engines sleep, then trainers start)."""
         for a in actors_of(self.plan, _TRAINER):
             self.fleet.spawn(a)
-        tag = self._tag(row.name)
-        (master,) = wait_all(
+        tag = self._exec.tag(row.name)
+        (master,) = self._exec.wait(
             [
                 self.fleet.trainer_call(
                     0,
@@ -356,7 +317,7 @@ class Coordinator:
             ],
             self.timeouts.step_s,
         )
-        self._run(row, replace(ctx, master=master), self.timeouts.start_s)
+        self._exec.run(row, replace(ctx, master=master), self.timeouts.start_s)
 
     # ----- the RL loop ------------------------------------------------------------------------
 
@@ -366,53 +327,121 @@ class Coordinator:
         Returns:
             Completions in prompt order (``prompt_index`` is global), ``sampling.n`` each.
         """
-        require(self._phase, Phase.ROLLOUT, "generate")
+        calls, tag = self._generate_calls(prompts, sampling)
+        with self._exec.span("generate", tag):
+            results = self._guard(lambda: self._exec.wait(calls, self.timeouts.step_s))
+        return [c for completions in results for c in completions]
+
+    def generate_async(self, prompts: Sequence, sampling: Sampling) -> Rollout:
+        """Starts a generate on every engine and returns at once (pipeline ASYNC; ROLLOUT).
+
+        The trainer may train meanwhile; the next :meth:`sync` reaches each engine after the
+        rollout it is generating, so the rollout after that one gets the new weights. Every
+        completion carries the weight version that produced it (staleness is enforced by
+        :meth:`train`).
+        """
+        if self.pipeline.mode is not Pipeline.ASYNC:
+            raise PhaseError(
+                "generate_async needs PipelineConfig(mode='async') (separate pools); with "
+                "mode='sync' call generate()"
+            )
+        calls, tag = self._generate_calls(prompts, sampling)
+        self._exec.rounds += 1
+        refs = [c.start() for c in calls]
+
+        def wait() -> list:
+            spans: list = []
+            try:
+                results = self._guard(
+                    lambda: wait_all(calls, self.timeouts.step_s, refs=refs, spans=spans)
+                )
+            finally:
+                self.timeline.extend(spans)
+            return [c for completions in results for c in completions]
+
+        return Rollout(wait)
+
+    def _generate_calls(self, prompts: Sequence, sampling: Sampling) -> tuple[list[Call], Tag]:
+        require(self._exec.phase, Phase.ROLLOUT, "generate")
         prompts = list(prompts)
         if not prompts:
             raise ValueError("prompts is empty; pass at least one prompt")
         n = self.spec.engines
         bounds = [round(i * len(prompts) / n) for i in range(n + 1)]
         used = [e for e in range(n) if bounds[e + 1] > bounds[e]]
-        tag = self._tag(Phase.ROLLOUT.value)
+        tag = self._exec.tag(Phase.ROLLOUT.value)
         calls = [
             self.fleet.engine_call(
-                e, EngineTenant.generate, prompts[bounds[e] : bounds[e + 1]], sampling, tag=tag
+                e,
+                EngineTenant.generate,
+                prompts[bounds[e] : bounds[e + 1]],
+                sampling,
+                bounds[e],
+                tag=tag,
             )
             for e in used
         ]
-        with self._span("generate", tag):
-            results = self._guard(lambda: wait_all(calls, self.timeouts.step_s))
-        out = []
-        for e, completions in zip(used, results, strict=True):
-            out.extend(replace(c, prompt_index=c.prompt_index + bounds[e]) for c in completions)
-        return out
+        return calls, tag
 
     def train(self, batch: dict) -> dict[str, float]:
-        """Runs the ``train`` row if needed, then one train step on every rank; rank means.
+        """The ``train`` row if needed, then one train step on every rank; returns rank means.
 
-        The batch (a dict of tensors or lists, one row per sequence) is cut into contiguous
-        shards on the driver; each rank receives only its own.
+        One driver wait: each rank's step is chained after its reload (same actor). The batch
+        (a dict of tensors or lists, one row per sequence) is cut into contiguous shards on the
+        driver; each rank receives only its own.
         """
-        require(self._phase, (Phase.ROLLOUT, Phase.TRAIN), "train")
+        require(self._exec.phase, (Phase.ROLLOUT, Phase.TRAIN), "train")
+        staleness = self._staleness(batch)
         world = self.spec.trainer_world_size
         shards = [shard_batch(batch, r, world) for r in range(world)]  # bad input raises here
-        self._guard(lambda: self._run(TRAIN, self._ctx()))
+        chain, pending = self._exec.pending()
+        self._exec.add_row(chain, TRAIN, self._ctx(), pending)
         self.step += 1
-        tag = self._tag(Phase.TRAIN.value)
-        calls = [
-            self.fleet.trainer_call(r, TrainerTenant.train_step, shards[r], tag=tag)
+        tag = self._exec.tag(Phase.TRAIN.value)
+        steps = [
+            chain.add(self.fleet.trainer_call(r, TrainerTenant.train_step, shards[r], tag=tag))
             for r in range(world)
         ]
-        with self._span("train", tag):
-            metrics = self._guard(lambda: wait_all(calls, self.timeouts.step_s))
-        return {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
+        results = self._guard(lambda: self._exec.run_chain(chain, pending, "train"))
+        metrics = [results[i] for i in steps]
+        out = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
+        if staleness is not None:
+            out["staleness"] = float(staleness)
+        return out
+
+    def _staleness(self, batch: dict) -> int | None:
+        """The batch's staleness (from its ``weight_version`` rows, if any); enforced (ASYNC).
+
+        Raises:
+            StalenessError: More than ``PipelineConfig.max_staleness`` in ASYNC mode (before
+                anything runs).
+        """
+        versions = batch.get("weight_version")
+        if versions is None:
+            return None
+        versions = [
+            int(v) for v in (versions.tolist() if hasattr(versions, "tolist") else versions)
+        ]
+        staleness = self.versions.staleness(versions, self.step)
+        bound = self.pipeline.max_staleness
+        if self.pipeline.mode is Pipeline.ASYNC and staleness is not None and staleness > bound:
+            raise StalenessError(
+                f"the batch was generated with weight version {min(versions)}, {staleness} "
+                f"optimizer steps behind the trainer (step {self.step}); "
+                f"PipelineConfig.max_staleness={bound}; fix: sync() after every train(), or "
+                "raise max_staleness"
+            )
+        return staleness
 
     def sync(self) -> SyncReport:
-        """TRAIN (or ROLLOUT) -> SYNC -> ROLLOUT: sends the trainer's weights to every engine."""
-        require(self._phase, (Phase.ROLLOUT, Phase.TRAIN), "sync")
-        self._guard(lambda: self._run(TRAIN, self._ctx()))
-        self._guard(self._do_sync)
-        self._collect_spans()
+        """TRAIN (or ROLLOUT) -> SYNC -> ROLLOUT: sends the trainer's weights to every engine.
+
+        One driver wait for the ``train`` row (from ROLLOUT), the ``sync`` row, the transfer
+        and its verification in each engine, and the ``rollout`` row (the spans come back with
+        the answers).
+        """
+        require(self._exec.phase, (Phase.ROLLOUT, Phase.TRAIN), "sync")
+        self._guard(self._sync_chain)
         return self.last_sync
 
     def skip_sync(self) -> None:
@@ -425,22 +454,27 @@ class Coordinator:
                 "skip_sync needs sleep_level=1: at level 2 the engines dropped their weights; "
                 "call sync() instead"
             )
-        require(self._phase, (Phase.ROLLOUT, Phase.TRAIN), "skip_sync")
-        self._guard(lambda: self._run(SKIP_SYNC, self._ctx()))
-        self._collect_spans()
+        require(self._exec.phase, (Phase.ROLLOUT, Phase.TRAIN), "skip_sync")
+        chain, pending = self._exec.pending()
+        self._exec.add_row(chain, SKIP_SYNC, self._ctx(), pending)
+        self._guard(lambda: self._exec.run_chain(chain, pending, "skip_sync"))
 
-    def _do_sync(self) -> None:
-        """The ``sync`` row, the verified transfer, then the ``rollout`` row (version bumped)."""
-        self._run(SYNC, self._ctx())
+    def _sync_chain(self) -> None:
+        """Rows ``train`` (from ROLLOUT) and ``sync``; the transfer; row ``rollout``.
+
+        Each engine takes the new version only after it verified what it received; the
+        coordinator's ``weight_version`` follows once every engine did.
+        """
+        chain, pending = self._exec.pending()
+        self._exec.add_row(chain, TRAIN, self._ctx(), pending)
+        self._exec.add_row(chain, SYNC, self._ctx(), pending)
         version = self.weight_version + 1 if self.weight_version >= 0 else 1
-        tag = self._tag(Phase.SYNC.value)
-        with self._span("transfer", tag, version=version):
-            report = self._sync.transfer(version, tag)
-        # The transfer is verified by now: the engines tag generations with the new version
-        # from the moment they can serve again.
-        self._run(ROLLOUT, self._ctx(version=version))
+        steps = self._sync.add_transfer(chain, version, self._exec.tag(Phase.SYNC.value))
+        self._exec.add_row(chain, ROLLOUT, self._ctx(), pending)
+        results = self._exec.run_chain(chain, pending, "sync")
         self.weight_version = version
-        self.last_sync = report
+        self.versions.record(version, self.step)
+        self.last_sync = self._sync.report(steps, results)
 
     def _guard(self, fn):
         """Runs ``fn``; any failure but refused input or a wrong-phase call leaves FAILED.
@@ -453,7 +487,7 @@ class Coordinator:
         except (InputError, PhaseError):
             raise  # nothing was changed: the pipeline stays where it was
         except BaseException:
-            self._phase = Phase.FAILED
+            self._exec.phase = Phase.FAILED
             # Peers of a dead actor may sit in a collective until its timeout: do not wait for
             # their spans here (they come with a later collection).
             self._collect_spans(timeout_s=1.0)
@@ -479,7 +513,7 @@ class Coordinator:
         Raises:
             ColocateError: A trainer rank died and no checkpoint was given (stays FAILED).
         """
-        require(self._phase, Phase.FAILED, "recover")
+        require(self._exec.phase, Phase.FAILED, "recover")
         # A survivor may still be blocked in the failed transfer until the transfer timeout:
         # wait that long for its answer before calling it dead.
         ping = max(self.timeouts.ping_s, self.sync_config.timeout_s + 5.0)
@@ -492,7 +526,7 @@ class Coordinator:
                 f"trainer rank(s) {ranks} died and took their ZeRO shards with them; fix: "
                 "call recover(checkpoint=...) with a directory written by save_trainer()",
                 actor=dead_trainers[0].name,
-                phase=self._phase.value,
+                phase=self._exec.phase.value,
                 step=self.step,
             )
 
@@ -507,21 +541,21 @@ class Coordinator:
                     self.fleet.kill(a)
                     self.fleet.spawn(a)
                 ctx = self._ctx(selected=frozenset(dead_engines), absent=absent)
-                self._run(RESTART_ENGINES, ctx, self.timeouts.start_s)
+                self._exec.run(RESTART_ENGINES, ctx, self.timeouts.start_s)
             if dead_trainers:
                 self._start_trainers(RESTART_TRAINERS, self._ctx())
-                tag = self._tag(RESTART_TRAINERS.name)
-                wait_all(
+                tag = self._exec.tag(RESTART_TRAINERS.name)
+                self._exec.wait(
                     [
                         self.fleet.call(a, TrainerTenant.load, checkpoint, tag=tag)
                         for a in actors_of(self.plan, _TRAINER)
                     ],
                     self.timeouts.step_s,
                 )
-            self._run(RECOVER, self._ctx())
+            self._exec.run(RECOVER, self._ctx())
             # A failed transfer may have left a group half-used: always rebuild the groups.
-            self._sync.setup(self._tag(RECOVER.name))
-            self._do_sync()
+            self._sync.setup(self._exec.tag(RECOVER.name))
+            self._sync_chain()
 
         self._guard(body)
         self._collect_spans()
@@ -531,10 +565,11 @@ class Coordinator:
 
     def _collect_spans(self, timeout_s: float = 30.0) -> None:
         if self.fleet is not None:
-            with self._span("collect_spans", self._tag(self._phase.value)):
+            with self._exec.span("collect_spans", self._exec.tag(self._exec.phase.value)):
+                self._exec.rounds += 1
                 spans = self.fleet.drain_spans(timeout_s)
             self.timeline.extend(spans)
-        self.timeline.extend(self.recorder.drain())
+        self.timeline.extend(self._exec.recorder.drain())
 
     def actor_status(self) -> dict[str, dict]:
         """Each live actor's status: memory state, pid, RSS, open fds, threads."""
@@ -552,13 +587,13 @@ class Coordinator:
             raise ValueError(
                 f"fault {fault.value!r} is armed in a {fault.kind.value}, not in {actor!r}"
             )
-        call = self.fleet.call(target, Tenant.inject_fault, fault, tag=self._tag("fault"))
-        wait_all([call], self.timeouts.step_s)
+        call = self.fleet.call(target, Tenant.inject_fault, fault, tag=self._exec.tag("fault"))
+        self._exec.wait([call], self.timeouts.step_s)
 
     def _on_trainers(self, verb, *args) -> list:
-        tag = self._tag(self._phase.value)
+        tag = self._exec.tag(self._exec.phase.value)
         calls = [self.fleet.call(a, verb, *args, tag=tag) for a in actors_of(self.plan, _TRAINER)]
-        return wait_all(calls, self.timeouts.step_s)
+        return self._exec.wait(calls, self.timeouts.step_s)
 
     def trainer_fingerprints(self) -> dict:
         """Fingerprints of the trainer's full parameters (to prove its state is intact)."""
@@ -576,14 +611,14 @@ class Coordinator:
 
     def shutdown(self) -> None:
         """Stops every actor and releases the GPUs. Idempotent; never raises for dead actors."""
-        if self._phase is Phase.SHUTDOWN:
+        if self._exec.phase is Phase.SHUTDOWN:
             return
         if self.fleet is not None:
             self._collect_spans()
             self.fleet.shutdown()
         if self.reservation is not None:
             self.reservation.release()
-        self._phase = Phase.SHUTDOWN
+        self._exec.phase = Phase.SHUTDOWN
         self._started = True
 
     def __enter__(self) -> Coordinator:

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable
 
 from colocate.config import EngineConfig, LoadFormat, Sampling
-from colocate.contract import Completion, EngineCapabilities, EngineTenant
+from colocate.contract import Completion, EngineCapabilities, EngineTenant, Receipt
 from colocate.errors import InputError
 from colocate.faults import Fault, coerce_fault
 from colocate.memory import process_stats, refresh_children
@@ -82,6 +82,8 @@ class EngineActor(EngineTenant):
         self._cpu_sleep = False  # this platform has no sleep mode: colocate.cpu_sleep frees
         self._weights_released = False  # a level-2 CPU sleep dropped them: sync before serving
         self.released: dict[str, int] = {}  # what the last sleep released (summed over workers)
+        self._warming = False  # the workers' warm-up compile may still run
+        self._plan = None  # the bucket plan of the sync set-up
 
     def start(self) -> EngineCapabilities:
         """Builds the vLLM engine (allocates weights and KV cache). Idempotent."""
@@ -90,6 +92,10 @@ class EngineActor(EngineTenant):
                 self._llm = self._build()
                 refresh_children()  # the TP worker processes count in this engine's RSS
             self.memory = EngineMemory.AWAKE
+            from colocate.engine_extension import EngineWorkerExtension as Ext
+
+            # The first generate's one-off compile, in the background (engine_extension).
+            self._warming = bool(self._on_workers(Ext.ce_warm_up))
         caps = self.capabilities()
         self._cpu_sleep = not caps.sleep_supported and caps.device_type == "cpu"
         return caps
@@ -119,9 +125,14 @@ class EngineActor(EngineTenant):
         )
 
     def generate(
-        self, prompts: list[str] | list[list[int]], sampling: Sampling
+        self, prompts: list[str] | list[list[int]], sampling: Sampling, first_index: int = 0
     ) -> list[Completion]:
         """Generates ``sampling.n`` completions per prompt.
+
+        Args:
+            prompts: Strings (tokenized here) or token-id lists.
+            sampling: Sampling settings.
+            first_index: ``prompt_index`` of the first prompt (its place in the whole batch).
 
         Returns:
             One :class:`Completion` per (prompt, sample), prompt-major, each carrying the
@@ -132,6 +143,7 @@ class EngineActor(EngineTenant):
         """
         llm = self._require_awake("generate")
         token_prompts = self._tokenize(prompts, sampling.max_tokens)
+        self._finish_warm_up()
         self._maybe_crash(Fault.CRASH_IN_GENERATE)
         with self.span("engine.generate", prompts=len(token_prompts)):
             outputs = llm.generate(
@@ -139,6 +151,9 @@ class EngineActor(EngineTenant):
                 sampling.to_vllm(),
                 use_tqdm=False,
             )
+            return self._completions(outputs, token_prompts, first_index)
+
+    def _completions(self, outputs, token_prompts, first_index: int) -> list[Completion]:
         out = []
         for p, request in enumerate(outputs):
             for s, c in enumerate(request.outputs):
@@ -149,7 +164,7 @@ class EngineActor(EngineTenant):
                 )
                 out.append(
                     Completion(
-                        prompt_index=p,
+                        prompt_index=first_index + p,
                         sample_index=s,
                         prompt_token_ids=tuple(token_prompts[p]),
                         token_ids=tuple(c.token_ids),
@@ -160,6 +175,16 @@ class EngineActor(EngineTenant):
                     )
                 )
         return out
+
+    def _finish_warm_up(self) -> None:
+        if self._warming:
+            from colocate.engine_extension import EngineWorkerExtension as Ext
+
+            with self.span("engine.warm_up_wait") as detail:
+                done = self._on_workers(Ext.ce_warm_up_wait, 600.0)
+                detail["compile_s"] = max((w["seconds"] or 0.0) for w in done)
+                detail["errors"] = [w["error"] for w in done if w["error"]]
+            self._warming = False
 
     def _tokenize(self, prompts, max_tokens: int) -> list[list[int]]:
         if not isinstance(prompts, (list, tuple)) or not prompts:
@@ -229,15 +254,11 @@ class EngineActor(EngineTenant):
             self.memory = EngineMemory.WEIGHTS
         return self.memory
 
-    def wake_kv(self, version: int | None = None) -> EngineMemory:
+    def wake_kv(self) -> EngineMemory:
         """Re-allocates the KV cache and resets the prefix cache; the engine can serve again.
 
-        Args:
-            version: The verified weight version to tag later generations with (None keeps
-                the current one, e.g. when the sync was skipped).
+        Generations then carry the version the last verified sync committed.
         """
-        if version is not None:
-            self.weight_version = version
         if self.memory is not EngineMemory.AWAKE:
             with self.span("engine.wake_kv"):
                 if self.memory is EngineMemory.ASLEEP:
@@ -276,10 +297,16 @@ class EngineActor(EngineTenant):
         """Every worker joins the transfer group (concurrently with the sender)."""
         from weight_sync.receiver import WeightSyncWorkerExtension as Ext
 
+        self._plan = setup.plan
         return self._on_workers(Ext.ws_setup, setup)
 
-    def receive_weights(self, request) -> list:
-        """Every worker receives and applies the whole plan; returns one report per worker."""
+    def receive_weights(self, request) -> Receipt:
+        """Every worker receives, applies and verifies the sync; then the version is taken.
+
+        Each worker compares what it received with the sender's manifest; here the applied
+        parameters the workers can read are compared with what their members sum to (summed
+        over TP shards). Only a verified sync changes ``weight_version``.
+        """
         from colocate.engine_extension import EngineWorkerExtension as Ext
 
         llm = self._require_llm()
@@ -288,8 +315,20 @@ class EngineActor(EngineTenant):
         with self.span("engine.receive_weights", version=request.version):
             reports = self._on_workers(Ext.ws_receive, request)
             llm.reset_prefix_cache()
-        self._weights_released = False
-        return reports
+            self._weights_released = False
+            applied = 0
+            if request.verify:
+                from weight_sync.verify import check_applied
+
+                applied = check_applied(
+                    reports[0].sent,
+                    [w.applied for w in reports],
+                    self._plan.fused_groups,
+                    where=f"{self.name} (version {request.version})",
+                )
+        self.weight_version = request.version
+        verified = sum(w.verified for w in reports)
+        return Receipt(request.version, reports, verified, applied)
 
     def applied_fingerprints(self) -> list[dict]:
         """Per worker, fingerprints of the applied parameters readable on this platform."""

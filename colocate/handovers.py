@@ -14,24 +14,25 @@ Rows (name = the timeline tag of their spans), as ``from -> to: releases | acqui
 - ``train``: ROLLOUT -> TRAIN: shared engines ``sleep(level)`` | shared trainers ``reload``.
 - ``sync``: TRAIN -> SYNC: shared trainers ``offload(keep_params=True)`` | shared engines
   ``wake_weights``.
-- ``rollout``: SYNC -> ROLLOUT: shared trainers ``offload(False)`` | every engine
-  ``wake_kv(version)``.
+- ``rollout``: SYNC -> ROLLOUT: shared trainers ``offload(False)`` | shared engines
+  ``wake_kv`` (each engine took the new version when it verified the transfer).
 - ``skip-sync``: TRAIN -> ROLLOUT: shared trainers ``offload(False)`` | shared engines
-  ``wake_kv(None)`` (old weights; sleep level 1 only).
+  ``wake_kv`` (old weights, old version; sleep level 1 only).
 - ``recover``: FAILED -> TRAIN: shared engines ``sleep(level)`` | shared trainers ``reload``.
 - ``restart-engines``: FAILED -> FAILED: the trainers beside the replaced engines
   ``offload(False)`` | the replaced engines ``start``.
 - ``restart-trainers``: FAILED -> FAILED: shared engines ``sleep(level)`` | every trainer
   ``start``.
 
-A tenant alone on its GPU (separate pools) has nothing to release or acquire; only ``wake_kv``
-goes to every engine, because it also carries the verified weight version. The weight
-transfer runs inside SYNC, between the ``sync`` and ``rollout`` rows.
+A tenant alone on its GPU (separate pools) has nothing to release or acquire. The weight
+transfer runs inside SYNC, between the ``sync`` and ``rollout`` rows; each engine verifies what
+it received and takes the new version (``EngineTenant.receive_weights``) before its ``wake_kv``.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -113,7 +114,6 @@ class Context:
 
     Attributes:
         sleep_level: Level of every engine sleep in the row.
-        version: Weight version committed by ``wake_kv`` (None keeps the engines' own).
         master: The trainer group's store (host, port), for trainer ``start``.
         collective_timeout_s: Bound on the trainer group's collectives, for ``start``.
         selected: Actors a SELECTED / BESIDE_SELECTED move concerns.
@@ -121,7 +121,6 @@ class Context:
     """
 
     sleep_level: int = 1
-    version: int | None = None
     master: tuple[str, int] | None = None
     collective_timeout_s: float = 300.0
     selected: frozenset[ActorId] = frozenset()
@@ -206,14 +205,14 @@ ROLLOUT = Row(
     frozenset({Phase.SYNC}),
     Phase.ROLLOUT,
     (_OFFLOAD_ALL,),
-    (Move(_E, EngineTenant.wake_kv, lambda c: (c.version,)),),
+    (Move(_E, EngineTenant.wake_kv, scope=Scope.SHARED),),
 )
 SKIP_SYNC = Row(
     "skip-sync",
     frozenset({Phase.TRAIN}),
     Phase.ROLLOUT,
     (_OFFLOAD_ALL,),
-    (Move(_E, EngineTenant.wake_kv, lambda c: (None,), Scope.SHARED),),
+    (Move(_E, EngineTenant.wake_kv, scope=Scope.SHARED),),
 )
 RECOVER = Row("recover", frozenset({Phase.FAILED}), Phase.TRAIN, (_SLEEP,), (_RELOAD,))
 RESTART_ENGINES = Row(
@@ -304,8 +303,11 @@ def _expand(moves: tuple[Move, ...], plan: Plan, ctx: Context) -> tuple[PlannedC
     )
 
 
+@functools.lru_cache(maxsize=256)
 def plan_handover(row: Row, plan: Plan, ctx: Context) -> Handover:
     """The concrete releases and acquisitions of ``row`` on ``plan``. Pure; never touches Ray.
+
+    Pure, so cached: a loop step plans the same few rows every time.
 
     Order of the result: releases, then acquisitions, each in move order and then actor
     order. The executor starts every release at once and each acquisition as soon as the

@@ -5,7 +5,8 @@ Batches are dicts of tensors with one row per sequence (prompt + completion, rig
 - ``input_ids`` [B, T] and ``attention_mask`` [B, T];
 - ``completion_mask`` [B, T]: 1 where the token is a generated one (its log-prob is trained);
 - for GRPO, ``old_logprobs`` [B, T] (the rollout's log-probs at those positions, 0 elsewhere)
-  and ``advantages`` [B].
+  and ``advantages`` [B];
+- ``weight_version`` [B]: the weight version that generated each row (staleness checks).
 """
 
 from __future__ import annotations
@@ -89,4 +90,6 @@ def make_grpo_batch(completions, rewards, group_size: int, pad_id: int) -> dict:
         "completion_mask": comp,
         "old_logprobs": old,
         "advantages": adv.view(-1),
+        # The weight version that generated each row: the coordinator checks staleness.
+        "weight_version": torch.tensor([c.weight_version for c in completions], dtype=torch.long),
     }

@@ -7,29 +7,28 @@ the engine's model expects are read, and the senders' node addresses where group
 the two lists of weights are checked (names and shapes) before a byte moves, buckets are
 planned, and transfer groups follow the placement (``weight_sync.groups``); (2) every sender
 hosts its groups' stores, all at once; (3) senders and receivers build the groups
-concurrently. Transfer: every trainer rank sends (ZeRO-3 ranks all take part in the gathers)
-while every engine receives and applies; then the fingerprints of what every worker received,
-and of the applied parameters it can read, are compared with what was sent.
+concurrently. Transfer (added to the coordinator's chain of calls): every trainer rank sends
+(ZeRO-3 ranks all take part in the gathers) while every engine receives and applies; the
+sender's manifest of fingerprints follows its buckets, every engine worker compares what it
+received with it, each engine checks the applied parameters it can read, and only then takes
+the new version.
 """
 
 from __future__ import annotations
 
-import time
 import uuid
 from dataclasses import dataclass, field
 
-from colocate.calls import Call, wait_all
+from colocate.calls import Call, Chain, wait_all
 from colocate.config import ConfigError, EngineConfig, SyncConfig
 from colocate.contract import EngineTenant, Tag, TrainerTenant
 from colocate.fleet import Fleet
 from weight_sync.buckets import BucketPlan, default_bucket_bytes, plan_buckets
-from weight_sync.fingerprint import compare
 from weight_sync.groups import Receiver, TransferGroup, plan_transfer_groups
 from weight_sync.receiver import ReceiverSetup, SyncRequest
 from weight_sync.transport import Backend, Rendezvous
-from weight_sync.verify import check_applied
 
-__all__ = ["SyncReport", "SyncDriver", "check_compatible"]
+__all__ = ["SyncReport", "SyncDriver", "TransferSteps", "check_compatible"]
 
 
 @dataclass
@@ -44,6 +43,15 @@ class SyncReport:
     applied_checked: int
     sender: dict = field(default_factory=dict)
     receivers: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TransferSteps:
+    """Where one sync's calls sit in a :class:`~colocate.calls.Chain` (step indices)."""
+
+    version: int
+    sends: list[int]
+    receives: list[int]
 
 
 def check_compatible(sent: list, expected: list) -> None:
@@ -84,6 +92,7 @@ class SyncDriver:
         sync_config: Bucket size, verification, transfer timeout.
         step_timeout_s: Bound on each driver round.
         run_name: Prefix of the per-run rendezvous keys.
+        on_spans: Where the spans that come back with the answers go (the timeline).
     """
 
     def __init__(
@@ -93,12 +102,14 @@ class SyncDriver:
         sync_config: SyncConfig,
         step_timeout_s: float,
         run_name: str,
+        on_spans=None,
     ):
         self.fleet = fleet
         self.engine_config = engine_config
         self.sync_config = sync_config
         self.timeout_s = step_timeout_s
         self.run_name = run_name
+        self._on_spans = on_spans or (lambda spans: None)
         self.bucket_plan: BucketPlan | None = None
         self.groups: tuple[TransferGroup, ...] = plan_transfer_groups(fleet.plan, fleet.device)
         self.rendezvous: list[Rendezvous] = []
@@ -112,7 +123,11 @@ class SyncDriver:
 
     def _round(self, calls: list[Call]) -> list:
         self.setup_rounds += 1
-        return wait_all(calls, self.timeout_s)
+        spans: list = []
+        try:
+            return wait_all(calls, self.timeout_s, spans=spans)
+        finally:
+            self._on_spans(spans)
 
     def setup(self, tag: Tag) -> BucketPlan:
         """Checks compatibility, plans buckets and (re)builds every transfer group.
@@ -184,56 +199,51 @@ class SyncDriver:
                 )
                 per_tp.append((rdv, g.rank_of(receiver)))
             setup = ReceiverSetup(
-                tuple(r for r, _ in per_tp), tuple(k for _, k in per_tp), self.bucket_plan
+                tuple(r for r, _ in per_tp),
+                tuple(k for _, k in per_tp),
+                self.bucket_plan,
+                engine=f"engine{e}",
             )
             calls.append(fleet.engine_call(e, EngineTenant.setup_sync, setup, tag=tag))
         self._round(calls)
         self.rendezvous = rdvs
         return self.bucket_plan
 
-    def transfer(self, version: int, tag: Tag) -> SyncReport:
-        """Streams the weights to every engine and verifies them (if configured)."""
+    def add_transfer(self, chain: Chain, version: int, tag: Tag) -> TransferSteps:
+        """Adds one sync to ``chain``: every rank sends while every engine receives.
+
+        The sends and receives run concurrently (ZeRO-3 ranks all take part in the gathers).
+        Verification needs no step of its own: the sender's manifest of fingerprints travels
+        with the buckets, every engine worker compares what it received with it, and each
+        engine takes ``version`` only once that passed. Nothing waits on the driver.
+        """
         fleet, spec = self.fleet, self.fleet.plan.spec
-        verify = self.sync_config.verify
-        request = SyncRequest(version=version, verify=verify)
-        t = spec.trainer_world_size
-        calls = [
-            fleet.trainer_call(r, TrainerTenant.send_weights, request, tag=tag) for r in range(t)
+        request = SyncRequest(version=version, verify=self.sync_config.verify)
+        sends = [
+            chain.add(fleet.trainer_call(r, TrainerTenant.send_weights, request, tag=tag))
+            for r in range(spec.trainer_world_size)
         ]
-        calls += [
-            fleet.engine_call(e, EngineTenant.receive_weights, request, tag=tag)
+        receives = [
+            chain.add(fleet.engine_call(e, EngineTenant.receive_weights, request, tag=tag))
             for e in range(spec.engines)
         ]
-        start = time.perf_counter()
-        results = wait_all(calls, self.timeout_s)
-        seconds = time.perf_counter() - start
-        senders, received = results[:t], results[t:]
-        # Every sending rank fingerprints the same full tensors; rank 0 always sends.
-        sent = next((s for s in senders if s.bytes_sent), senders[0])
-        checked = applied = 0
-        if verify:
-            for e, reports in enumerate(received):
-                for w in reports:
-                    compare(
-                        sent.fingerprints,
-                        w.fingerprints,
-                        where=f"engine{e} worker tp{w.tp_rank} (version {version})",
-                    )
-                    checked += len(w.fingerprints)
-            for e, reports in enumerate(received):
-                applied += check_applied(
-                    sent.fingerprints,
-                    [w.applied for w in reports],
-                    self.bucket_plan.fused_groups,
-                    where=f"engine{e} (version {version})",
-                )
+        return TransferSteps(version, sends, receives)
+
+    def report(self, steps: TransferSteps, results: list) -> SyncReport:
+        """The :class:`SyncReport` of a transfer added by :meth:`add_transfer`, from its results.
+
+        ``seconds`` is the longest receive as the engines' workers timed it (from their first
+        wait to the end of their last apply).
+        """
+        sent = results[steps.sends[0]]  # rank 0 always sends
+        receipts = [results[i] for i in steps.receives]
         return SyncReport(
-            version=version,
-            seconds=seconds,
+            version=steps.version,
+            seconds=max((w.seconds for r in receipts for w in r.workers), default=0.0),
             bytes=sent.bytes_sent,
             buckets=len(self.bucket_plan.buckets),
-            verified_tensors=checked,
-            applied_checked=applied,
+            verified_tensors=sum(r.verified for r in receipts),
+            applied_checked=sum(r.applied for r in receipts),
             sender={
                 "seconds": sent.seconds,
                 "gather_s": sent.gather_s,
@@ -241,7 +251,10 @@ class SyncDriver:
                 "wait_s": sent.wait_s,
             },
             receivers=[
-                [{"seconds": w.seconds, "wait_s": w.wait_s, "apply_s": w.apply_s} for w in reports]
-                for reports in received
+                [
+                    {"seconds": w.seconds, "wait_s": w.wait_s, "apply_s": w.apply_s}
+                    for w in r.workers
+                ]
+                for r in receipts
             ],
         )

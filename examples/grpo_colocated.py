@@ -47,7 +47,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--log-level", default="ERROR", help="vLLM log level inside the engines")
+    p.add_argument(
+        "--pipeline",
+        default="sync",
+        choices=["sync", "async"],
+        help="async: one-step off-policy rollouts (needs --trainer-gpus and --engine-gpus)",
+    )
+    p.add_argument("--trainer-gpus", type=int, default=None, help="separate pools: trainer GPUs")
+    p.add_argument("--engine-gpus", type=int, default=None, help="separate pools: engine GPUs")
     args = p.parse_args(argv)
+    if (args.trainer_gpus is None) != (args.engine_gpus is None):
+        p.error("--trainer-gpus and --engine-gpus go together; fix: give both, or neither")
+    args.separate = args.trainer_gpus is not None
+    if args.pipeline == "async" and not args.separate:
+        p.error(
+            "--pipeline async overlaps rollouts with training on different GPUs; fix: add "
+            "--trainer-gpus N --engine-gpus M (separate pools)"
+        )
+    if args.separate:
+        args.gpus = args.trainer_gpus + args.engine_gpus
+        args.engines = args.engines or max(1, args.engine_gpus // args.tp)
     args.engines = args.engines or max(1, args.gpus // args.tp)
     return args
 
@@ -59,6 +78,8 @@ def main(argv=None) -> dict:
     from colocate import (
         Coordinator,
         EngineConfig,
+        Pipeline,
+        PipelineConfig,
         Sampling,
         SyncConfig,
         TrainerConfig,
@@ -78,10 +99,12 @@ def main(argv=None) -> dict:
     spec = TopologySpec(
         nodes=1,
         gpus_per_node=args.gpus,
-        trainer_world_size=args.gpus,
+        trainer_world_size=args.trainer_gpus if args.separate else args.gpus,
         engines=args.engines,
         engine_tp=args.tp,
+        colocate=not args.separate,
     )
+    pipeline = PipelineConfig(mode=Pipeline(args.pipeline))
     sync = SyncConfig(bucket_bytes=int(args.bucket_mb * 2**20) if args.bucket_mb else None)
     coord = Coordinator(
         spec,
@@ -92,6 +115,7 @@ def main(argv=None) -> dict:
         grpo_loss,
         sync=sync,
         sleep_level=args.sleep_level,
+        pipeline=pipeline,
     )
     from transformers import AutoTokenizer
 
@@ -104,10 +128,18 @@ def main(argv=None) -> dict:
     with coord, open(out / "metrics.jsonl", "w") as metrics_file:
         setup_s = time.time() - started
         bar = tqdm(range(args.steps), disable=args.quiet, desc="grpo", unit="step")
+        asynchronous = pipeline.mode is Pipeline.ASYNC
+        if asynchronous:  # batch 0 starts now; each later one while the trainer trains
+            pending = coord.generate_async(task.sample_prompts(rng, args.prompts), sampling)
         for step in bar:
             t0 = time.time()
-            prompts = task.sample_prompts(rng, args.prompts)
-            completions = coord.generate(prompts, sampling)
+            if asynchronous:
+                completions = pending.result()
+                if step + 1 < args.steps:
+                    prompts = task.sample_prompts(rng, args.prompts)
+                    pending = coord.generate_async(prompts, sampling)
+            else:
+                completions = coord.generate(task.sample_prompts(rng, args.prompts), sampling)
             rewards = [task.reward(c.token_ids) for c in completions]
             t1 = time.time()
             batch = make_grpo_batch(completions, rewards, args.group_size, tokenizer.pad_token_id)
@@ -125,6 +157,7 @@ def main(argv=None) -> dict:
                 "clip_fraction": stats.get("clip_fraction", 0.0),
                 "weight_version_used": completions[0].weight_version,
                 "weight_version": coord.weight_version,
+                "staleness": stats.get("staleness", 0.0),
                 "rollout_s": t1 - t0,
                 "train_s": t2 - t1,
                 "sync_s": t3 - t2,
@@ -165,7 +198,10 @@ def main(argv=None) -> dict:
             "tp": args.tp,
             "zero_stage": args.zero_stage,
             "sleep_level": args.sleep_level,
+            "colocated": not args.separate,
+            "pipeline": args.pipeline,
         },
+        "max_staleness": max(r["staleness"] for r in history),
         "rewards": [r["reward"] for r in history],
         "out": str(out.resolve()),
     }

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
 from pathlib import Path
 
 import ray
 import torch
 
-from colocate.contract import Completion, EngineCapabilities, EngineTenant, TrainerTenant
+from colocate.contract import Completion, EngineCapabilities, EngineTenant, Receipt, TrainerTenant
 from colocate.faults import Fault, coerce_fault
 from colocate.memory import process_stats
 from colocate.phases import EngineMemory, TrainerMemory
@@ -52,6 +53,15 @@ def fake_model_dir(root: Path) -> str:
     (root / "config.json").write_text(json.dumps(config))
     (root / "model.safetensors").write_bytes(b"")
     return str(root)
+
+
+def on_cpu(rdv):
+    """The fakes move bytes over gloo whatever the planned transport (CUDA bundles simulated)."""
+    from dataclasses import replace
+
+    from weight_sync.transport import Backend
+
+    return replace(rdv, backend=Backend.GLOO)
 
 
 def _module(shapes: dict) -> torch.nn.Module:
@@ -114,16 +124,14 @@ class FakeEngine(EngineTenant):
             self.memory = EngineMemory.WEIGHTS
         return self.memory
 
-    def wake_kv(self, version: int | None) -> EngineMemory:
-        if version is not None:
-            self.weight_version = version
+    def wake_kv(self) -> EngineMemory:
         if self.memory is not EngineMemory.AWAKE:
             with self.span("engine.wake_kv"):
                 pass
             self.memory = EngineMemory.AWAKE
         return self.memory
 
-    def generate(self, prompts: list, sampling) -> list[Completion]:
+    def generate(self, prompts: list, sampling, first_index: int = 0) -> list[Completion]:
         if self.memory is not EngineMemory.AWAKE:
             raise RuntimeError(f"{self.name}: generate needs the engine awake, it is {self.memory}")
         if self.weight_version < 0:
@@ -141,7 +149,14 @@ class FakeEngine(EngineTenant):
                     )
                     out.append(
                         Completion(
-                            p, s, (1, 2), ids, (-1.0,) * len(ids), "", "length", self.weight_version
+                            first_index + p,
+                            s,
+                            (1, 2),
+                            ids,
+                            (-1.0,) * len(ids),
+                            "",
+                            "length",
+                            self.weight_version,
                         )
                     )
         return out
@@ -156,18 +171,19 @@ class FakeEngine(EngineTenant):
             self._receiver.close()
         self._plan = setup.plan
         self._receiver = make_receiver(
-            setup.rendezvous[0],
+            on_cpu(setup.rendezvous[0]),
             setup.group_ranks[0],
             setup.plan.max_bucket_bytes,
             torch.device("cpu"),
         )
         return [{"tp_rank": 0, "group_rank": setup.group_ranks[0]}]
 
-    def receive_weights(self, request) -> list:
+    def receive_weights(self, request) -> Receipt:
         from weight_sync.buckets import fused_group_key
-        from weight_sync.fingerprint import fingerprint
+        from weight_sync.fingerprint import compare, fingerprint
         from weight_sync.receiver import ReceiveReport
-        from weight_sync.stream import receive_stream
+        from weight_sync.stream import manifest_key, receive_stream
+        from weight_sync.verify import check_applied
 
         if self.memory is EngineMemory.ASLEEP:
             raise RuntimeError(f"{self.name}: weights are asleep; wake_weights before a sync")
@@ -187,13 +203,22 @@ class FakeEngine(EngineTenant):
         with self.span("engine.receive_weights", version=request.version):
             stats = receive_stream(self._plan.buckets, self._receiver, apply)
         report.bytes_received, report.seconds = stats.bytes, stats.seconds
+        receipt = Receipt(request.version, [report])
         if request.verify:
             # As vLLM does, fused groups are one applied parameter: its fingerprint is the sum.
             for name, tensor in self.params.items():
                 key = fused_group_key(name, self._plan.fused_groups)
                 fp = fingerprint(tensor)
                 report.applied[key] = report.applied[key] + fp if key in report.applied else fp
-        return [report]
+            # The sender's manifest came through the transport, as for the real receiver.
+            sent = pickle.loads(self._receiver.fetch(manifest_key(request.version)))
+            where = f"{self.name} worker tp0 (version {request.version})"
+            compare(sent, report.fingerprints, where=where)
+            groups = self._plan.fused_groups
+            applied = check_applied(sent, [report.applied], groups, where=self.name)
+            receipt = Receipt(request.version, [report], len(report.fingerprints), applied)
+        self.weight_version = request.version
+        return receipt
 
     def status(self) -> dict:
         return {
@@ -294,7 +319,7 @@ class FakeTrainer(TrainerTenant):
         buffers = sender.allocate_buffers() if rendezvous else ()
         for rdv in rendezvous:
             sender.transports.append(
-                make_sender(rdv, self._stores[rdv.key][0], buffers, torch.device("cpu"))
+                make_sender(on_cpu(rdv), self._stores[rdv.key][0], buffers, torch.device("cpu"))
             )
         self._sender = sender
         return True

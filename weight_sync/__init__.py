@@ -13,7 +13,7 @@ from weight_sync.buckets import (
     fused_group_key,
     plan_buckets,
 )
-from weight_sync.errors import BucketPlanError, WeightSyncError
+from weight_sync.errors import BucketPlanError, VerificationError, WeightSyncError
 from weight_sync.factory import choose_backend, make_receiver, make_sender
 from weight_sync.fingerprint import Fingerprint, compare, fingerprint
 from weight_sync.groups import Receiver, TransferGroup, plan_transfer_groups
@@ -42,6 +42,7 @@ __all__ = [
     "SyncRequest",
     "TensorMeta",
     "TransferGroup",
+    "VerificationError",
     "WeightSender",
     "WeightSource",
     "WeightSyncError",

@@ -83,6 +83,7 @@ class CollectiveSender(SenderTransport):
     def __init__(self, rdv: Rendezvous, store, device: torch.device | None = None):
         self._rdv = rdv
         self._group = new_group(rdv, store, 0, device or torch.device("cpu"))
+        self.messages, self.timeout_s = store, rdv.timeout_s
 
     @override
     def send(self, bucket: Bucket, buffer: torch.Tensor) -> Pending:
@@ -103,6 +104,7 @@ class CollectiveReceiver(ReceiverTransport):
         self._rdv = rdv
         store = join_store(rdv.host, rdv.port, rdv.world_size, rdv.timeout_s, rdv.key)
         self._group = new_group(rdv, store, rank, device)
+        self.messages, self.timeout_s = store, rdv.timeout_s
         # Written once here so that receiving never page-faults (fresh buffers cost 3-9x the
         # transfer on the build machine).
         self._buffers = [torch.zeros(buffer_bytes, dtype=torch.uint8, device=device) for _ in "ab"]

@@ -59,6 +59,7 @@ class IpcSender(SenderTransport):
             raise WeightSyncError("CUDA IPC needs CUDA buffers; use the collective transport")
         self.store = dist.PrefixStore("ipc/", store)
         self.timeout_s = rdv.timeout_s
+        self.messages = store
         self.receivers = rdv.world_size - 1
         self._buffers = buffers
         self._seq = 0
@@ -106,6 +107,7 @@ class IpcReceiver(ReceiverTransport):
         store = join_store(rdv.host, rdv.port, rdv.world_size, rdv.timeout_s, rdv.key)
         self.store = dist.PrefixStore("ipc/", store)
         self.timeout_s = rdv.timeout_s
+        self.messages = store
         self._rank = rank
         handles = pickle.loads(_wait_key(self.store, "handles", rdv.timeout_s, "IPC handles"))
         index = torch.device(device).index

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["WeightSyncError", "BucketPlanError"]
+__all__ = ["WeightSyncError", "VerificationError", "BucketPlanError"]
 
 
 class WeightSyncError(RuntimeError):
     """A weight transfer failed, timed out, or arrived different from what was sent."""
+
+
+class VerificationError(WeightSyncError):
+    """What arrived (or was applied) differs from what was sent; names the tensor and where."""
 
 
 class BucketPlanError(ValueError):

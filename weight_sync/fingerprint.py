@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from weight_sync.errors import WeightSyncError
+from weight_sync.errors import VerificationError
 
 __all__ = ["Fingerprint", "fingerprint", "compare"]
 
@@ -65,7 +65,7 @@ def fingerprint(tensor: torch.Tensor) -> Fingerprint:
 def compare(
     expected: dict[str, Fingerprint], actual: dict[str, Fingerprint], *, where: str
 ) -> None:
-    """Raises :class:`WeightSyncError` naming the first tensor whose fingerprints differ.
+    """Raises :class:`VerificationError` naming the first tensor whose fingerprints differ.
 
     Args:
         expected: Fingerprints computed by the sender, by tensor name.
@@ -75,11 +75,11 @@ def compare(
     for name, want in expected.items():
         got = actual.get(name)
         if got is None:
-            raise WeightSyncError(f"{where}: tensor {name!r} was sent but not received")
+            raise VerificationError(f"{where}: tensor {name!r} was sent but not received")
         if got != want:
-            raise WeightSyncError(
+            raise VerificationError(
                 f"{where}: tensor {name!r} arrived corrupted (fingerprint {got} != sent {want})"
             )
     extra = sorted(set(actual) - set(expected))
     if extra:
-        raise WeightSyncError(f"{where}: received tensors that were not sent: {extra[:5]}")
+        raise VerificationError(f"{where}: received tensors that were not sent: {extra[:5]}")

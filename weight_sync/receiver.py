@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 
@@ -24,8 +25,8 @@ import torch
 from weight_sync.buckets import BucketPlan
 from weight_sync.errors import WeightSyncError
 from weight_sync.factory import make_receiver
-from weight_sync.fingerprint import Fingerprint, fingerprint
-from weight_sync.stream import receive_stream
+from weight_sync.fingerprint import Fingerprint, compare, fingerprint
+from weight_sync.stream import manifest_key, receive_stream
 from weight_sync.transport import ReceiverTransport, Rendezvous
 
 __all__ = [
@@ -61,11 +62,13 @@ class ReceiverSetup:
             share a GPU with different trainer ranks join different CUDA IPC groups.
         group_ranks: Group rank of each TP rank of this engine (index = TP rank).
         plan: The bucket layout every sync follows.
+        engine: The engine's name, for error messages (``"engine1"``).
     """
 
     rendezvous: tuple[Rendezvous, ...]
     group_ranks: tuple[int, ...]
     plan: BucketPlan
+    engine: str = "engine"
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,8 @@ class ReceiveReport:
     apply_s: float = 0.0
     fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
     applied: dict[str, Fingerprint] = field(default_factory=dict)
+    sent: dict[str, Fingerprint] | None = None  # the sender's manifest (TP rank 0 only)
+    verified: int = 0  # received tensors compared with the manifest
 
 
 class _State:
@@ -142,7 +147,16 @@ class WeightSyncWorkerExtension:
             getattr(self.model_runner, reset, lambda: None)()
         if request.verify:
             report.applied = self.ws_applied_fingerprints()
+            self._ws_verify(state, request, report)
         return report
+
+    def _ws_verify(self, state: _State, request: SyncRequest, report: ReceiveReport) -> None:
+        """Compares what arrived with the sender's manifest (it came through the transport)."""
+        sent = pickle.loads(state.transport.fetch(manifest_key(request.version)))
+        where = f"{state.setup.engine} worker tp{state.tp_rank} (version {request.version})"
+        compare(sent, report.fingerprints, where=where)
+        report.verified = len(report.fingerprints)
+        report.sent = sent if state.tp_rank == 0 else None
 
     def _ws_stream(self, state: _State, request: SyncRequest) -> ReceiveReport:
         from vllm.model_executor.model_loader.reload import (

@@ -9,6 +9,7 @@ overlaps the transfer of bucket ``i``.
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import torch
 from weight_sync.buckets import BucketPlan
 from weight_sync.fingerprint import Fingerprint, fingerprint
 from weight_sync.sources import WeightSource
-from weight_sync.stream import send_stream
+from weight_sync.stream import manifest_key, send_stream
 from weight_sync.transport import SenderTransport
 
 __all__ = ["SendReport", "WeightSender"]
@@ -107,6 +108,10 @@ class WeightSender:
         stats = send_stream(
             self.plan.buckets, self.buffers, self.transports, fill, after_bucket=after_bucket
         )
+        if verify:  # the manifest travels with the buckets: each receiver checks itself
+            manifest = pickle.dumps(report.fingerprints)
+            for t in self.transports:
+                t.publish(manifest_key(version), manifest)
         report.bytes_sent = stats.bytes
         report.wait_s = stats.wait_s
         report.seconds = stats.seconds

@@ -7,7 +7,7 @@ import socket
 
 import torch.distributed as dist
 
-__all__ = ["host_store", "join_store", "free_local_address"]
+__all__ = ["host_store", "join_store", "free_local_address", "wait_get"]
 
 
 def host_store(host: str, world_size: int, timeout_s: float, key: str):
@@ -41,6 +41,21 @@ def join_store(host: str, port: int, world_size: int, timeout_s: float, key: str
     """Connects to a store started by :func:`host_store`; same prefix, same timeout."""
     store = dist.TCPStore(host, port, world_size, False, datetime.timedelta(seconds=timeout_s))
     return dist.PrefixStore(f"{key}/", store)
+
+
+def wait_get(store, key: str, timeout_s: float, what: str) -> bytes:
+    """The value of ``key`` once it is set, waiting at most ``timeout_s``.
+
+    Raises:
+        WeightSyncError: Nobody set it in time (``what`` says what was waited for).
+    """
+    from weight_sync.errors import WeightSyncError
+
+    try:
+        store.wait([key], datetime.timedelta(seconds=timeout_s))
+        return store.get(key)
+    except Exception as exc:  # noqa: BLE001 - the store raises RuntimeError/DistStoreError
+        raise WeightSyncError(f"{what}: no answer within {timeout_s:g} s ({exc})") from exc
 
 
 def free_local_address(multi_node: bool) -> str:

@@ -12,6 +12,9 @@ then raised.
 
 Receive, per bucket ``i``: wait for it; post the receive of bucket ``i + 1`` (so it travels
 while this one is applied); ``apply(bucket, buffer)``; tell the transport the buffer is free.
+
+Verification: when fingerprinting, the sender posts its manifest (:func:`manifest_key`) after
+the last bucket and each receiver compares against it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,16 @@ import torch
 from weight_sync.buckets import Bucket
 from weight_sync.transport import Pending, ReceiverTransport, SenderTransport
 
-__all__ = ["StreamStats", "send_stream", "receive_stream"]
+__all__ = ["StreamStats", "send_stream", "receive_stream", "manifest_key"]
+
+
+def manifest_key(version: int) -> str:
+    """Where a sync's manifest (the sender's fingerprints) travels: the group's message store.
+
+    The sender posts it after its last bucket; every receiver compares what it received with
+    it, so a sync is verified where it lands, with no round trip through the driver.
+    """
+    return f"manifest/{version}"
 
 
 @dataclass

@@ -80,7 +80,18 @@ class Pending(ABC):
 
 
 class SenderTransport(ABC):
-    """Sending side of a transport."""
+    """Sending side of a transport.
+
+    Implementations set ``messages`` (a store every member of the group reaches) and
+    ``timeout_s``; small messages (a sync's manifest of fingerprints) travel through it.
+    """
+
+    messages = None
+    timeout_s: float = 60.0
+
+    def publish(self, key: str, payload: bytes) -> None:
+        """Posts a small message every receiver of the group can :meth:`fetch`."""
+        self.messages.set(f"msg/{key}", payload)
 
     @abstractmethod
     def send(self, bucket: Bucket, buffer: torch.Tensor) -> Pending:
@@ -92,7 +103,16 @@ class SenderTransport(ABC):
 
 
 class ReceiverTransport(ABC):
-    """Receiving side of a transport."""
+    """Receiving side of a transport (``messages`` and ``timeout_s`` as for the sender)."""
+
+    messages = None
+    timeout_s: float = 60.0
+
+    def fetch(self, key: str) -> bytes:
+        """The message the sender posted under ``key`` (bounded wait)."""
+        from weight_sync.store import wait_get
+
+        return wait_get(self.messages, f"msg/{key}", self.timeout_s, f"message {key!r}")
 
     @abstractmethod
     def receive(self, bucket: Bucket) -> Pending:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from weight_sync.buckets import fused_group_key
-from weight_sync.errors import WeightSyncError
+from weight_sync.errors import VerificationError
 from weight_sync.fingerprint import Fingerprint
 
 __all__ = ["expected_applied", "check_applied"]
@@ -36,7 +36,7 @@ def check_applied(
     *,
     where: str,
 ) -> int:
-    """Raises :class:`WeightSyncError` on the first applied parameter that differs.
+    """Raises :class:`VerificationError` on the first applied parameter that differs.
 
     Args:
         sent: Fingerprints the sender computed, by checkpoint name.
@@ -62,7 +62,7 @@ def check_applied(
                 total = total + s
         want = expected[name]
         if (total.bit_sum, total.square_sum) != (want.bit_sum, want.square_sum):
-            raise WeightSyncError(
+            raise VerificationError(
                 f"{where}: applied parameter {name!r} differs from what was sent "
                 f"(fingerprint {total} != expected {want})"
             )

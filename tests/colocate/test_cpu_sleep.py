@@ -57,7 +57,7 @@ def test_level_1_frees_the_kv_cache_and_serves_the_same_after_waking(ray_local, 
         with pytest.raises(ray.exceptions.RayTaskError) as err:
             ray.get(engine.generate.remote(PROMPTS, GREEDY), timeout=60)
         assert isinstance(err.value.cause, PhaseError)  # refused; never reads zeroed pages
-        ray.get(engine.wake_kv.remote(None), timeout=120)
+        ray.get(engine.wake_kv.remote(), timeout=120)
         woken = _rss(engine)
         assert woken - asleep >= 0.9 * released["kv_bytes"]  # the KV cache is resident again
         assert _outputs(engine) == before

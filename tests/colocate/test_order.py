@@ -11,6 +11,7 @@ import time
 
 import pytest
 from fakes import FakeEngine, FakeTrainer, fake_loss, fake_model_dir
+from raysupport import fake_cuda_probe
 
 from colocate import (
     ActorFailedError,
@@ -28,7 +29,7 @@ from colocate.coordinator import Timeouts
 from colocate.handovers import TABLE
 from colocate.phases import RESIDENT
 from placement import TenantKind, TopologySpec
-from weight_sync import WeightSyncError
+from weight_sync import Backend, WeightSyncError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -93,7 +94,13 @@ def test_every_row_of_the_loop_in_order(ray_local, model_dir):
         assert coord.phase is Phase.ROLLOUT and coord.weight_version == 1
         assert coord.sync_driver.setup_rounds == 3
         _check_resident(coord)
+        rounds = coord.rounds
         first = coord.generate(PROMPTS, SAMPLING)
+        coord.train({"x": [0] * len(first)})
+        report = coord.sync()
+        # One driver round each for generate, train (its hand-over chained) and sync (both
+        # hand-overs, the transfer, the verification and the span collection chained).
+        assert coord.rounds - rounds == 3
         _train(coord)
         _check_resident(coord)
         report = coord.sync()
@@ -101,19 +108,19 @@ def test_every_row_of_the_loop_in_order(ray_local, model_dir):
         assert report.applied_checked > 0
         _check_resident(coord)
         after = coord.generate(PROMPTS, SAMPLING)
-        assert {c.weight_version for c in after} == {2}
+        assert {c.weight_version for c in after} == {3}
         assert [c.token_ids for c in after] != [c.token_ids for c in first]  # new weights
         _train(coord)
         coord.skip_sync()
         _check_resident(coord)
-        assert {c.weight_version for c in coord.generate(PROMPTS, SAMPLING)} == {2}
+        assert {c.weight_version for c in coord.generate(PROMPTS, SAMPLING)} == {3}
         _train(coord)
         coord.sync()
         timeline = coord.timeline
     _check_order(timeline)
     assert {"start", "init", "train", "sync", "rollout", "skip-sync"} <= _rows(timeline)
     coordinator = {s.name for s in timeline.spans if s.actor == "coordinator"}
-    assert {"reserve", "handover", "transfer", "generate", "train", "collect_spans"} <= coordinator
+    assert {"reserve", "handover", "generate", "train", "sync", "skip_sync"} <= coordinator
 
 
 def test_dummy_start_sleeps_at_level_2_and_serves_only_after_the_first_sync(ray_local, model_dir):
@@ -121,6 +128,19 @@ def test_dummy_start_sleeps_at_level_2_and_serves_only_after_the_first_sync(ray_
         levels = {s.detail["level"] for s in coord.timeline.spans if s.name == "engine.sleep"}
         assert levels == {2} and coord.weight_version == 1
         assert {c.weight_version for c in coord.generate(PROMPTS, SAMPLING)} == {1}
+
+
+def test_sync_set_up_takes_three_rounds_whatever_the_number_of_groups(ray_local, model_dir):
+    """Simulated CUDA bundles: each of the 4 shared GPUs gets its own CUDA IPC group (the fakes
+    carry it over gloo); the set-up still takes 3 driver rounds, as with one group."""
+    spec = TopologySpec(nodes=1, gpus_per_node=4, trainer_world_size=4, engines=4)
+    with _coordinator(model_dir, spec=spec, probe=fake_cuda_probe()) as coord:
+        groups = coord.sync_driver.groups
+        assert len(groups) == 4 and {g.backend for g in groups} == {Backend.CUDA_IPC}
+        assert coord.sync_driver.setup_rounds == 3
+        report = coord.sync()
+        assert report.verified_tensors == 4 * len(coord.bucket_plan.metas)
+    # (One group, the CPU case, takes the same 3 rounds: test_every_row_of_the_loop_in_order.)
 
 
 def test_separate_pools_plan_no_memory_moves(ray_local, model_dir):

@@ -62,3 +62,20 @@ def test_no_rise_without_the_sync(synced, tmp_path):
 def test_same_seed_same_rewards(synced, tmp_path):
     again = _run(tmp_path, "--steps", "4")
     assert again["rewards"] == synced["rewards"][:4]
+
+
+def test_async_pipeline_learns_with_bounded_staleness(tmp_path):
+    """Separate pools, one-step off-policy: rollouts overlap training, staleness stays 1."""
+    run = _run(
+        tmp_path,
+        *("--steps", "20", "--pipeline", "async", "--trainer-gpus", "1", "--engine-gpus", "1"),
+        *("--zero-stage", "1"),
+    )
+    rewards = run["rewards"]
+    late = sum(rewards[-3:]) / 3
+    assert late > 6 * run["initial_reward"] and late > 0.08, rewards
+    assert run["max_staleness"] == 1.0 and run["ordering_violations"] == []
+    rows = [json.loads(x) for x in (Path(run["out"]) / "metrics.jsonl").read_text().splitlines()]
+    # Batch k (k >= 1) was generated with the weights after step k - 1: one step stale.
+    assert [r["weight_version_used"] for r in rows] == [1] + list(range(1, 20))
+    assert run["topology"]["pipeline"] == "async" and not run["topology"]["colocated"]

@@ -34,7 +34,7 @@ def test_sleep_frees_engine_memory_and_wake_restores_service(tiny_model_dir):
     engine.sleep(1)
     asleep = free0 - torch.cuda.mem_get_info()[0]
     assert asleep < 0.1 * awake, f"asleep holds {asleep / awake:.0%} of {awake} bytes"
-    assert engine.wake_kv(None) is EngineMemory.AWAKE  # level 1: weights came back
+    assert engine.wake_kv() is EngineMemory.AWAKE  # level 1: weights came back
     assert [c.token_ids for c in engine.generate(["kato rimu"], greedy)] == before
     engine.shutdown()
     assert total > 0
