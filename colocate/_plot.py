@@ -80,3 +80,23 @@ def plot_timeline(timeline, path: Path, title: str = "") -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_curve(rows: list[dict], key: str, path: Path, ylabel: str, ylim=(0, 1)) -> Path:
+    """``key`` of every row against its ``step`` (a run's reward curve)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="o")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

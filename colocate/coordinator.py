@@ -60,6 +60,8 @@ from colocate.handovers import (
     Row,
     actors_of,
 )
+from colocate.memory_check import check_run
+from colocate.memory_plan import MemoryPlan, MemoryPlanError
 from colocate.phases import Phase, PhaseError, require
 from colocate.rollouts import Rollout, StalenessError, VersionLedger
 from colocate.syncing import SyncDriver, SyncReport
@@ -121,6 +123,8 @@ class Coordinator:
         name: Prefix of actor, placement-group and rendezvous names (unique by default).
         probe: The placement probe run on each bundle (default ``placement.probe_bundle``).
         pipeline: SYNC (default) or ASYNC one-step off-policy rollouts (separate pools only).
+        check_memory: Plan every phase's memory on the reserved bundles and refuse, before
+            any actor starts, a run that cannot fit (:mod:`colocate.memory_plan`).
 
     Raises:
         ConfigError: An inconsistent configuration (before anything starts).
@@ -142,6 +146,7 @@ class Coordinator:
         name: str | None = None,
         probe=None,
         pipeline: PipelineConfig | None = None,
+        check_memory: bool = True,
     ):
         pipeline = pipeline or PipelineConfig()
         if pipeline.mode is Pipeline.ASYNC and spec.colocate:
@@ -188,6 +193,8 @@ class Coordinator:
         self.pipeline = pipeline
         self.versions = VersionLedger()  # which trainer step each weight version carries
         self._probe = probe
+        self.check_memory = check_memory
+        self.memory_plan: MemoryPlan | None = None  # set at start when check_memory
         check_engine_model(engine)  # the device-specific checks run once the device is known
         self.step = 0
         self.weight_version = 0 if engine.load_format is LoadFormat.AUTO else -1
@@ -244,14 +251,15 @@ class Coordinator:
         """Reserves GPUs, creates the actors in memory order, and runs the first sync.
 
         Order: reserve (the probe reports each bundle's device; device-specific config checks
-        run now, before any actor starts); the ``start`` row creates the engines (vLLM sizes
-        itself from the free memory); the ``init`` row puts them to sleep on shared GPUs and
-        only then creates the trainer ranks there; the first sync then gives every engine the
-        trainer's weights (an engine started with dummy weights never serves before it), and
-        the pipeline enters ROLLOUT.
+        and the memory plan run now, before any actor starts); the ``start`` row creates the
+        engines (vLLM sizes itself from the free memory); the ``init`` row puts them to sleep
+        on shared GPUs and only then creates the trainer ranks there; the first sync then gives
+        every engine the trainer's weights (an engine started with dummy weights never serves
+        before it), and the pipeline enters ROLLOUT.
 
         Raises:
             PhaseError: Called twice, or after shutdown.
+            MemoryPlanError: A phase cannot fit on a bundle (the reservation is released).
         """
         if self._started:
             raise PhaseError(
@@ -273,6 +281,20 @@ class Coordinator:
             )
         self.device = self.reservation.device
         check_engine_model(self.engine_config, self.device)
+        if self.check_memory:
+            try:
+                self.memory_plan = check_run(
+                    self.engine_config,
+                    self.trainer_config,
+                    self.sync_config,
+                    self.plan,
+                    self.reservation,
+                    self.sleep_level,
+                )
+            except MemoryPlanError:
+                self.reservation.release()  # nothing started: give the GPUs back now
+                self.reservation = None
+                raise
         self.fleet = Fleet(
             self.name,
             self.plan,
@@ -408,6 +430,32 @@ class Coordinator:
         if staleness is not None:
             out["staleness"] = float(staleness)
         return out
+
+    def resume(self, checkpoint: str, weight_version: int) -> SyncReport:
+        """Brings this (started) pipeline to a saved run: the trainers load ``checkpoint``.
+
+        Order: the ``train`` row (engines sleep, trainers reload), every rank loads the
+        checkpoint (model, optimizer and step count, as :meth:`save_trainer` wrote them), the
+        step counter becomes the checkpoint's, and a verified sync (version
+        ``weight_version + 1``) gives every engine those weights before it serves again.
+
+        Args:
+            checkpoint: A directory written by :meth:`save_trainer`.
+            weight_version: The engines' version when it was written (numbering continues).
+        """
+        require(self._exec.phase, (Phase.ROLLOUT, Phase.TRAIN), "resume")
+        chain, pending = self._exec.pending()
+        self._exec.add_row(chain, TRAIN, self._ctx(), pending)
+        tag = self._exec.tag("resume")
+        loads = [
+            chain.add(self.fleet.call(a, TrainerTenant.load, checkpoint, tag=tag))
+            for a in actors_of(self.plan, _TRAINER)
+        ]
+        results = self._guard(lambda: self._exec.run_chain(chain, pending, "resume"))
+        self.step = results[loads[0]]
+        self.weight_version = weight_version
+        self._guard(self._sync_chain)
+        return self.last_sync
 
     def _staleness(self, batch: dict) -> int | None:
         """The batch's staleness (from its ``weight_version`` rows, if any); enforced (ASYNC).

@@ -19,6 +19,7 @@ import torch
 
 from colocate.config import TrainerConfig
 from colocate.contract import TrainerTenant
+from colocate.ds_ops import op_environment, prepare_ops
 from colocate.faults import Fault, coerce_fault
 from colocate.phases import TrainerMemory
 from colocate.trainer_backend import TrainerBackend, load_model, make_backend
@@ -80,6 +81,8 @@ class TrainerActor(TrainerTenant):
         env: dict[str, str],
     ):
         os.environ.update(env)
+        # This environment's own ninja and extension cache (colocate.ds_ops): never a rebuild.
+        os.environ.update(op_environment())
         # DeepSpeed calls torch.distributed APIs that torch has deprecated: one FutureWarning
         # per call, per step, per rank. They say nothing about this run.
         warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
@@ -124,6 +127,8 @@ class TrainerActor(TrainerTenant):
         if self.started:
             return self.describe()
         with self.span("trainer.start"):
+            if self.config.deepspeed:  # built by the set-up; loaded (never hung) here
+                prepare_ops(timeout_s)
             torch.manual_seed(self.config.seed)
             self.backend.start(self._trainer_group_store(master, timeout_s), master, timeout_s)
             # DeepSpeed's offload_states ends in gc.collect(), which walks every object the

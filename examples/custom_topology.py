@@ -22,6 +22,7 @@ from colocate import (
     make_grpo_batch,
     token_logprobs,
 )
+from colocate.cli import Checker
 from colocate.cluster import connect
 from placement import TopologySpec
 
@@ -67,6 +68,9 @@ def main(argv=None) -> None:
     p.add_argument("--model", help="local HF model directory (default: the tiny model)")
     p.add_argument("--steps", type=int, default=5)
     args = p.parse_args(argv)
+    check = Checker(p, args)  # every flag, before anything starts (exit 2 on bad usage)
+    check.at_least("--steps", 1)
+    check.existing_dir("--model", must_hold="config.json")
     model = args.model or str(build_tiny_model())
     connect(logical_gpus=4)
     separate = TopologySpec(

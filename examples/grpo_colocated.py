@@ -7,7 +7,9 @@ trained with DeepSpeed ZeRO, then a verified weight sync back to the engines.
 
 Runs as ``python examples/grpo_colocated.py`` (starts a local Ray: logical GPUs on a CPU
 machine, the real GPUs on a CUDA one) and as ``ray job submit --working-dir . -- python
-examples/grpo_colocated.py`` (joins the job's cluster).
+examples/grpo_colocated.py`` (joins the job's cluster). Every flag is checked before anything
+starts (exit status 2 with the flag, the value and the fix). ``--save-every N`` checkpoints the
+whole run; ``--resume DIR`` continues one. Metrics go to ``metrics.jsonl`` and TensorBoard.
 """
 
 from __future__ import annotations
@@ -20,15 +22,22 @@ from pathlib import Path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """Parses and checks every flag (before anything starts); exits 2 on bad usage."""
+    from colocate.cli import Checker
+    from colocate.run_log import tensorboard_available
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="local HF model directory (default: build the tiny model)")
     p.add_argument("--gpus", type=int, default=2, help="GPUs (trainer ranks, one per GPU)")
     p.add_argument("--engines", type=int, default=None, help="vLLM engines (default gpus / tp)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of each engine")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=30, help="total steps (a resumed run included)")
     p.add_argument("--prompts", type=int, default=16, help="prompts per step")
     p.add_argument("--group-size", type=int, default=8, help="completions per prompt")
     p.add_argument("--max-tokens", type=int, default=12)
+    p.add_argument("--max-model-len", type=int, default=512, help="prompt + completion tokens")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3])
     p.add_argument("--sleep-level", type=int, default=1, choices=[1, 2])
@@ -55,7 +64,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--trainer-gpus", type=int, default=None, help="separate pools: trainer GPUs")
     p.add_argument("--engine-gpus", type=int, default=None, help="separate pools: engine GPUs")
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint the run every N steps")
+    p.add_argument("--resume", default=None, help="continue the run saved in this directory")
+    p.add_argument(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        default=tensorboard_available(),
+        help="TensorBoard event files under OUT/tensorboard (default: on when installed)",
+    )
+    p.add_argument("--wandb-project", default=None, help="also log to W&B (offline mode)")
     args = p.parse_args(argv)
+    check = Checker(p, args)
+    for flag in ("--steps", "--prompts", "--max-tokens", "--tp", "--engines", "--save-every"):
+        check.at_least(flag, 1)
+    check.at_least("--gpus", 1)
+    check.at_least("--trainer-gpus", 1)
+    check.at_least("--engine-gpus", 1)
+    check.at_least("--group-size", 2, "with one completion per prompt every advantage is zero")
+    check.at_least("--max-model-len", 16)
+    check.at_least("--seed", 0)
+    check.in_range("--lr", 0.0, 10.0)
+    check.in_range("--bucket-mb", 0.0, 65536.0)
+    check.in_range("--temperature", 0.0, 100.0, lo_open=False)
+    check.in_range("--top-p", 0.0, 1.0)
     if (args.trainer_gpus is None) != (args.engine_gpus is None):
         p.error("--trainer-gpus and --engine-gpus go together; fix: give both, or neither")
     args.separate = args.trainer_gpus is not None
@@ -64,19 +95,65 @@ def parse_args(argv=None) -> argparse.Namespace:
             "--pipeline async overlaps rollouts with training on different GPUs; fix: add "
             "--trainer-gpus N --engine-gpus M (separate pools)"
         )
+    if args.no_sync and args.sleep_level == 2 and not args.separate:
+        p.error("--no-sync with --sleep-level 2: level 2 drops the engines' weights; fix: drop one")
+    if args.tensorboard and not tensorboard_available():
+        p.error("--tensorboard needs the tensorboard package; fix: pip install tensorboard")
+    if args.wandb_project:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            p.error("--wandb-project needs the wandb package; fix: pip install wandb, or drop it")
     if args.separate:
         args.gpus = args.trainer_gpus + args.engine_gpus
         args.engines = args.engines or max(1, args.engine_gpus // args.tp)
     args.engines = args.engines or max(1, args.gpus // args.tp)
+    check.existing_dir("--model", must_hold="config.json")
+    args.state = None
+    if args.resume:
+        from colocate.run_state import load_run
+
+        check.existing_dir("--resume")
+        try:
+            args.state = load_run(Path(args.resume))
+        except (FileNotFoundError, ValueError) as exc:
+            p.error(f"--resume {args.resume!r}: {exc}")
+        if args.state.next_step >= args.steps:
+            check.fail(
+                "--steps",
+                args.steps,
+                f"the run already has {args.state.next_step} steps",
+                f"pass --steps above {args.state.next_step}",
+            )
+    check.writable_dir("--out")
+    check.address("--address")
+    args.configs = check.check_configs(lambda: build_configs(args), CONFIG_FLAGS)
+    check_prompts_fit(check, args)
     return args
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    from tqdm import tqdm
+#: Config fields -> the flag they come from (for the library's own validation messages).
+CONFIG_FLAGS = {
+    "trainer_world_size": "--gpus/--trainer-gpus",
+    "gpus_per_node": "--gpus",
+    "engines": "--engines",
+    "engine_tp": "--tp",
+    "tensor_parallel_size": "--tp",
+    "lr": "--lr",
+    "max_model_len": "--max-model-len",
+    "bucket_bytes": "--bucket-mb",
+    "n": "--group-size",
+    "max_tokens": "--max-tokens",
+    "temperature": "--temperature",
+    "top_p": "--top-p",
+    "seed": "--seed",
+    "model": "--model",
+}
 
+
+def build_configs(args) -> dict:
+    """The run's configs from the flags (the library validates each one)."""
     from colocate import (
-        Coordinator,
         EngineConfig,
         Pipeline,
         PipelineConfig,
@@ -84,18 +161,10 @@ def main(argv=None) -> dict:
         SyncConfig,
         TrainerConfig,
         build_tiny_model,
-        grpo_loss,
-        make_grpo_batch,
     )
-    from colocate.cluster import connect
-    from colocate.toy_task import TargetTokens
     from placement import TopologySpec
 
-    started = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     model = args.model or str(build_tiny_model())
-    connect(args.address, logical_gpus=args.gpus)
     spec = TopologySpec(
         nodes=1,
         gpus_per_node=args.gpus,
@@ -104,31 +173,88 @@ def main(argv=None) -> dict:
         engine_tp=args.tp,
         colocate=not args.separate,
     )
-    pipeline = PipelineConfig(mode=Pipeline(args.pipeline))
-    sync = SyncConfig(bucket_bytes=int(args.bucket_mb * 2**20) if args.bucket_mb else None)
-    coord = Coordinator(
-        spec,
-        EngineConfig(
-            model=model, tensor_parallel_size=args.tp, seed=args.seed, log_level=args.log_level
-        ),
-        TrainerConfig(model=model, lr=args.lr, zero_stage=args.zero_stage, seed=args.seed),
-        grpo_loss,
-        sync=sync,
-        sleep_level=args.sleep_level,
-        pipeline=pipeline,
+    engine = EngineConfig(
+        model=model,
+        tensor_parallel_size=args.tp,
+        seed=args.seed,
+        log_level=args.log_level,
+        max_model_len=args.max_model_len,
     )
+    return {
+        "model": model,
+        "spec": spec,
+        "engine": engine,
+        "trainer": TrainerConfig(
+            model=model, lr=args.lr, zero_stage=args.zero_stage, seed=args.seed
+        ),
+        "sync": SyncConfig(bucket_bytes=int(args.bucket_mb * 2**20) if args.bucket_mb else None),
+        "pipeline": PipelineConfig(mode=Pipeline(args.pipeline)),
+        "sampling": Sampling(
+            n=args.group_size,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+        ),
+    }
+
+
+def check_prompts_fit(check, args) -> None:
+    """The longest prompt of the task plus ``--max-tokens`` must fit the engines' context."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    task = TargetTokens.make(len(tokenizer), args.seed)
+    from colocate.toy_task import TargetTokens
+
+    tokenizer = AutoTokenizer.from_pretrained(args.configs["model"])
+    args.tokenizer = tokenizer
+    args.task = TargetTokens.make(len(tokenizer), args.seed)
+    longest = max(len(tokenizer.encode(p)) for p in args.task.prompts)
+    if longest + args.max_tokens > args.max_model_len:
+        check.fail(
+            "--max-tokens",
+            args.max_tokens,
+            f"prompts of up to {longest} tokens + {args.max_tokens} exceed the engines' "
+            f"--max-model-len {args.max_model_len}",
+            f"pass --max-tokens <= {args.max_model_len - longest} or a larger --max-model-len",
+        )
+
+
+def main(argv=None) -> dict:
+    """Runs the GRPO demo (see the module docstring); returns its summary."""
+    args = parse_args(argv)
+    from tqdm import tqdm
+
+    from colocate import Coordinator, Pipeline, grpo_loss, make_grpo_batch
+    from colocate.cluster import connect
+    from colocate.run_log import RunLog
+    from colocate.run_state import RunState, capture_rng, save_run
+
+    started = time.time()
+    cfg, task, tokenizer = args.configs, args.task, args.tokenizer
+    out = Path(args.out)
+    connect(args.address, logical_gpus=args.gpus)
+    coord = Coordinator(
+        cfg["spec"],
+        cfg["engine"],
+        cfg["trainer"],
+        grpo_loss,
+        sync=cfg["sync"],
+        sleep_level=args.sleep_level,
+        pipeline=cfg["pipeline"],
+    )
     rng = random.Random(args.seed)
-    sampling = Sampling(n=args.group_size, max_tokens=args.max_tokens, temperature=1.0)
+    state = args.state
+    first = state.next_step if state else 0
+    if state:
+        rng.setstate(state.random_state())
+    log = RunLog(out, state.history if state else [], args.tensorboard, args.wandb_project)
+    sampling = cfg["sampling"]
     phase_seconds = {"rollout": 0.0, "train": 0.0, "sync": 0.0}
-    history = []
-    with coord, open(out / "metrics.jsonl", "w") as metrics_file:
+    with coord:
+        if state:  # the engines get the resumed weights by a verified sync before serving
+            coord.resume(state.trainer, state.weight_version)
         setup_s = time.time() - started
-        bar = tqdm(range(args.steps), disable=args.quiet, desc="grpo", unit="step")
-        asynchronous = pipeline.mode is Pipeline.ASYNC
+        bar = tqdm(range(first, args.steps), disable=args.quiet, desc="grpo", unit="step")
+        asynchronous = cfg["pipeline"].mode is Pipeline.ASYNC
         if asynchronous:  # batch 0 starts now; each later one while the trainer trains
             pending = coord.generate_async(task.sample_prompts(rng, args.prompts), sampling)
         for step in bar:
@@ -158,15 +284,14 @@ def main(argv=None) -> dict:
                 "weight_version_used": completions[0].weight_version,
                 "weight_version": coord.weight_version,
                 "staleness": stats.get("staleness", 0.0),
+                "tokens": sum(len(c.token_ids) for c in completions),
                 "rollout_s": t1 - t0,
                 "train_s": t2 - t1,
                 "sync_s": t3 - t2,
             }
             for phase in phase_seconds:
                 phase_seconds[phase] += row[f"{phase}_s"]
-            history.append(row)
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
+            log.write(row)
             bar.set_postfix(
                 reward=f"{row['reward']:.3f}",
                 loss=f"{row['loss']:+.3f}",
@@ -174,22 +299,42 @@ def main(argv=None) -> dict:
                 train=f"{row['train_s']:.2f}s",
                 sync=f"{row['sync_s']:.2f}s",
             )
+            done = step + 1
+            # Every N steps, and at the end (a finished run can be extended with --steps).
+            if args.save_every and (done % args.save_every == 0 or done == args.steps):
+                snapshot = RunState(
+                    done,
+                    coord.weight_version,
+                    capture_rng(rng),
+                    list(log.rows),
+                    {"seed": args.seed},
+                )
+                save_run(
+                    out, snapshot, lambda d: {"trainer": coord.save_trainer(str(d / "trainer"))}
+                )
         coord.timeline.to_chrome_trace(out / "timeline.json")
-        coord.timeline.to_png(out / "timeline.png", title="GRPO, colocated: one lane per GPU")
+        coord.timeline.to_png(out / "timeline.png", title="GRPO: one lane per GPU")
         violations = coord.timeline.ordering_violations()
         weight_version = coord.weight_version
         hardware = coord.hardware()
+        memory = coord.memory_plan
+    history = log.rows
+    log.plot("reward", out / "reward_curve.png", "mean reward (fraction of target tokens)")
+    log.close()
     last = history[-5:]
     summary = {
         "initial_reward": history[0]["reward"],
         "final_reward": sum(r["reward"] for r in last) / len(last),
         "steps": args.steps,
+        "resumed_from": first if state else None,
         "phase_seconds": phase_seconds,
         "setup_seconds": setup_s,
         "total_seconds": time.time() - started,
         "weight_version": weight_version,
         "ordering_violations": violations,
         "accelerator": hardware,
+        # the plan checked before launch (bytes per GPU; host memory on CPU), by pool/phase
+        "memory_plan": {f"{p.pool.value}/{p.phase}": p.total for p in memory.phases},
         "sync": not args.no_sync,
         "seed": args.seed,
         "topology": {
@@ -206,7 +351,6 @@ def main(argv=None) -> dict:
         "out": str(out.resolve()),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_rewards(history, out / "reward_curve.png")
     print(
         f"GRPO done: reward {summary['initial_reward']:.3f} -> {summary['final_reward']:.3f} "
         f"(mean of last {len(last)} steps) in {args.steps} steps, "
@@ -214,23 +358,6 @@ def main(argv=None) -> dict:
         f"timeline ordering violations: {len(violations)}; outputs in {out}/"
     )
     return summary
-
-
-def plot_rewards(history, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in history], [r["reward"] for r in history], marker="o")
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean reward (fraction of target tokens)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

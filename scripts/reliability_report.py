@@ -96,6 +96,35 @@ def render(facts: dict, summary: str, rc: int, long_soak: bool) -> str:
         "",
         f"{len(facts.get('bad_inputs', []))} bad inputs tried.",
         "",
+        "## Bad command-line flags",
+        "",
+        "Command: `.venv/bin/python -m pytest tests/reliability/test_bad_flags.py`. Each row is",
+        "one command line of an example; the test asserts exit status 2, the key words of the",
+        "message (flag, value, fix), and that Ray was never started (`ray.init` is made to fail).",
+        "",
+        "| command line | message |",
+        "|---|---|",
+    ]
+    for b in facts.get("bad_flags", []):
+        msg = b["message"].replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| `{b['input']}` | {msg} |")
+    lines += [
+        "",
+        f"{len(facts.get('bad_flags', []))} bad command lines tried.",
+        "",
+        "## Interrupted runs",
+        "",
+        "Command: `.venv/bin/python -m pytest tests/reliability/test_resume.py`.",
+        "",
+    ]
+    for r in facts.get("resume", []):
+        lines.append(
+            f"- {r['how']}: killed after step {r['killed_after_step']}, resumed from the "
+            f"checkpoint of step {r['resumed_from']}; steps logged {r['steps_logged']} "
+            f"(each once: {r['each_once']}), final reward {r['final_reward']:.3f}."
+        )
+    lines += [
+        "",
         "## Soak",
         "",
         f"Command: `{soak_cmd}`. After {5} warm-up cycles, every actor's and the driver's",

@@ -47,9 +47,18 @@ def fake_loss(model, batch):
 
 
 def fake_model_dir(root: Path) -> str:
-    """A directory the coordinator's config checks accept (config.json and a weights file)."""
+    """A directory the coordinator's checks accept: a config about the fake model's size
+    (head size 32, which the CPU backend check accepts; the fakes never read the config)."""
     root.mkdir(parents=True, exist_ok=True)
-    config = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 2}
+    config = {
+        "model_type": "llama",
+        "hidden_size": 32,
+        "num_attention_heads": 1,
+        "num_key_value_heads": 1,
+        "num_hidden_layers": 1,
+        "intermediate_size": 48,
+        "vocab_size": 64,
+    }
     (root / "config.json").write_text(json.dumps(config))
     (root / "model.safetensors").write_bytes(b"")
     return str(root)

@@ -115,9 +115,14 @@ def _kill_group(proc):
             continue
 
 
-def test_ray_job_submit_runs_grpo(ray_head, tmp_path):
-    address, env = ray_head
-    out = tmp_path / "job-out"
+def _ops_snapshot() -> dict:
+    from colocate.ds_ops import extensions_dir
+
+    root = extensions_dir()
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*.so")}
+
+
+def _submit(address, env, *flags) -> str:
     submitted = _ray(
         "job",
         "submit",
@@ -129,26 +134,39 @@ def test_ray_job_submit_runs_grpo(ray_head, tmp_path):
         "--",
         "python",
         "examples/grpo_colocated.py",
-        "--steps",
-        "4",
         "--quiet",
-        "--out",
-        str(out),
+        *flags,
         env=env,
     )
-    job_id = next(
+    return next(
         line.split("'")[1]
         for line in submitted.stdout.splitlines()
         if "submitted successfully" in line
     )
-    deadline = time.monotonic() + 600
+
+
+def _wait(address, env, job_id, until=("SUCCEEDED", "FAILED", "STOPPED"), timeout=600) -> str:
+    deadline = time.monotonic() + timeout
     status = ""
     while time.monotonic() < deadline:
         status = _ray("job", "status", "--address", address, job_id, env=env).stdout.upper()
-        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+        if any(s in status for s in until):
             break
         time.sleep(3)
-    logs = _ray("job", "logs", "--address", address, job_id, env=env, check=False).stdout
+    return status
+
+
+def _logs(address, env, job_id) -> str:
+    return _ray("job", "logs", "--address", address, job_id, env=env, check=False).stdout
+
+
+def test_ray_job_submit_runs_grpo(ray_head, tmp_path):
+    address, env = ray_head
+    ops_before = _ops_snapshot()
+    out = tmp_path / "job-out"
+    job_id = _submit(address, env, "--steps", "4", "--out", str(out))
+    status = _wait(address, env, job_id)
+    logs = _logs(address, env, job_id)
     assert "SUCCEEDED" in status, f"{status}\n{logs[-4000:]}"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["weight_version"] == 5
@@ -159,4 +177,36 @@ def test_ray_job_submit_runs_grpo(ray_head, tmp_path):
     assert accel["device"] == "cpu" and accel["source"] == "placement probe on each bundle"
     assert sorted(b["gpu_id"] for b in accel["bundles"]) == ["0", "1"]
     assert all(b["memory_kind"] == "host" for b in accel["bundles"])
+    # The memory plan was checked before launch, against those bundles' host memory.
+    assert set(summary["memory_plan"]) >= {"shared/rollout", "shared/train", "shared/sync"}
     assert "GRPO done" in logs
+    # The job's trainers loaded the ops the set-up built: nothing was compiled at run time.
+    assert ops_before and _ops_snapshot() == ops_before
+
+
+def test_ray_job_stopped_mid_run_resumes_in_a_new_job(ray_head, tmp_path):
+    """`ray job stop` mid-run, then a new job with --resume: every step logged exactly once."""
+    address, env = ray_head
+    out = tmp_path / "job-out"
+    # Enough steps that the stop lands mid-run (it takes a few seconds to reach the driver).
+    flags = ("--steps", "40", "--save-every", "3", "--out", str(out))
+    first = _submit(address, env, *flags)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not metrics.is_file() or len(metrics.read_text().splitlines()) < 4:
+        status = _ray("job", "status", "--address", address, first, env=env).stdout.upper()
+        assert "FAILED" not in status and "SUCCEEDED" not in status, _logs(address, env, first)
+        assert time.monotonic() < deadline, "the first job made no progress"
+        time.sleep(1)
+    _ray("job", "stop", "--address", address, first, env=env, timeout=180)
+    assert "STOPPED" in _wait(address, env, first, timeout=120)
+    second = _submit(address, env, *flags, "--resume", str(out))
+    status = _wait(address, env, second)
+    assert "SUCCEEDED" in status, _logs(address, env, second)[-4000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(40)), steps
+    summary = json.loads((out / "summary.json").read_text())
+    resumed = summary["resumed_from"]
+    assert 3 <= resumed < 40 and resumed % 3 == 0 and summary["ordering_violations"] == []
+    saved = json.loads((out / "checkpoints" / f"step{resumed}" / "run.json").read_text())
+    assert summary["weight_version"] == saved["weight_version"] + 1 + (40 - resumed)

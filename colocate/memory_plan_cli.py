@@ -1,0 +1,98 @@
+"""``python -m colocate.memory_plan``: print (and optionally check) a run's memory plan."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from colocate.memory_plan import (
+    GIB,
+    BundleMemory,
+    MemoryPlanError,
+    MemorySettings,
+    Pool,
+    check_plan,
+    model_shape,
+    plan_memory,
+)
+
+__all__ = ["main"]
+
+_DTYPE = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m colocate.memory_plan",
+        description="The bytes each GPU holds in each phase of a colocated RL run, itemised.",
+    )
+    p.add_argument("--model", required=True, help="local HF model directory (config.json)")
+    p.add_argument("--gpus", type=int, default=2, help="trainer ranks (colocated: GPUs)")
+    p.add_argument("--tp", type=int, default=1, help="engine tensor-parallel size")
+    p.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3])
+    p.add_argument("--train-dtype", default="bf16", choices=sorted(_DTYPE))
+    p.add_argument("--engine-dtype", default="bf16", choices=sorted(_DTYPE))
+    p.add_argument("--sleep-level", type=int, default=1, choices=[1, 2])
+    p.add_argument("--kv-cache-gib", type=float, help="KV-cache size (else from utilization)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.45)
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--bucket-mib", type=int, default=512, help="sync bucket size")
+    p.add_argument("--device-gib", type=float, help="check against GPUs of this size")
+    p.add_argument("--cpu", action="store_true", help="plan a CPU run (host memory)")
+    p.add_argument("--pool", default="shared", choices=[x.value for x in Pool])
+    p.add_argument("--json", help="also write the plan here")
+    return p
+
+
+def main(argv=None) -> int:
+    """Parses, plans, prints the table; with ``--device-gib``, exits 1 if it does not fit."""
+    p = _parser()
+    args = p.parse_args(argv)
+    if not (Path(args.model) / "config.json").is_file():
+        p.error(f"--model {args.model!r}: no config.json there; fix: pass a local HF model dir")
+    if args.device_gib is not None and args.device_gib <= 0:
+        p.error(f"--device-gib {args.device_gib}: must be > 0; fix: the GPU's memory in GiB")
+    try:
+        settings = MemorySettings(
+            trainer_ranks=args.gpus,
+            engine_tp=args.tp,
+            zero_stage=args.zero_stage,
+            train_dtype_bytes=_DTYPE[args.train_dtype],
+            engine_dtype_bytes=_DTYPE[args.engine_dtype],
+            sleep_level=args.sleep_level,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            kv_cache_bytes=int(args.kv_cache_gib * GIB) if args.kv_cache_gib else None,
+            micro_batch=args.micro_batch,
+            seq_len=args.seq_len,
+            activation_checkpointing=args.activation_checkpointing,
+            bucket_bytes=args.bucket_mib << 20,
+            cuda=not args.cpu,
+        )
+        capacity = int(args.device_gib * GIB) if args.device_gib else None
+        plan = plan_memory(model_shape(args.model), settings, capacity)
+    except MemoryPlanError as exc:
+        print(f"does not fit: {exc}")
+        return 1
+    except ValueError as exc:
+        p.error(str(exc))
+    pool = Pool(args.pool)
+    print(f"{plan.shape.params / 1e9:.3f}B parameters, {args.gpus} trainer ranks")
+    print(plan.table(pool))
+    if args.json:
+        rows = [
+            {"pool": ph.pool.value, "phase": ph.phase, "total_bytes": ph.total}
+            | {"items": [[i.where.value, i.name, i.bytes] for i in ph.items]}
+            for ph in plan.phases
+        ]
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    if capacity:
+        try:
+            check_plan(plan, [BundleMemory(f"gpu{g}", pool, capacity) for g in range(args.gpus)])
+        except MemoryPlanError as exc:
+            print(f"does not fit: {exc}")
+            return 1
+        print(f"fits: every phase within {args.device_gib:g} GiB per GPU")
+    return 0
