@@ -527,8 +527,8 @@ class Coordinator:
     def _guard(self, fn):
         """Runs ``fn``; any failure but refused input or a wrong-phase call leaves FAILED.
 
-        Spans are collected after a failure here, and otherwise once per step (after the
-        sync) and at shutdown: collecting them costs a round trip to every actor.
+        Spans normally come back with each call's answer; after a failure here they are
+        collected from every actor (the answers of the calls that failed carry none).
         """
         try:
             return fn()
