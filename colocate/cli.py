@@ -13,6 +13,7 @@ import math
 import os
 import socket
 import tempfile
+import threading
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
@@ -33,13 +34,26 @@ def address_answers(address: str, timeout_s: float = 10.0) -> str | None:
     if address in ("auto", "local"):
         return None
     parsed = urllib.parse.urlsplit(address if "://" in address else f"tcp://{address}")
-    if not parsed.hostname or not parsed.port:
-        return "is not host:port (or ray://host:port)"
     try:
-        with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s):
-            return None
-    except OSError as exc:
-        return f"does not answer within {timeout_s:g} s ({exc.strerror or exc})"
+        port = parsed.port
+    except ValueError:  # a port that is not a number
+        port = None
+    if not parsed.hostname or not port:
+        return "is not host:port (or ray://host:port)"
+    # The connect timeout does not bound the name lookup: try in a thread, wait bounded.
+    answer: list[str | None] = []
+
+    def attempt() -> None:
+        try:
+            with socket.create_connection((parsed.hostname, port), timeout=timeout_s):
+                answer.append(None)
+        except OSError as exc:
+            answer.append(f"does not answer within {timeout_s:g} s ({exc.strerror or exc})")
+
+    thread = threading.Thread(target=attempt, name="address-probe", daemon=True)
+    thread.start()
+    thread.join(timeout_s + 1.0)
+    return answer[0] if answer else f"does not answer within {timeout_s:g} s (name lookup)"
 
 
 class Checker:

@@ -125,6 +125,7 @@ class EngineConfig:
         tensor_parallel_size: TP size; must match the topology's ``engine_tp``.
         gpu_memory_utilization: Share of a GPU's memory vLLM may take (CUDA). With colocated
             trainers, vLLM only starts if this share is free, which the start-up order ensures.
+            On CPU, with ``kv_cache_bytes=None``, the share of host memory vLLM takes.
         max_model_len: Longest prompt + completion.
         kv_cache_bytes: KV cache size on CPU (vLLM's ``kv_cache_memory_bytes``); CUDA sizes
             its cache from ``gpu_memory_utilization`` unless this is set.

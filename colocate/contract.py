@@ -171,7 +171,10 @@ class Tenant(ABC):
         self._faults: set[Fault] = set()
 
     def invoke(self, verb: str, args: tuple, tag: Tag, *after: Any) -> Reply:
-        """Runs one contract method under ``tag``: the only entry point the coordinator uses.
+        """Runs one contract method under ``tag``: how the coordinator calls every verb.
+
+        (The fleet's housekeeping calls, ``status``, ``drain_spans`` and ``shutdown``, are
+        made directly: they are no verbs and record no spans.)
 
         ``verb`` is the method's own ``__name__``, taken by the driver from the method object.
         ``after`` holds the results of the calls this one waited for (Ray resolved them before

@@ -14,7 +14,8 @@ One RL step on a colocated topology (``docs/design.md``):
    engines wake their weights (no KV cache). Weights stream trainer -> engines; fingerprints
    are compared.
 4. ``rollout`` row, SYNC -> ROLLOUT: per GPU, trainers offload params; then engines wake the
-   KV cache (which resets the prefix cache) and take the new weight version.
+   KV cache (which resets the prefix cache). Each engine took the new weight version when it
+   had verified what it received.
 
 With separate pools (no GPU shared) the memory moves are planned away: engines stay awake and
 trainers keep their state; the sync and the phase rules are the same.
@@ -61,7 +62,7 @@ from colocate.handovers import (
     actors_of,
 )
 from colocate.memory_check import check_run
-from colocate.memory_plan import MemoryPlan, MemoryPlanError
+from colocate.memory_plan import MemoryPlan
 from colocate.phases import Phase, PhaseError, require
 from colocate.rollouts import Rollout, StalenessError, VersionLedger
 from colocate.syncing import SyncDriver, SyncReport
@@ -259,7 +260,8 @@ class Coordinator:
 
         Raises:
             PhaseError: Called twice, or after shutdown.
-            MemoryPlanError: A phase cannot fit on a bundle (the reservation is released).
+            MemoryPlanError: A phase cannot fit on a bundle (the reservation is released, as
+                after any failure before the first actor starts).
         """
         if self._started:
             raise PhaseError(
@@ -279,10 +281,10 @@ class Coordinator:
                 name=self.name,
                 probe=self._probe,
             )
-        self.device = self.reservation.device
-        check_engine_model(self.engine_config, self.device)
-        if self.check_memory:
-            try:
+        try:
+            self.device = self.reservation.device
+            check_engine_model(self.engine_config, self.device)
+            if self.check_memory:
                 self.memory_plan = check_run(
                     self.engine_config,
                     self.trainer_config,
@@ -291,10 +293,10 @@ class Coordinator:
                     self.reservation,
                     self.sleep_level,
                 )
-            except MemoryPlanError:
-                self.reservation.release()  # nothing started: give the GPUs back now
-                self.reservation = None
-                raise
+        except BaseException:
+            self.reservation.release()  # nothing started: give the GPUs back now
+            self.reservation = None
+            raise
         self.fleet = Fleet(
             self.name,
             self.plan,
@@ -424,7 +426,11 @@ class Coordinator:
             chain.add(self.fleet.trainer_call(r, TrainerTenant.train_step, shards[r], tag=tag))
             for r in range(world)
         ]
-        results = self._guard(lambda: self._exec.run_chain(chain, pending, "train"))
+        try:
+            results = self._guard(lambda: self._exec.run_chain(chain, pending, "train"))
+        except (InputError, PhaseError):
+            self.step -= 1  # refused: no optimizer step was taken
+            raise
         metrics = [results[i] for i in steps]
         out = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
         if staleness is not None:
@@ -533,8 +539,12 @@ class Coordinator:
         try:
             return fn()
         except (InputError, PhaseError):
-            raise  # nothing was changed: the pipeline stays where it was
+            # Refused before anything moved: the pipeline stays where it was (a refusal that
+            # came back after a hand-over ran was marked FAILED by the executor already).
+            raise
         except BaseException:
+            if self._exec.phase is Phase.SHUTDOWN:  # e.g. a rollout awaited after shutdown
+                raise
             self._exec.phase = Phase.FAILED
             # Peers of a dead actor may sit in a collective until its timeout: do not wait for
             # their spans here (they come with a later collection).
@@ -562,6 +572,11 @@ class Coordinator:
             ColocateError: A trainer rank died and no checkpoint was given (stays FAILED).
         """
         require(self._exec.phase, Phase.FAILED, "recover")
+        if self.fleet is None:
+            raise PhaseError(
+                "recover(): start() failed before any actor was created, so there is nothing "
+                "to recover; fix: create a new Coordinator and start it"
+            )
         # A survivor may still be blocked in the failed transfer until the transfer timeout:
         # wait that long for its answer before calling it dead.
         ping = max(self.timeouts.ping_s, self.sync_config.timeout_s + 5.0)
@@ -593,13 +608,14 @@ class Coordinator:
             if dead_trainers:
                 self._start_trainers(RESTART_TRAINERS, self._ctx())
                 tag = self._exec.tag(RESTART_TRAINERS.name)
-                self._exec.wait(
+                steps = self._exec.wait(
                     [
                         self.fleet.call(a, TrainerTenant.load, checkpoint, tag=tag)
                         for a in actors_of(self.plan, _TRAINER)
                     ],
                     self.timeouts.step_s,
                 )
+                self.step = steps[0]  # the trainers are back at the checkpoint's step
             self._exec.run(RECOVER, self._ctx())
             # A failed transfer may have left a group half-used: always rebuild the groups.
             self._sync.setup(self._exec.tag(RECOVER.name))
@@ -661,13 +677,16 @@ class Coordinator:
         """Stops every actor and releases the GPUs. Idempotent; never raises for dead actors."""
         if self._exec.phase is Phase.SHUTDOWN:
             return
-        if self.fleet is not None:
-            self._collect_spans()
-            self.fleet.shutdown()
-        if self.reservation is not None:
-            self.reservation.release()
-        self._exec.phase = Phase.SHUTDOWN
-        self._started = True
+        try:
+            if self.fleet is not None:
+                self._collect_spans()
+                self.fleet.shutdown()
+        finally:
+            if self.reservation is not None:
+                self.reservation.release()
+                self.reservation = None
+            self._exec.phase = Phase.SHUTDOWN
+            self._started = True
 
     def __enter__(self) -> Coordinator:
         try:

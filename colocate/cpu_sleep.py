@@ -15,8 +15,9 @@ What is released:
   matmul handler, or an SGL-packed tensor, depending on the CPU); dropping that callable frees
   them and leaves one that refuses to run. Level-2 weights are re-sent by a verified sync
   before the engine serves; the sync's reload re-packs every linear layer (and installs a new
-  ``cpu_linear``), and writes every parameter. A sync that would not rewrite a released
-  parameter is refused.
+  ``cpu_linear``), and writes every parameter. After a sync every released parameter must
+  have been rewritten: one that was not raises ``WeightSyncError`` and the engine keeps
+  refusing to serve.
 
 On wake the released pages are faulted back in (zero-filled) before use, as CUDA wake-up maps
 its memory back: the KV cache by ``cs_acquire("kv_cache")``, the parameters by

@@ -6,7 +6,7 @@ Two things made runs rebuild ops that the set-up had built, and one made a later
   wheel, 1.13). torch's extension builder runs whichever ``ninja`` is first on ``PATH``; a
   process started from ``.venv/bin`` (a Ray worker of ``ray start``) and one started with a
   plain ``PATH`` use different ones, each reads the other's ``.ninja_log`` as a changed
-  command and rebuilds (fused Adam ~60 s, shm comm ~35 s on the build machine).
+  command and rebuilds (fused Adam ~60-65 s, shm comm ~35 s on the build machine).
 - One cache for every checkout of a user (``~/.cache/torch_extensions``), while the compile
   command embeds the virtual environment's path: two clones rebuild each other's ops.
 - torch's build lock (``<op>/lock``) is a plain file waited on without a bound: a build killed
@@ -15,9 +15,9 @@ Two things made runs rebuild ops that the set-up had built, and one made a later
 So every process that loads the ops (the set-up's warm-up, every trainer actor) runs with the
 same :func:`op_environment`: this environment's own ``bin`` first on ``PATH`` and its own
 extension directory; and :func:`prepare_ops` loads them under an ``flock`` (released by the
-kernel when its holder dies, unlike torch's lock file): holding it, any torch lock file in the
-directory is stale (every builder here holds the flock) and is removed; waiting for it is
-bounded, and a live holder that keeps it past the bound is named with the fix.
+kernel when its holder dies, unlike torch's lock file): holding it, the torch lock file of
+each op it loads is stale (every builder of those ops holds the flock) and is removed;
+waiting for it is bounded, and a live holder that keeps it past the bound is named with the fix.
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ def prepare_ops(timeout_s: float = 600.0, names: tuple[str, ...] = OPS) -> dict[
     """Loads (building once if needed) DeepSpeed's ``names`` ops for this process.
 
     Order: (1) the op environment is applied to this process; (2) the directory's flock is
-    taken (bounded by ``timeout_s``); (3) holding it, every torch lock file left in the
-    directory is stale (its builder died: a live one would hold the flock) and is removed;
+    taken (bounded by ``timeout_s``); (3) holding it, the torch lock file of each op to load
+    is stale (its builder died: a live one would hold the flock) and is removed;
     (4) each op is loaded (built only if the cache lacks it); (5) the flock is released.
 
     Returns:
@@ -94,8 +94,6 @@ def prepare_ops(timeout_s: float = 600.0, names: tuple[str, ...] = OPS) -> dict[
     directory.mkdir(parents=True, exist_ok=True)
     held = _acquire(directory / _LOCK, timeout_s)
     try:
-        for stale in directory.glob("**/lock"):
-            stale.unlink(missing_ok=True)
         from deepspeed.accelerator import get_accelerator
 
         seconds = {}
@@ -103,6 +101,9 @@ def prepare_ops(timeout_s: float = 600.0, names: tuple[str, ...] = OPS) -> dict[
             builder = get_accelerator().create_op_builder(name)
             if builder is None:  # not an op of this accelerator
                 continue
+            # Only this op's lock: an op DeepSpeed builds itself later (say CPU Adam) is built
+            # without the flock, so its lock may be live.
+            (directory / builder.name / "lock").unlink(missing_ok=True)
             start = time.monotonic()
             builder.load(verbose=False)
             seconds[name] = time.monotonic() - start

@@ -44,7 +44,8 @@ def llm_kwargs(config: EngineConfig, *, cuda: bool) -> dict:
         max_num_seqs=config.max_num_seqs,
         enforce_eager=(not cuda) if config.enforce_eager is None else config.enforce_eager,
     )
-    if cuda:
+    if cuda or config.kv_cache_bytes is None:
+        # On CPU vLLM sizes its KV cache from this share of host memory when no size is given
         kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
     if config.tensor_parallel_size > 1:
         # Inside a Ray placement group vLLM would pick its Ray executor, which the CPU
@@ -305,7 +306,8 @@ class EngineActor(EngineTenant):
 
         Each worker compares what it received with the sender's manifest; here the applied
         parameters the workers can read are compared with what their members sum to (summed
-        over TP shards). Only a verified sync changes ``weight_version``.
+        over TP shards). A sync that fails its verification leaves ``weight_version`` as it
+        was (with ``verify=False`` nothing is checked and the version is taken as sent).
         """
         from colocate.engine_extension import EngineWorkerExtension as Ext
 
@@ -315,7 +317,6 @@ class EngineActor(EngineTenant):
         with self.span("engine.receive_weights", version=request.version):
             reports = self._on_workers(Ext.ws_receive, request)
             llm.reset_prefix_cache()
-            self._weights_released = False
             applied = 0
             if request.verify:
                 from weight_sync.verify import check_applied
@@ -326,6 +327,8 @@ class EngineActor(EngineTenant):
                     self._plan.fused_groups,
                     where=f"{self.name} (version {request.version})",
                 )
+            # Only now may it serve again: a failed check leaves released weights refused.
+            self._weights_released = False
         self.weight_version = request.version
         verified = sum(w.verified for w in reports)
         return Receipt(request.version, reports, verified, applied)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from colocate.calls import Call, Chain, wait_all
 from colocate.contract import Tag
-from colocate.errors import ColocateError
+from colocate.errors import ColocateError, InputError
 from colocate.handovers import Context, Row, plan_handover
 from colocate.phases import RESIDENT, Phase, PhaseError
 from colocate.timeline import Recorder, Timeline
@@ -116,7 +116,8 @@ class Executor:
         acquisitions per GPU, each actor's calls in the order added); (2) one bounded wait
         (the actors' spans come back with their answers and go to the timeline); (3) every
         memory state the actors report is checked against the table; (4) the phase becomes
-        the last row's target. A failure raises here (the caller's guard leaves FAILED).
+        the last row's target. A failure raises here (the caller's guard leaves FAILED; an
+        actor's refusal of its input leaves FAILED here if the chain moved memory).
         """
         tag = self.tag(name)
         spans: list = []
@@ -124,6 +125,10 @@ class Executor:
             with self.span(name, tag, rows=[r.name for r, _, _ in pending.rows]):
                 self.rounds += 1
                 results = chain.run(timeout_s or self.timeout_s, spans)
+        except (InputError, PhaseError):
+            if pending.rows:  # an actor refused after some hand-overs ran: states unknown
+                self.phase = Phase.FAILED
+            raise
         finally:
             self.timeline.extend(spans)
             self.timeline.extend(self.recorder.drain())

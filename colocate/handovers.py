@@ -2,10 +2,11 @@
 
 A :class:`Row` says, for one transition, from which phases it may start, which phase it
 reaches, which tenants release what and which acquire what. :func:`plan_handover` turns a row
-into the concrete calls for one topology (pure: no Ray); the coordinator's one executor runs
-them through :func:`colocate.calls.handover`, which on every GPU lets every release finish
-before any acquisition starts. The legal phase transitions (:data:`TRANSITIONS`) are derived
-from the rows, so the table is the only statement of the protocol.
+into the concrete calls for one topology (pure: no Ray); the coordinator's one executor plans
+them into a chain (:meth:`colocate.calls.Chain.add_handover`), in which on every GPU every
+release finishes before any acquisition starts. The legal phase transitions
+(:data:`TRANSITIONS`) are derived from the rows, so the table is the only statement of the
+protocol.
 
 Rows (name = the timeline tag of their spans), as ``from -> to: releases | acquisitions``:
 

@@ -47,7 +47,8 @@ def settings_for(
         trainer_ranks=plan.spec.trainer_world_size,
         engine_tp=plan.spec.engine_tp,
         zero_stage=int(trainer.zero_stage) if trainer.deepspeed else 0,
-        train_dtype_bytes=_BYTES[trainer.dtype],
+        # the plain-torch backend trains in fp32 whatever the config's dtype
+        train_dtype_bytes=_BYTES[trainer.dtype] if trainer.deepspeed else 4,
         engine_dtype_bytes=_BYTES[engine.dtype],
         sleep_level=sleep_level,
         gpu_memory_utilization=engine.gpu_memory_utilization,
@@ -92,7 +93,8 @@ def check_run(
     Raises:
         MemoryPlanError: A phase does not fit on a GPU (CUDA) or a node's host memory (CPU).
     """
-    bundles = bundles_of(plan, reservation)
+    # A probe that could not read a bundle's memory reports 0: that bundle is not checked.
+    bundles = [b for b in bundles_of(plan, reservation) if b.capacity > 0]
     settings = settings_for(engine, trainer, sync, plan, reservation.device, sleep_level)
     capacity = min(b.capacity for b in bundles) if bundles else None
     shape = model_shape(engine.model)

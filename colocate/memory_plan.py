@@ -62,7 +62,7 @@ __all__ = [
 GIB = 1 << 30
 # Per-process memory outside any tensor, measured: on an H200 (docs/gpu-results.md) a trainer
 # process used 1.80 GB outside torch's allocator (CUDA context 0.55 GB, NCCL's communicator
-# 0.65 GiB, cuBLAS, lazily loaded kernels) and a bare CUDA context is 0.55 GB; on this
+# 650 MiB, cuBLAS, lazily loaded kernels) and a bare CUDA context is 0.55 GB; on this
 # project's CPU machine an engine actor's RSS was 0.78 GB in ROLLOUT (with the tiny model and
 # 64 MiB of KV cache) and a ZeRO-3 trainer rank's 0.58 GB (docs/memory-plan.md). RSS counts
 # shared library pages in every process: an upper-side figure.
@@ -197,6 +197,16 @@ class MemorySettings:
                 )
         if self.sleep_level not in (1, 2):
             raise ConfigError(f"MemorySettings.sleep_level={self.sleep_level!r}: use 1 or 2")
+        if self.kv_cache_bytes is not None and (
+            isinstance(self.kv_cache_bytes, bool)
+            or not isinstance(self.kv_cache_bytes, int)
+            or self.kv_cache_bytes < 1
+        ):
+            raise ConfigError(
+                f"MemorySettings.kv_cache_bytes={self.kv_cache_bytes!r}: must be an int >= 1 "
+                "or None; fix: pass a positive size, or None to size it from "
+                "gpu_memory_utilization"
+            )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(
                 f"MemorySettings.gpu_memory_utilization={self.gpu_memory_utilization!r}: "
@@ -274,9 +284,9 @@ def _trainer(shape: ModelShape, s: MemorySettings) -> dict[str, int]:
     optim = (8 + (4 if mixed else 0)) * p
     optim = optim if s.zero_stage == 0 else optim // n
     b, t, h = s.micro_batch, s.seq_len, shape.hidden
-    per_layer = 34 * t * b * h
+    per_layer = 17 * w * t * b * h  # 34 s b h in 16-bit (Korthikanti et al.), twice in fp32
     if s.activation_checkpointing:
-        acts = 2 * t * b * h * shape.layers + per_layer
+        acts = w * t * b * h * shape.layers + per_layer
     else:
         acts = per_layer * shape.layers
     acts += 8 * t * b * shape.vocab  # fp32 logits and their log-softmax

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
             engine_dtype_bytes=_DTYPE[args.engine_dtype],
             sleep_level=args.sleep_level,
             gpu_memory_utilization=args.gpu_memory_utilization,
-            kv_cache_bytes=int(args.kv_cache_gib * GIB) if args.kv_cache_gib else None,
+            kv_cache_bytes=None if args.kv_cache_gib is None else int(args.kv_cache_gib * GIB),
             micro_batch=args.micro_batch,
             seq_len=args.seq_len,
             activation_checkpointing=args.activation_checkpointing,
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     except MemoryPlanError as exc:
         print(f"does not fit: {exc}")
         return 1
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # bad settings, or a config.json that won't load
         p.error(str(exc))
     pool = Pool(args.pool)
     print(f"{plan.shape.params / 1e9:.3f}B parameters, {args.gpus} trainer ranks")
@@ -94,5 +94,6 @@ def main(argv=None) -> int:
         except MemoryPlanError as exc:
             print(f"does not fit: {exc}")
             return 1
-        print(f"fits: every phase within {args.device_gib:g} GiB per GPU")
+        per = "of host memory per node (CPU run)" if args.cpu else "per GPU"
+        print(f"fits: every phase within {args.device_gib:g} GiB {per}")
     return 0

@@ -2,7 +2,8 @@
 
 Names in TensorBoard are grouped the way users of verl know them: ``actor/`` (loss, clip
 fraction, KL, training-inference log-prob gap), ``rollout/`` (reward, staleness, tokens),
-``timing/`` (seconds of each part of a step), ``sync/`` (weight version, sync seconds, bytes);
+``timing/`` (seconds of each part of a step, the sync's included), ``sync/`` (weight
+versions, bytes);
 anything else under ``misc/``. On resume the JSONL file is rewritten from the checkpoint's
 history first, so every step appears exactly once (TensorBoard hides the events a killed run
 logged past it). Weights & Biases runs in offline mode when asked for and installed.
@@ -66,7 +67,6 @@ class RunLog:
     ):
         self.out = Path(out)
         self.rows: list[dict] = []
-        self._jsonl = open(self.out / "metrics.jsonl", "w")  # noqa: SIM115 - closed in close()
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -79,6 +79,8 @@ class RunLog:
             import wandb
 
             self._wandb = wandb.init(project=wandb_project, dir=str(self.out), mode="offline")
+        # Opened last: a sink that fails to start leaves no open file behind.
+        self._jsonl = open(self.out / "metrics.jsonl", "w")  # noqa: SIM115 - closed in close()
         for row in history or []:
             self.write(row, to_tensorboard=False)
 

@@ -110,6 +110,7 @@ class SyncDriver:
         self.timeout_s = step_timeout_s
         self.run_name = run_name
         self._on_spans = on_spans or (lambda spans: None)
+        self._sequence = 0  # syncs so far: keys each sync's manifest uniquely
         self.bucket_plan: BucketPlan | None = None
         self.groups: tuple[TransferGroup, ...] = plan_transfer_groups(fleet.plan, fleet.device)
         self.rendezvous: list[Rendezvous] = []
@@ -218,7 +219,10 @@ class SyncDriver:
         engine takes ``version`` only once that passed. Nothing waits on the driver.
         """
         fleet, spec = self.fleet, self.fleet.plan.spec
-        request = SyncRequest(version=version, verify=self.sync_config.verify)
+        self._sequence += 1
+        request = SyncRequest(
+            version=version, verify=self.sync_config.verify, sequence=self._sequence
+        )
         sends = [
             chain.add(fleet.trainer_call(r, TrainerTenant.send_weights, request, tag=tag))
             for r in range(spec.trainer_world_size)

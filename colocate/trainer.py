@@ -239,6 +239,7 @@ class TrainerActor(TrainerTenant):
             return self._sender.send(
                 request.version,
                 verify=request.verify,
+                sequence=request.sequence,
                 after_bucket=lambda _: self._maybe_crash(Fault.CRASH_IN_SEND),
             )
 

@@ -1,7 +1,9 @@
 """Facts about the hardware behind each bundle, read where the hardware is (on the workers).
 
-The driver of a ``ray job submit`` runs on the head node, often without a GPU: nothing here
-ever looks at the driver's own devices. :func:`probe_accelerator` runs inside the placement
+The driver of a ``ray job submit`` runs on the head node, often without a GPU: no
+device-dependent choice is made from the driver's own devices (only
+:func:`local_cuda_devices`, when the driver starts a local Ray on its own machine, counts
+them, to give that Ray its GPUs). :func:`probe_accelerator` runs inside the placement
 probe on each reserved bundle; the reservation carries its answers, and every device-dependent
 choice (actor environments, transports, bucket sizes, config checks) is made from them.
 """

@@ -20,6 +20,7 @@ import ray
 import torch
 
 from colocate.contract import Completion, EngineCapabilities, EngineTenant, Receipt, TrainerTenant
+from colocate.errors import InputError
 from colocate.faults import Fault, coerce_fault
 from colocate.memory import process_stats
 from colocate.phases import EngineMemory, TrainerMemory
@@ -220,7 +221,8 @@ class FakeEngine(EngineTenant):
                 fp = fingerprint(tensor)
                 report.applied[key] = report.applied[key] + fp if key in report.applied else fp
             # The sender's manifest came through the transport, as for the real receiver.
-            sent = pickle.loads(self._receiver.fetch(manifest_key(request.version)))
+            key = manifest_key(request.version, request.sequence)
+            sent = pickle.loads(self._receiver.fetch(key))
             where = f"{self.name} worker tp0 (version {request.version})"
             compare(sent, report.fingerprints, where=where)
             groups = self._plan.fused_groups
@@ -340,6 +342,7 @@ class FakeTrainer(TrainerTenant):
             return self._sender.send(
                 request.version,
                 verify=request.verify,
+                sequence=request.sequence,
                 after_bucket=lambda _: self._maybe_crash(Fault.CRASH_IN_SEND),
             )
 
@@ -385,3 +388,12 @@ class FakeTrainer(TrainerTenant):
 
     def shutdown(self) -> None:
         self.close_sync_stores()
+
+
+class RefusingTrainer(FakeTrainer):
+    """Refuses a shard with a ``refuse`` column (``InputError``), after its hand-over ran."""
+
+    def train_step(self, shard: dict) -> dict[str, float]:
+        if "refuse" in shard:
+            raise InputError(f"{self.name}: refused the shard (it has a 'refuse' column)")
+        return super().train_step(shard)

@@ -73,10 +73,15 @@ class ReceiverSetup:
 
 @dataclass(frozen=True)
 class SyncRequest:
-    """Sent with every sync: the version the weights will carry, and whether to fingerprint."""
+    """Sent with every sync: the version the weights will carry, and whether to fingerprint.
+
+    ``sequence`` numbers the syncs of one driver: it keys the sync's manifest, so a version
+    number used twice on the same stores (a resumed run) never reads an older manifest.
+    """
 
     version: int
     verify: bool = True
+    sequence: int = 0
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,7 @@ class WeightSyncWorkerExtension:
 
     def _ws_verify(self, state: _State, request: SyncRequest, report: ReceiveReport) -> None:
         """Compares what arrived with the sender's manifest (it came through the transport)."""
-        sent = pickle.loads(state.transport.fetch(manifest_key(request.version)))
+        sent = pickle.loads(state.transport.fetch(manifest_key(request.version, request.sequence)))
         where = f"{state.setup.engine} worker tp{state.tp_rank} (version {request.version})"
         compare(sent, report.fingerprints, where=where)
         report.verified = len(report.fingerprints)

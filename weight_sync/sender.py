@@ -72,7 +72,12 @@ class WeightSender:
         return views
 
     def send(
-        self, version: int, *, verify: bool, after_bucket: Callable[[int], None] | None = None
+        self,
+        version: int,
+        *,
+        verify: bool,
+        sequence: int = 0,
+        after_bucket: Callable[[int], None] | None = None,
     ) -> SendReport:
         """Runs one sync through every transport; returns timings and fingerprints if verifying.
 
@@ -85,6 +90,7 @@ class WeightSender:
         Args:
             version: The weight version being sent.
             verify: Fingerprint every packed tensor.
+            sequence: The driver's number of this sync (keys the manifest).
             after_bucket: Called with each bucket's index once it is handed to the transports.
         """
         report = SendReport(version=version)
@@ -111,7 +117,7 @@ class WeightSender:
         if verify:  # the manifest travels with the buckets: each receiver checks itself
             manifest = pickle.dumps(report.fingerprints)
             for t in self.transports:
-                t.publish(manifest_key(version), manifest)
+                t.publish(manifest_key(version, sequence), manifest)
         report.bytes_sent = stats.bytes
         report.wait_s = stats.wait_s
         report.seconds = stats.seconds

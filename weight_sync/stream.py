@@ -8,7 +8,8 @@ Send, per bucket ``i`` (buffer ``i % 2``): wait until that buffer's previous sen
 ``fill(bucket, buffer)`` (gather + pack; called with ``buffer=None`` once a transport has
 failed, so that collective gathers are still entered by this rank); hand the buffer to every
 transport; ``after_bucket(index)``. A transport error is kept until the plan has been walked,
-then raised.
+then raised (after it, nothing more is sent and no further send is waited for: each is
+bounded by its own transport timeout).
 
 Receive, per bucket ``i``: wait for it; post the receive of bucket ``i + 1`` (so it travels
 while this one is applied); ``apply(bucket, buffer)``; tell the transport the buffer is free.
@@ -31,13 +32,14 @@ from weight_sync.transport import Pending, ReceiverTransport, SenderTransport
 __all__ = ["StreamStats", "send_stream", "receive_stream", "manifest_key"]
 
 
-def manifest_key(version: int) -> str:
+def manifest_key(version: int, sequence: int = 0) -> str:
     """Where a sync's manifest (the sender's fingerprints) travels: the group's message store.
 
     The sender posts it after its last bucket; every receiver compares what it received with
-    it, so a sync is verified where it lands, with no round trip through the driver.
+    it, so a sync is verified where it lands, with no round trip through the driver. The
+    driver's sync ``sequence`` makes the key unique even where a version number repeats.
     """
-    return f"manifest/{version}"
+    return f"manifest/{version}/{sequence}"
 
 
 @dataclass

@@ -7,11 +7,12 @@ coordinator refuses a model that cannot fit before any actor exists.
 import json
 import shutil
 import time
+from dataclasses import replace
 
 import pytest
 
 from colocate import Coordinator, EngineConfig, LoadFormat, TrainerConfig, grpo_loss
-from colocate.config import DType, SyncConfig, ZeroStage
+from colocate.config import ConfigError, DType, SyncConfig, ZeroStage
 from colocate.memory_check import settings_for
 from colocate.memory_plan import (
     FIXED,
@@ -26,6 +27,7 @@ from colocate.memory_plan import (
     plan_memory,
 )
 from colocate.memory_plan_cli import main as plan_cli
+from colocate.phases import PhaseError
 from placement import DeviceKind, TopologySpec, plan
 
 P = 1_000_000
@@ -69,6 +71,23 @@ def test_bf16_keeps_fp32_master_weights_and_grads(stage, state_bytes_per_param):
     train = _phase(plan_memory(SHAPE, s), "train")
     state = sum(train[("trainer", k)] for k in ("params", "grads", "optimizer states"))
     assert state == state_bytes_per_param * P
+
+
+def test_activations_are_34sbh_per_layer_in_16_bit_and_twice_that_in_fp32():
+    logits = 8 * 512 * SHAPE.vocab
+    for w, per_layer in ((2, 34 * 512 * 256), (4, 68 * 512 * 256)):
+        s = MemorySettings(train_dtype_bytes=w, seq_len=512, cuda=False)
+        acts = _phase(plan_memory(SHAPE, s), "train")[("trainer", "activations (estimate)")]
+        assert acts == per_layer * SHAPE.layers + logits
+        s = replace(s, activation_checkpointing=True)
+        acts = _phase(plan_memory(SHAPE, s), "train")[("trainer", "activations (estimate)")]
+        assert acts == w * 512 * 256 * SHAPE.layers + per_layer + logits
+
+
+@pytest.mark.parametrize("kv", [0, -1, 1.5, True])
+def test_a_kv_cache_size_that_is_not_a_positive_int_is_refused(kv):
+    with pytest.raises(ConfigError, match=r"MemorySettings.kv_cache_bytes=.*fix"):
+        MemorySettings(kv_cache_bytes=kv)
 
 
 def test_trainer_state_matches_the_h200_measurement():
@@ -205,4 +224,6 @@ def test_coordinator_refuses_a_model_that_cannot_fit_before_any_actor(
     while ray.available_resources().get("GPU", 0) < ray.cluster_resources()["GPU"]:
         assert time.monotonic() < deadline, "the refused run's GPUs were not given back"
         time.sleep(0.2)
+    with pytest.raises(PhaseError, match="nothing to recover; fix: create a new Coordinator"):
+        coord.recover()  # FAILED, but no actor ever existed
     coord.shutdown()
