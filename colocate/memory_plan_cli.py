@@ -90,7 +90,9 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     if capacity:
         try:
-            check_plan(plan, [BundleMemory(f"gpu{g}", pool, capacity) for g in range(args.gpus)])
+            # One node holds every bundle: on CPU they share its host memory.
+            bundles = [BundleMemory(f"gpu{g}", pool, capacity, "0") for g in range(args.gpus)]
+            check_plan(plan, bundles)
         except MemoryPlanError as exc:
             print(f"does not fit: {exc}")
             return 1
