@@ -3,8 +3,9 @@
 A :class:`Call` names the actor method itself (``EngineTenant.sleep``), never a string; its
 arguments are checked against the method's signature on the driver before anything is sent.
 :func:`wait_all` turns a dead or slow actor into a typed error naming the actor, phase and step;
-:func:`handover` runs one transition with every release on a GPU finished before any
-acquisition on that GPU starts, GPUs proceeding independently.
+:class:`Chain` submits calls together, each waiting on the actors for those it depends on;
+:meth:`Chain.add_handover` adds one transition, with every release on a GPU finished before
+any acquisition on that GPU starts, GPUs proceeding independently.
 """
 
 from __future__ import annotations
@@ -13,17 +14,17 @@ import functools
 import inspect
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 
-from colocate.contract import Reply, Slot, StepFailed, Tag
+from colocate.contract import Reply, StepFailed, Tag
 from colocate.errors import ActorFailedError, ActorTimeoutError, InputError
 from colocate.phases import PhaseError
 from weight_sync.errors import VerificationError
 
-__all__ = ["Call", "Use", "Chain", "wait_all", "handover"]
+__all__ = ["Call", "Chain", "wait_all"]
 
 
 @functools.cache
@@ -192,21 +193,13 @@ def _is_death(exc: BaseException) -> bool:
     return isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError))
 
 
-@dataclass(frozen=True)
-class Use:
-    """In a :class:`Chain`, an argument taken from the result of the chain's call ``step``."""
-
-    step: int
-
-
 class Chain:
     """Calls submitted together, each running only after the earlier calls it depends on.
 
     A call waits (as Ray arguments, with no driver round trip) for the calls named in its
-    ``after`` and in the :class:`Use` arguments it takes; calls on one actor also run in the
-    order they were added (Ray runs an actor's tasks from one caller in submission order). So
-    a whole step - a hand-over, the work after it, the next hand-over - costs the driver one
-    wait. :func:`handover` is the one-row case.
+    ``after``; calls on one actor also run in the order they were added (Ray runs an actor's
+    tasks from one caller in submission order). So a whole step - a hand-over, the work after
+    it, the next hand-over - costs the driver one wait.
     """
 
     def __init__(self) -> None:
@@ -216,8 +209,7 @@ class Chain:
 
     def add(self, call: Call, after: Sequence[int] = ()) -> int:
         """Adds ``call`` (waiting for chain steps ``after``); returns its step index."""
-        uses = tuple(a.step for a in call.args if isinstance(a, Use))
-        deps = tuple(dict.fromkeys([*after, *uses]))
+        deps = tuple(dict.fromkeys(after))
         if any(not 0 <= d < len(self.calls) for d in deps):
             raise ValueError(f"{call.actor}.{call.method} depends on a step not in the chain")
         self.calls.append(call)
@@ -274,12 +266,7 @@ class Chain:
         groups = self.programs()
         for group in groups:
             deps = tuple(dict.fromkeys(d for s in group for d in self._after[s] if d not in group))
-            slot = {d: k for k, d in enumerate(deps)}
-            members = []
-            for s in group:
-                call = self.calls[s]
-                args = tuple(Slot(slot[a.step]) if isinstance(a, Use) else a for a in call.args)
-                members.append(call if args == call.args else replace(call, args=args))
+            members = [self.calls[s] for s in group]
             unit = members[0] if len(members) == 1 else _Program(tuple(members))
             ref = unit.start(*(refs[d] for d in deps))
             units.append(unit)
@@ -316,26 +303,3 @@ class _Program:
     def start(self, *after: ray.ObjectRef) -> ray.ObjectRef:
         program = tuple((c.method, c.args, c.tag) for c in self.members)
         return self.members[0].handle.invoke_many.remote(program, *after)
-
-
-def handover(
-    releases: Sequence[Call],
-    acquires: Sequence[Call],
-    timeout_s: float,
-    spans: list | None = None,
-) -> list:
-    """Runs one transition: per GPU, all releases end before any acquisition starts.
-
-    Order: every release is submitted at once; each acquisition is submitted with the result
-    references of the releases on its GPUs as extra arguments, so Ray runs it only once those
-    releases have finished, without a round trip through the driver. GPUs with nothing to
-    release acquire at once; independent GPUs never wait for each other; an acquisition that
-    spans several GPUs (a TP engine) waits for the releases on all of them. The release
-    results travel as Ray arguments of the acquisition's ``invoke`` and never reach the method.
-
-    Returns:
-        The releases' results, then the acquisitions', in the order given.
-    """
-    chain = Chain()
-    chain.add_handover(releases, acquires)
-    return chain.run(timeout_s, spans)

@@ -47,7 +47,6 @@ __all__ = [
     "EngineCapabilities",
     "Receipt",
     "Reply",
-    "Slot",
     "StepFailed",
     "verbs_of",
 ]
@@ -102,17 +101,6 @@ class Completion:
 
 
 @dataclass(frozen=True)
-class Slot:
-    """An argument of a call filled, when the call runs, with the result of an earlier call.
-
-    ``index`` is the position of that result among the ``after`` values of :meth:`Tenant.invoke`
-    (the driver's ``colocate.calls.Chain`` writes these; a method never sees a Slot).
-    """
-
-    index: int
-
-
-@dataclass(frozen=True)
 class Reply:
     """What :meth:`Tenant.invoke` returns: the method's value and the spans recorded since.
 
@@ -134,10 +122,6 @@ class StepFailed(Exception):  # noqa: N818 - it carries the step's own error, no
 
     def __str__(self) -> str:
         return f"step {self.index}: {type(self.error).__name__}: {self.error}"
-
-
-def _value(result: Any) -> Any:
-    return result.value if isinstance(result, Reply) else result
 
 
 def verbs_of(cls: type) -> frozenset[str]:
@@ -178,12 +162,11 @@ class Tenant(ABC):
 
         ``verb`` is the method's own ``__name__``, taken by the driver from the method object.
         ``after`` holds the results of the calls this one waited for (Ray resolved them before
-        scheduling it); only those an argument names by a :class:`Slot` are passed on.
+        scheduling it): they only order the call and are not passed on.
         """
         allowed = self.verbs if self.verbs is not None else verbs_of(type(self))
         if verb not in allowed:
             raise AttributeError(f"{self.name}: {verb!r} is not a verb of {type(self).__name__}")
-        args = tuple(_value(after[a.index]) if isinstance(a, Slot) else a for a in args)
         self._tag = tag
         try:
             value = getattr(self, verb)(*args)

@@ -7,7 +7,7 @@ import time
 import pytest
 import ray
 
-from colocate.calls import Call, handover, wait_all
+from colocate.calls import Call, Chain, wait_all
 from colocate.contract import Tenant
 from colocate.errors import ActorFailedError, ActorTimeoutError
 
@@ -45,6 +45,12 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 _Remote = ray.remote(num_cpus=0.05)(_Tenant)
 
 
+def _handover(releases, acquires):
+    chain = Chain()
+    chain.add_handover(releases, acquires)
+    return chain.run(30)
+
+
 def _call(name, handle, seconds, lanes, tag=("train", 1)):
     return Call(name, handle, _Tenant.work, (seconds,), tag, lanes)
 
@@ -55,7 +61,7 @@ def test_releases_precede_acquisitions_per_gpu_and_gpus_run_in_parallel(ray_loca
     acquires = [_call("acq0", a[2], 0.1, (0,)), _call("acq1", a[3], 0.1, (1,))]
     ray.get([x.work.remote(0) for x in a], timeout=60)  # actors up before timing
     t0 = time.time()
-    _, _, (acq0_start, _), (acq1_start, _) = handover(releases, acquires, 30)
+    _, _, (acq0_start, _), (acq1_start, _) = _handover(releases, acquires)
     # GPU 0's acquisition waited for GPU 0's slow release; GPU 1's did not wait for it.
     assert acq0_start - t0 >= 1.4
     assert acq1_start - t0 < 1.0
@@ -66,7 +72,7 @@ def test_multi_gpu_acquisition_waits_for_all_its_gpus(ray_local):
     ray.get([x.work.remote(0) for x in a], timeout=60)
     releases = [_call("r0", a[0], 0.1, (0,)), _call("r1", a[1], 1.0, (1,))]
     t0 = time.time()
-    *_, (start, _) = handover(releases, [_call("tp2", a[2], 0, (0, 1))], 30)
+    *_, (start, _) = _handover(releases, [_call("tp2", a[2], 0, (0, 1))])
     assert start - t0 >= 0.9
 
 
