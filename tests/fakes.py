@@ -397,3 +397,30 @@ class RefusingTrainer(FakeTrainer):
         if "refuse" in shard:
             raise InputError(f"{self.name}: refused the shard (it has a 'refuse' column)")
         return super().train_step(shard)
+
+
+def fake_coordinator(model_dir: str, spec=None, *, engine=None, trainer_cls=None, **kw):
+    """The real ``Coordinator`` over this fake fleet (no vLLM, no DeepSpeed), short bounds.
+
+    Args:
+        model_dir: A :func:`fake_model_dir`.
+        spec: The topology (default: 2 GPUs, 2 trainer ranks, 2 engines, colocated).
+        engine: Extra ``EngineConfig`` fields.
+        trainer_cls: The trainer actor class (default :class:`FakeTrainer`).
+        **kw: Other ``Coordinator`` arguments (``pipeline``, ``probe``, ...).
+    """
+    from colocate import Coordinator, EngineConfig, SyncConfig, TrainerConfig
+    from colocate.coordinator import Timeouts
+    from placement import TopologySpec
+
+    return Coordinator(
+        spec or TopologySpec(nodes=1, gpus_per_node=2, trainer_world_size=2, engines=2),
+        EngineConfig(model=model_dir, **(engine or {})),
+        TrainerConfig(model=model_dir),
+        fake_loss,
+        sync=SyncConfig(bucket_bytes=4 << 10, timeout_s=3),
+        timeouts=Timeouts(start_s=60, step_s=30, ping_s=5),
+        engine_cls=FakeEngine,
+        trainer_cls=trainer_cls or FakeTrainer,
+        **kw,
+    )

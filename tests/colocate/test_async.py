@@ -6,13 +6,11 @@ works, and asking for it on a colocated topology is refused before anything star
 from __future__ import annotations
 
 import pytest
-from fakes import FakeEngine, FakeTrainer, fake_loss, fake_model_dir
+from fakes import fake_coordinator, fake_model_dir
 
 from colocate import (
     ActorFailedError,
     ConfigError,
-    Coordinator,
-    EngineConfig,
     Fault,
     Phase,
     PhaseError,
@@ -20,10 +18,7 @@ from colocate import (
     PipelineConfig,
     Sampling,
     StalenessError,
-    SyncConfig,
-    TrainerConfig,
 )
-from colocate.coordinator import Timeouts
 from placement import TopologySpec
 
 pytestmark = pytest.mark.timeout(120)
@@ -35,17 +30,7 @@ ASYNC = PipelineConfig(mode=Pipeline.ASYNC, max_staleness=1)
 
 
 def _coordinator(model_dir, spec=SEPARATE, pipeline=ASYNC):
-    return Coordinator(
-        spec,
-        EngineConfig(model=model_dir),
-        TrainerConfig(model=model_dir),
-        fake_loss,
-        sync=SyncConfig(bucket_bytes=4 << 10, timeout_s=3),
-        timeouts=Timeouts(start_s=60, step_s=30, ping_s=5),
-        engine_cls=FakeEngine,
-        trainer_cls=FakeTrainer,
-        pipeline=pipeline,
-    )
+    return fake_coordinator(model_dir, spec, pipeline=pipeline)
 
 
 def _batch(completions) -> dict:

@@ -10,22 +10,17 @@ from __future__ import annotations
 import time
 
 import pytest
-from fakes import FakeEngine, FakeTrainer, fake_loss, fake_model_dir
+from fakes import fake_coordinator, fake_model_dir
 from raysupport import fake_cuda_probe
 
 from colocate import (
     ActorFailedError,
     ColocateError,
-    Coordinator,
-    EngineConfig,
     Fault,
     LoadFormat,
     Phase,
     Sampling,
-    SyncConfig,
-    TrainerConfig,
 )
-from colocate.coordinator import Timeouts
 from colocate.handovers import TABLE
 from colocate.phases import RESIDENT
 from placement import TenantKind, TopologySpec
@@ -35,22 +30,10 @@ pytestmark = pytest.mark.timeout(60)
 
 SAMPLING = Sampling(n=2, max_tokens=4)
 PROMPTS = ["a", "b", "c", "d"]
-TIMEOUTS = Timeouts(start_s=60, step_s=30, ping_s=5)
 
 
 def _coordinator(model_dir, spec=None, **kw):
-    spec = spec or TopologySpec(nodes=1, gpus_per_node=2, trainer_world_size=2, engines=2)
-    return Coordinator(
-        spec,
-        EngineConfig(model=model_dir, **kw.pop("engine", {})),
-        TrainerConfig(model=model_dir),
-        fake_loss,
-        sync=SyncConfig(bucket_bytes=4 << 10, timeout_s=3),
-        timeouts=TIMEOUTS,
-        engine_cls=FakeEngine,
-        trainer_cls=FakeTrainer,
-        **kw,
-    )
+    return fake_coordinator(model_dir, spec, **kw)
 
 
 def _train(coord):

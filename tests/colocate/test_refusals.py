@@ -8,19 +8,13 @@ no step is counted, and ``recover()`` brings the loop back.
 from __future__ import annotations
 
 import pytest
-from fakes import FakeEngine, RefusingTrainer, fake_loss, fake_model_dir
+from fakes import RefusingTrainer, fake_coordinator, fake_model_dir
 
 from colocate import (
-    Coordinator,
-    EngineConfig,
     InputError,
     Phase,
     Sampling,
-    SyncConfig,
-    TrainerConfig,
 )
-from colocate.coordinator import Timeouts
-from placement import TopologySpec
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,16 +24,7 @@ PROMPTS = ["a", "b", "c", "d"]
 
 def test_a_shard_refused_after_the_hand_over_leaves_failed_and_counts_no_step(ray_local, tmp_path):
     model = fake_model_dir(tmp_path / "fake-model")
-    coord = Coordinator(
-        TopologySpec(nodes=1, gpus_per_node=2, trainer_world_size=2, engines=2),
-        EngineConfig(model=model),
-        TrainerConfig(model=model),
-        fake_loss,
-        sync=SyncConfig(bucket_bytes=4 << 10, timeout_s=3),
-        timeouts=Timeouts(start_s=60, step_s=30, ping_s=5),
-        engine_cls=FakeEngine,
-        trainer_cls=RefusingTrainer,
-    )
+    coord = fake_coordinator(model, trainer_cls=RefusingTrainer)
     with coord:
         rows = [0] * len(coord.generate(PROMPTS, SAMPLING))
         coord.train({"x": rows})
