@@ -116,7 +116,10 @@ def load_run(path: Path) -> RunState:
     try:
         state = RunState(**json.loads((path / RESUME_FILE).read_text()))
     except (TypeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path / RESUME_FILE}: not a run checkpoint ({exc})") from exc
+        raise ValueError(
+            f"{path / RESUME_FILE}: not a run checkpoint ({exc}); fix: pass a run directory "
+            "written with --save-every, or one of its checkpoints/step<N>"
+        ) from exc
     state.trainer = str(path / Path(state.trainer).name)
     state.extra = {k: str(path / Path(v).name) for k, v in state.extra.items()}
     return state

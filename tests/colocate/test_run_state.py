@@ -56,5 +56,5 @@ def test_no_checkpoint_and_a_foreign_run_json_are_refused_with_a_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="fix: pass a run directory"):
         load_run(tmp_path)
     (tmp_path / RESUME_FILE).write_text(json.dumps({"nope": 1}))
-    with pytest.raises(ValueError, match="not a run checkpoint"):
+    with pytest.raises(ValueError, match="not a run checkpoint.*fix: pass a run directory"):
         load_run(tmp_path)
