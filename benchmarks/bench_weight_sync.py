@@ -54,14 +54,12 @@ from colocate import EngineActor, EngineConfig, Sampling, build_tiny_model
 from colocate.cluster import connect
 from placement import DeviceKind
 from weight_sync import (
-    DEFAULT_FUSED_GROUPS,
     Backend,
     ReceiverSetup,
     Rendezvous,
     SyncRequest,
     compare,
     default_bucket_bytes,
-    fused_group_key,
     make_receiver,
     make_sender,
     plan_buckets,
@@ -101,7 +99,7 @@ class BenchEngine(EngineActor):
         self._flat = torch.empty(plan.total_bytes, dtype=torch.uint8).fill_(1)  # pre-touched
         self._sizes = {}
         for m in metas:
-            key = fused_group_key(m.name, DEFAULT_FUSED_GROUPS)
+            key = plan.packing.engine_name(m.name)
             self._sizes[key] = self._sizes.get(key, 0) + 1
         return {"pid": os.getpid(), "torch_threads": torch.get_num_threads()}
 
@@ -127,7 +125,7 @@ class BenchEngine(EngineActor):
     def pt_recv(self, name: str, shape: tuple, dtype: torch.dtype) -> None:
         tensor = torch.empty(shape, dtype=dtype)
         broadcast(self._bench, tensor)
-        key = fused_group_key(name, DEFAULT_FUSED_GROUPS)
+        key = self._plan.packing.engine_name(name)
         group = self._pending.setdefault(key, [])
         group.append((name, tensor))
         if len(group) == self._sizes[key]:
@@ -145,7 +143,7 @@ class BenchEngine(EngineActor):
 class BenchSender:
     """The trainer side: the HF model, our senders (as the trainer actor builds them), baselines."""
 
-    def __init__(self, model_dir: str, dtype: str, bucket_bytes: int, timeout_s: float):
+    def __init__(self, model_dir: str, dtype: str, bucket_bytes: int, packing, timeout_s: float):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
@@ -153,7 +151,7 @@ class BenchSender:
         self.source = ModuleSource(model)
         self.params = dict(model.named_parameters())
         self.metas = self.source.metas(torch.bfloat16)
-        self.plan = plan_buckets(self.metas, bucket_bytes)
+        self.plan = plan_buckets(self.metas, bucket_bytes, packing)
         self.timeout_s = timeout_s
         self.flat = torch.empty(self.plan.total_bytes, dtype=torch.uint8)
         offset = 0
@@ -239,13 +237,16 @@ def run(args, model_dir: str, bucket_bytes: int) -> dict:
         .options(num_gpus=0.5, num_cpus=0.1)
         .remote(config, "engine0", (0,), {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     )
+    t0 = time.perf_counter()
+    ray.get(engine.start.remote(), timeout=600)
+    # The engine's own packing (read from its vLLM model) decides which tensors travel together.
+    packing = ray.get(engine.expected_weights.remote(), timeout=timeout).packing
     sender = (
         ray.remote(BenchSender)
         .options(num_cpus=0.1)
-        .remote(model_dir, args.sender_dtype, bucket_bytes, timeout)
+        .remote(model_dir, args.sender_dtype, bucket_bytes, packing, timeout)
     )
-    t0 = time.perf_counter()
-    _, info = ray.get([engine.start.remote(), sender.describe.remote()], timeout=600)
+    info = ray.get(sender.describe.remote(), timeout=600)
     startup_s = time.perf_counter() - t0
     plan, metas = info["plan"], info["metas"]
     greedy = Sampling(n=1, max_tokens=16, temperature=0.0)
@@ -311,7 +312,7 @@ def run(args, model_dir: str, bucket_bytes: int) -> dict:
     applied_ours = check_applied(
         verified[-1][0],
         ray.get(engine.applied_fingerprints.remote(), timeout=timeout),
-        DEFAULT_FUSED_GROUPS,
+        packing,
         where="engine0 after per_tensor (warm-up)",
     )
     samples: dict[str, list[dict]] = {k: [] for k in order}
@@ -325,7 +326,7 @@ def run(args, model_dir: str, bucket_bytes: int) -> dict:
     applied_pt = check_applied(
         verified[-1][0],
         ray.get(engine.applied_fingerprints.remote(), timeout=timeout),
-        DEFAULT_FUSED_GROUPS,
+        packing,
         where="engine0 after per_tensor",
     )
     tokens_synced = [
@@ -358,7 +359,7 @@ def run(args, model_dir: str, bucket_bytes: int) -> dict:
             "mib": plan.total_bytes / 2**20,
             "engine_dtype": "bfloat16",
             "sender_dtype": args.sender_dtype,
-            "fused_groups": len({fused_group_key(m.name, DEFAULT_FUSED_GROUPS) for m in metas}),
+            "fused_groups": len({packing.engine_name(m.name) for m in metas}),
         },
         "bucket_bytes": bucket_bytes,
         "max_bucket_bytes": buffer,

@@ -56,6 +56,7 @@ _WHERE = {
     "PhaseError": "colocate.phases",
     "Span": "colocate.timeline",
     "Timeline": "colocate.timeline",
+    "Family": "colocate.tiny_model",
     "TinyModelSpec": "colocate.tiny_model",
     "build_tiny_model": "colocate.tiny_model",
     "TrainerActor": "colocate.trainer",

@@ -246,8 +246,12 @@ class EngineTenant(Tenant):
         """
 
     @abstractmethod
-    def expected_weights(self) -> list:
-        """``TensorMeta`` of every checkpoint tensor this engine's model declares."""
+    def expected_weights(self) -> Any:
+        """What the engine's model expects: a ``weight_sync.EngineWeights``.
+
+        Every checkpoint tensor the model declares (``TensorMeta``), the engine model's packing
+        and its parameter names, read where the model is.
+        """
 
     @abstractmethod
     def setup_sync(self, setup: Any) -> list[dict]:

@@ -324,7 +324,7 @@ class EngineActor(EngineTenant):
                 applied = check_applied(
                     reports[0].sent,
                     [w.applied for w in reports],
-                    self._plan.fused_groups,
+                    self._plan.packing,
                     where=f"{self.name} (version {request.version})",
                 )
             # Only now may it serve again: a failed check leaves released weights refused.
@@ -339,22 +339,30 @@ class EngineActor(EngineTenant):
 
         return self._on_workers(Ext.ws_applied_fingerprints)
 
-    def expected_weights(self) -> list:
-        """The checkpoint tensors (HF names, shapes) this engine's model declares.
+    def expected_weights(self):
+        """The checkpoint tensors this engine's model declares, and how the engine packs them.
 
-        Built from the model's config on the meta device (no memory), so a trainer whose
-        weights do not fit is refused before anything is sent.
+        The tensors (HF names, shapes) come from the model's config on the meta device (no
+        memory), so a trainer whose weights do not fit is refused before anything is sent; the
+        packing and the parameter names from the loaded vLLM model in a worker.
+
+        Returns:
+            A ``weight_sync.EngineWeights``.
         """
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from weight_sync.buckets import TensorMeta
+        from weight_sync.packing import EngineWeights
+        from weight_sync.receiver import WeightSyncWorkerExtension as Ext
 
         config = AutoConfig.from_pretrained(self.config.model)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         dtype = self.config.dtype.torch
-        return [TensorMeta(n, tuple(p.shape), dtype) for n, p in model.named_parameters()]
+        metas = tuple(TensorMeta(n, tuple(p.shape), dtype) for n, p in model.named_parameters())
+        packing, params = self._on_workers(Ext.ws_packing)[0]
+        return EngineWeights(metas, packing, params)
 
     def inject_fault(self, fault: Fault) -> None:
         """Arms an engine fault (test hook; see :class:`colocate.faults.Fault`).

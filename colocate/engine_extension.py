@@ -20,7 +20,6 @@ import threading
 import time
 
 from colocate.cpu_sleep import CpuSleepExtension
-from weight_sync.buckets import fused_group_key
 from weight_sync.errors import WeightSyncError
 from weight_sync.receiver import WeightSyncWorkerExtension
 
@@ -65,7 +64,7 @@ class EngineWorkerExtension(WeightSyncWorkerExtension, CpuSleepExtension):
         """Receives and applies a sync (see the receiver), then clears the released set."""
         report = super().ws_receive(request)
         plan = self._ws_require().setup.plan
-        written = {fused_group_key(m.name, plan.fused_groups) for m in plan.metas}
+        written = {plan.packing.engine_name(m.name) for m in plan.metas}
         missing = sorted(self.cs_released_params() - written)
         if missing:
             raise WeightSyncError(

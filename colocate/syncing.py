@@ -24,6 +24,7 @@ from colocate.config import ConfigError, EngineConfig, SyncConfig
 from colocate.contract import EngineTenant, Tag, TrainerTenant
 from colocate.fleet import Fleet
 from weight_sync.buckets import BucketPlan, default_bucket_bytes, plan_buckets
+from weight_sync.errors import PackingError
 from weight_sync.groups import Receiver, TransferGroup, plan_transfer_groups
 from weight_sync.receiver import ReceiverSetup, SyncRequest
 from weight_sync.transport import Backend, Rendezvous
@@ -54,15 +55,20 @@ class TransferSteps:
     receives: list[int]
 
 
-def check_compatible(sent: list, expected: list) -> None:
-    """Raises :class:`ConfigError` if the trainer's weights cannot load into the engine's model.
+def check_compatible(sent: list, expected) -> None:
+    """Raises if the trainer's weights cannot load into the engine's model.
 
     Args:
         sent: ``TensorMeta`` of every tensor the trainer would send.
-        expected: ``TensorMeta`` of every checkpoint tensor the engine's model declares.
+        expected: The engine's ``weight_sync.EngineWeights``.
+
+    Raises:
+        ConfigError: A tensor on one side only, or of another shape.
+        PackingError: An engine parameter that no sent tensor maps to under the engine's
+            packing (a family whose fused parameters the sync does not know).
     """
     have = {m.name: m for m in sent}
-    want = {m.name: m for m in expected}
+    want = {m.name: m for m in expected.metas}
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
     if extra:
@@ -81,6 +87,16 @@ def check_compatible(sent: list, expected: list) -> None:
                 f"weight {name!r} has shape {tuple(m.shape)} in the trainer but "
                 f"{tuple(want[name].shape)} in the engine's model; fix: give both the same config"
             )
+    packing = expected.packing
+    uncovered = packing.uncovered([m.name for m in sent], expected.params)
+    if uncovered:
+        raise PackingError(
+            f"engine model {packing.architecture}: parameter {uncovered[0]!r} (and "
+            f"{len(uncovered) - 1} more) is built from checkpoint tensors its packing description "
+            "(packed_modules_mapping, expert mappings) does not name, so a sync could not be "
+            "planned or verified; fix: use a model family the sync supports (docs/design.md), "
+            "or extend weight_sync.packing for this architecture"
+        )
 
 
 class SyncDriver:
@@ -154,7 +170,7 @@ class SyncDriver:
         sent, expected = results[len(ranks) : len(ranks) + 2]
         hosts = dict(zip(remote, results[len(ranks) + 2 :], strict=True))
         check_compatible(sent, expected)
-        self.bucket_plan = plan_buckets(sent, self.bucket_bytes)
+        self.bucket_plan = plan_buckets(sent, self.bucket_bytes, expected.packing)
         run_key = f"{self.run_name}-{uuid.uuid4().hex[:8]}"
         timeout = self.sync_config.timeout_s
         wanted = [

@@ -1,7 +1,8 @@
-"""A deterministic tiny Llama and a locally trained tokenizer, built once and cached.
+"""Deterministic tiny models of real HF architectures and a locally trained tokenizer, cached.
 
 Nothing is downloaded: the tokenizer is a byte-level BPE trained on a synthetic corpus made from
-a seeded generator, and the model is a randomly initialised ``LlamaForCausalLM`` saved as
+a seeded generator, and the model is a randomly initialised HF causal LM of one of the families
+people RL-train (:class:`Family`: Llama, Qwen2, Qwen3, Mistral, Qwen3-MoE) saved as
 safetensors. The directory is named by a content key (a hash of every input to the build), so two
 processes asking for the same model share one build and a changed recipe gets a new directory.
 """
@@ -9,6 +10,7 @@ processes asking for the same model share one build and a changed recipe gets a 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import json
 import os
@@ -26,6 +28,16 @@ _SYLLABLES = (
 ).split()
 
 
+class Family(enum.Enum):
+    """HF architectures a tiny model can be built as (the ``model_type`` of its config)."""
+
+    LLAMA = "llama"
+    QWEN2 = "qwen2"  # biases on q/k/v
+    QWEN3 = "qwen3"  # RMS norms on q and k
+    MISTRAL = "mistral"
+    QWEN3_MOE = "qwen3_moe"  # mixture of experts
+
+
 @dataclass(frozen=True)
 class TinyModelSpec:
     """Shape and seeds of the tiny model.
@@ -41,6 +53,9 @@ class TinyModelSpec:
         max_position_embeddings: Longest sequence the model accepts.
         seed: Seed of the weight initialisation and of the tokenizer corpus.
         tie_word_embeddings: Share the input embedding with the LM head.
+        family: The HF architecture.
+        num_experts: Experts per MoE layer (``Family.QWEN3_MOE`` only).
+        num_experts_per_tok: Experts each token is routed to (MoE only).
     """
 
     hidden_size: int = 128
@@ -52,8 +67,18 @@ class TinyModelSpec:
     max_position_embeddings: int = 512
     seed: int = 0
     tie_word_embeddings: bool = False
+    family: Family = Family.LLAMA
+    num_experts: int = 4
+    num_experts_per_tok: int = 2
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "family", Family(self.family))
+        except ValueError:
+            choices = ", ".join(f.value for f in Family)
+            raise ValueError(
+                f"TinyModelSpec.family={self.family!r}: not a known family; use one of {choices}"
+            ) from None
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.type in ("int", int) and (not isinstance(value, int) or value < 0):
@@ -74,6 +99,11 @@ class TinyModelSpec:
                 f"TinyModelSpec.num_key_value_heads={self.num_key_value_heads} must divide "
                 f"num_attention_heads={self.num_attention_heads}"
             )
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"TinyModelSpec.num_experts_per_tok={self.num_experts_per_tok}: must be in "
+                f"[1, num_experts={self.num_experts}]"
+            )
         if self.vocab_size < 300:
             raise ValueError(
                 f"TinyModelSpec.vocab_size={self.vocab_size}: a byte-level BPE needs > 256 "
@@ -82,9 +112,11 @@ class TinyModelSpec:
 
     def content_key(self) -> str:
         """Hash of every input to the build; names the cache directory."""
-        blob = json.dumps(
-            {"recipe": _RECIPE_VERSION, **dataclasses.asdict(self)}, sort_keys=True
-        ).encode()
+        fields = dataclasses.asdict(self)
+        fields["family"] = self.family.value
+        if self.family is not Family.QWEN3_MOE:  # unused fields do not rename the cache
+            del fields["num_experts"], fields["num_experts_per_tok"]
+        blob = json.dumps({"recipe": _RECIPE_VERSION, **fields}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -98,7 +130,7 @@ def build_tiny_model(
 ) -> Path:
     """Returns the directory of the tiny model, building it on first use.
 
-    Steps: (1) derive the content key from ``spec``; (2) if ``<root>/tiny-llama-<key>`` holds a
+    Steps: (1) derive the content key from ``spec``; (2) if ``<root>/tiny-<family>-<key>`` holds a
     finished build, return it; (3) otherwise build into a temporary sibling directory and
     rename it into place, so that concurrent builders never see a half-written model.
 
@@ -111,7 +143,7 @@ def build_tiny_model(
     """
     spec = spec or TinyModelSpec()
     root = Path(cache_root) if cache_root is not None else default_cache_root()
-    target = root / f"tiny-llama-{spec.content_key()}"
+    target = root / f"tiny-{spec.family.value}-{spec.content_key()}"
     if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
@@ -160,10 +192,21 @@ def _write_tokenizer(spec: TinyModelSpec, out: Path) -> None:
 
 def _write_model(spec: TinyModelSpec, out: Path) -> None:
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(out)
-    config = LlamaConfig(
+    extra = {}
+    if spec.family is Family.QWEN3_MOE:
+        extra = {
+            "num_experts": spec.num_experts,
+            "num_experts_per_tok": spec.num_experts_per_tok,
+            "moe_intermediate_size": spec.intermediate_size // 2,
+            "decoder_sparse_step": 1,
+        }
+    if spec.family in (Family.QWEN3, Family.QWEN3_MOE):
+        extra["head_dim"] = spec.hidden_size // spec.num_attention_heads
+    config = AutoConfig.for_model(
+        spec.family.value,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_hidden_layers,
@@ -176,9 +219,16 @@ def _write_model(spec: TinyModelSpec, out: Path) -> None:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         torch_dtype="bfloat16",
+        **extra,
     )
     torch.manual_seed(spec.seed)
     # Saved in bf16, the engines' dtype: vLLM loads it without a cast, and the trainer's fp32
     # copy starts from exactly the values the engines hold.
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    if spec.family is Family.QWEN2:
+        # HF initialises biases to zero; random ones make the q/k/v biases matter end to end.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("_proj.bias"):
+                    p.normal_(0.0, 0.02)
     model.save_pretrained(out, safe_serialization=True)

@@ -171,8 +171,12 @@ class FakeEngine(EngineTenant):
                     )
         return out
 
-    def expected_weights(self) -> list:
-        return _metas(self._dtype)
+    def expected_weights(self):
+        from weight_sync.packing import LLAMA_PACKING, EngineWeights
+
+        metas = tuple(_metas(self._dtype))
+        params = tuple(sorted({LLAMA_PACKING.engine_name(m.name) for m in metas}))
+        return EngineWeights(metas, LLAMA_PACKING, params)
 
     def setup_sync(self, setup) -> list[dict]:
         from weight_sync.factory import make_receiver
@@ -189,7 +193,6 @@ class FakeEngine(EngineTenant):
         return [{"tp_rank": 0, "group_rank": setup.group_ranks[0]}]
 
     def receive_weights(self, request) -> Receipt:
-        from weight_sync.buckets import fused_group_key
         from weight_sync.fingerprint import compare, fingerprint
         from weight_sync.receiver import ReceiveReport
         from weight_sync.stream import manifest_key, receive_stream
@@ -217,7 +220,7 @@ class FakeEngine(EngineTenant):
         if request.verify:
             # As vLLM does, fused groups are one applied parameter: its fingerprint is the sum.
             for name, tensor in self.params.items():
-                key = fused_group_key(name, self._plan.fused_groups)
+                key = self._plan.packing.engine_name(name)
                 fp = fingerprint(tensor)
                 report.applied[key] = report.applied[key] + fp if key in report.applied else fp
             # The sender's manifest came through the transport, as for the real receiver.
@@ -225,8 +228,8 @@ class FakeEngine(EngineTenant):
             sent = pickle.loads(self._receiver.fetch(key))
             where = f"{self.name} worker tp0 (version {request.version})"
             compare(sent, report.fingerprints, where=where)
-            groups = self._plan.fused_groups
-            applied = check_applied(sent, [report.applied], groups, where=self.name)
+            packing = self._plan.packing
+            applied = check_applied(sent, [report.applied], packing, where=self.name)
             receipt = Receipt(request.version, [report], len(report.fingerprints), applied)
         self.weight_version = request.version
         return receipt

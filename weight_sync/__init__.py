@@ -5,18 +5,17 @@ run inside trainer actors and inside vLLM workers (as a worker extension).
 """
 
 from weight_sync.buckets import (
-    DEFAULT_FUSED_GROUPS,
     Bucket,
     BucketPlan,
     TensorMeta,
     default_bucket_bytes,
-    fused_group_key,
     plan_buckets,
 )
-from weight_sync.errors import BucketPlanError, VerificationError, WeightSyncError
+from weight_sync.errors import BucketPlanError, PackingError, VerificationError, WeightSyncError
 from weight_sync.factory import choose_backend, make_receiver, make_sender
 from weight_sync.fingerprint import Fingerprint, compare, fingerprint
 from weight_sync.groups import Receiver, TransferGroup, plan_transfer_groups
+from weight_sync.packing import LLAMA_PACKING, EngineWeights, Packing, packing_of_vllm_model
 from weight_sync.receiver import EXTENSION_QUALNAME, ReceiveFaults, ReceiverSetup, SyncRequest
 from weight_sync.sender import SendReport, WeightSender
 from weight_sync.sources import DeepSpeedSource, ModuleSource, WeightSource, source_for
@@ -24,15 +23,18 @@ from weight_sync.stream import StreamStats, receive_stream, send_stream
 from weight_sync.transport import Backend, Rendezvous
 
 __all__ = [
-    "DEFAULT_FUSED_GROUPS",
     "EXTENSION_QUALNAME",
+    "LLAMA_PACKING",
     "Backend",
     "Bucket",
     "BucketPlan",
     "BucketPlanError",
     "DeepSpeedSource",
+    "EngineWeights",
     "Fingerprint",
     "ModuleSource",
+    "Packing",
+    "PackingError",
     "ReceiveFaults",
     "Receiver",
     "ReceiverSetup",
@@ -50,9 +52,9 @@ __all__ = [
     "compare",
     "default_bucket_bytes",
     "fingerprint",
-    "fused_group_key",
     "make_receiver",
     "make_sender",
+    "packing_of_vllm_model",
     "plan_buckets",
     "plan_transfer_groups",
     "receive_stream",

@@ -1,38 +1,33 @@
 """Bucket layout: which tensors travel together, at which byte offsets. Pure; no transport.
 
 vLLM fuses some checkpoint tensors into one parameter (``q_proj``/``k_proj``/``v_proj`` into
-``qkv_proj``, ``gate_proj``/``up_proj`` into ``gate_up_proj``). Loading part of such a group
-corrupts the layer on the CPU backend, so a group is the unit of packing: the planner never splits
-one across buckets, and :class:`BucketPlan` refuses a layout that does.
+``qkv_proj``, ``gate_proj``/``up_proj`` into ``gate_up_proj``, a MoE layer's experts into
+``w13_weight``/``w2_weight``), as the engine's :class:`weight_sync.packing.Packing` describes.
+Loading part of such a group corrupts the layer on the CPU backend, so a group is the unit of
+packing: the planner never splits one across buckets, and :class:`BucketPlan` refuses a layout
+that does.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from placement.hardware import DeviceKind
 from weight_sync.errors import BucketPlanError
+from weight_sync.packing import Packing
 
 __all__ = [
-    "DEFAULT_FUSED_GROUPS",
     "TensorMeta",
     "TensorSlot",
     "Bucket",
     "BucketPlan",
-    "fused_group_key",
     "plan_buckets",
     "default_bucket_bytes",
 ]
 
-# Member projection names -> the fused parameter vLLM's Llama-family models build from them.
-DEFAULT_FUSED_GROUPS: tuple[tuple[tuple[str, ...], str], ...] = (
-    (("q_proj", "k_proj", "v_proj"), "qkv_proj"),
-    (("gate_proj", "up_proj"), "gate_up_proj"),
-)
 _ALIGN = 64  # byte alignment of every tensor in a bucket: any dtype view is aligned
 
 
@@ -88,16 +83,6 @@ class Bucket:
         return out
 
 
-def fused_group_key(name: str, groups: Sequence[tuple[tuple[str, ...], str]]) -> str:
-    """The fused parameter a checkpoint tensor belongs to (itself when it is not fused)."""
-    for members, fused in groups:
-        for m in members:
-            pattern = rf"(^|\.){re.escape(m)}(\.|$)"
-            if re.search(pattern, name):
-                return re.sub(pattern, rf"\g<1>{fused}\g<2>", name, count=1)
-    return name
-
-
 @dataclass(frozen=True)
 class BucketPlan:
     """An ordered list of buckets; validated so that no fused group is split.
@@ -106,12 +91,12 @@ class BucketPlan:
         buckets: The buckets, in sending order.
         bucket_bytes: The requested bucket size (a bucket is larger only when a single fused
             group is larger; :attr:`max_bucket_bytes` is the real bound on a buffer).
-        fused_groups: The fusing rule the plan was checked against.
+        packing: The engine's packing the plan was checked against.
     """
 
     buckets: tuple[Bucket, ...]
     bucket_bytes: int
-    fused_groups: tuple[tuple[tuple[str, ...], str], ...] = DEFAULT_FUSED_GROUPS
+    packing: Packing
 
     def __post_init__(self) -> None:
         if self.bucket_bytes <= 0:
@@ -132,7 +117,7 @@ class BucketPlan:
                         f"the previous tensor or is not {_ALIGN}-byte aligned"
                     )
                 end = s.offset + s.meta.nbytes
-                key = fused_group_key(s.meta.name, self.fused_groups)
+                key = self.packing.engine_name(s.meta.name)
                 if home.setdefault(key, b.index) != b.index:
                     raise BucketPlanError(
                         f"fused group {key!r} is split between bucket {home[key]} and bucket "
@@ -166,7 +151,7 @@ def _aligned(n: int) -> int:
 def plan_buckets(
     metas: Iterable[TensorMeta],
     bucket_bytes: int,
-    fused_groups: Sequence[tuple[tuple[str, ...], str]] = DEFAULT_FUSED_GROUPS,
+    packing: Packing,
 ) -> BucketPlan:
     """Packs tensors into buckets of at most ``bucket_bytes``, keeping fused groups whole.
 
@@ -178,7 +163,7 @@ def plan_buckets(
     Args:
         metas: Tensors as the engine receives them (HF names, engine dtype).
         bucket_bytes: Target bucket size in bytes; must be > 0.
-        fused_groups: Which tensors the engine fuses.
+        packing: Which tensors the engine fuses (its :class:`Packing`).
 
     Returns:
         The validated plan.
@@ -189,7 +174,7 @@ def plan_buckets(
         )
     groups: dict[str, list[TensorMeta]] = {}
     for m in metas:
-        groups.setdefault(fused_group_key(m.name, fused_groups), []).append(m)
+        groups.setdefault(packing.engine_name(m.name), []).append(m)
     buckets: list[Bucket] = []
     current: list[TensorSlot] = []
     used = 0
@@ -208,7 +193,7 @@ def plan_buckets(
             current.append(TensorSlot(m, used))
             used += _aligned(m.nbytes)
     close()
-    return BucketPlan(tuple(buckets), bucket_bytes, tuple(fused_groups))
+    return BucketPlan(tuple(buckets), bucket_bytes, packing)
 
 
 def default_bucket_bytes(device: DeviceKind) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["WeightSyncError", "VerificationError", "BucketPlanError"]
+__all__ = ["WeightSyncError", "VerificationError", "BucketPlanError", "PackingError"]
 
 
 class WeightSyncError(RuntimeError):
@@ -15,3 +15,11 @@ class VerificationError(WeightSyncError):
 
 class BucketPlanError(ValueError):
     """A bucket layout that would corrupt the engine (a split fused group) or is ill-formed."""
+
+
+class PackingError(ValueError):
+    """An engine model whose packing (fused parameters) the sync cannot map.
+
+    The message names the model, the first parameter left unexplained and the fix; raised
+    before any weight is sent.
+    """

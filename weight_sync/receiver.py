@@ -185,6 +185,7 @@ class WeightSyncWorkerExtension:
                 os._exit(1)  # fault injection: die mid-transfer, as a killed worker would
 
         start = time.perf_counter()
+        ties = _tied_modules(model)
         initialize_layerwise_reload(model)
         try:
             stats = receive_stream(state.setup.plan.buckets, state.transport, apply)
@@ -194,6 +195,7 @@ class WeightSyncWorkerExtension:
         finally:
             t0 = time.perf_counter()
             finalize_layerwise_reload(model, self.model_runner.model_config)
+            _retie(model, ties)
             report.apply_s += time.perf_counter() - t0
         report.seconds = time.perf_counter() - start
         return report
@@ -211,6 +213,13 @@ class WeightSyncWorkerExtension:
                 out[name] = fingerprint(param.data)
         return out
 
+    def ws_packing(self) -> tuple:
+        """``(Packing, parameter names)`` of this worker's model, read from the model itself."""
+        from weight_sync.packing import packing_of_vllm_model
+
+        model = self.model_runner.model
+        return packing_of_vllm_model(model), tuple(n for n, _ in model.named_parameters())
+
     def ws_arm(self, faults: ReceiveFaults) -> None:
         """Arms faults for the next sync (test hook)."""
         self._ws_require().faults = faults
@@ -227,6 +236,42 @@ class WeightSyncWorkerExtension:
         if state is None:
             raise WeightSyncError("weight sync is not set up on this worker; call ws_setup first")
         return state
+
+
+def _tied_modules(model: torch.nn.Module) -> list[tuple[str, str]]:
+    """``(module, owner)`` names: a module whose ``weight`` is another module's (tied embeddings).
+
+    The checkpoint has no tensor of its own for such a module (``lm_head`` under
+    ``tie_word_embeddings``), so the layer-wise reload never processes it.
+    """
+    owners: dict[int, str] = {}
+    ties = []
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if weight is None:
+            continue
+        if id(weight) in owners:
+            ties.append((name, owners[id(weight)]))
+        else:
+            owners[id(weight)] = name
+    return ties
+
+
+def _retie(model: torch.nn.Module, ties: list[tuple[str, str]]) -> None:
+    """Points each tied module at its owner's new weight and redoes its post-load processing.
+
+    Without this a tied ``lm_head`` keeps what it was built from: on CPU its repacked GEMM
+    weight (``cpu_linear``, packed from the old values) computes the logits of the weights
+    before the sync. Measured on the tiny Qwen2 with tied embeddings: different greedy tokens
+    than an engine loaded from the same weights.
+    """
+    for name, owner in ties:
+        module, source = model.get_submodule(name), model.get_submodule(owner)
+        if module.weight is not source.weight:
+            module.weight = source.weight
+        method = getattr(module, "quant_method", None)
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(module)
 
 
 def _detach_pending_loads(buffer: torch.Tensor) -> None:

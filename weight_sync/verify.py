@@ -1,6 +1,7 @@
 """Comparing what the trainer sent with what the engine applied (where parameters are readable).
 
-vLLM fuses checkpoint tensors (q/k/v into qkv_proj, gate/up into gate_up_proj) and shards them
+vLLM fuses checkpoint tensors (q/k/v into qkv_proj, gate/up into gate_up_proj, experts into one
+tensor; see ``weight_sync.packing``) and shards them
 over TP ranks; fingerprints are additive, so the expected fingerprint of an applied parameter
 is the sum of its members', and a sharded parameter's shards sum to it. A parameter replicated
 on every TP rank (a norm) reports identical fingerprints on each and is counted once. Padding
@@ -11,20 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from weight_sync.buckets import fused_group_key
 from weight_sync.errors import VerificationError
 from weight_sync.fingerprint import Fingerprint
+from weight_sync.packing import Packing
 
 __all__ = ["expected_applied", "check_applied"]
 
 
-def expected_applied(
-    sent: dict[str, Fingerprint], fused_groups: Sequence[tuple[tuple[str, ...], str]]
-) -> dict[str, Fingerprint]:
+def expected_applied(sent: dict[str, Fingerprint], packing: Packing) -> dict[str, Fingerprint]:
     """Expected fingerprint of each engine parameter, from the sent checkpoint tensors."""
     out: dict[str, Fingerprint] = {}
     for name, fp in sent.items():
-        key = fused_group_key(name, fused_groups)
+        key = packing.engine_name(name)
         out[key] = out[key] + fp if key in out else fp
     return out
 
@@ -32,7 +31,7 @@ def expected_applied(
 def check_applied(
     sent: dict[str, Fingerprint],
     workers: Sequence[dict[str, Fingerprint]],
-    fused_groups: Sequence[tuple[tuple[str, ...], str]],
+    packing: Packing,
     *,
     where: str,
 ) -> int:
@@ -41,13 +40,13 @@ def check_applied(
     Args:
         sent: Fingerprints the sender computed, by checkpoint name.
         workers: Per TP worker, fingerprints of its readable applied parameters.
-        fused_groups: The engine's fusing rule.
+        packing: The engine's packing.
         where: Who applied them (for the message).
 
     Returns:
         How many parameters were compared (those readable and named like the checkpoint).
     """
-    expected = expected_applied(sent, fused_groups)
+    expected = expected_applied(sent, packing)
     names = sorted(set().union(*[w.keys() for w in workers])) if workers else []
     checked = 0
     for name in names:

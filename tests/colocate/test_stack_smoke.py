@@ -104,13 +104,13 @@ class _GlooReceiver:
 
 
 def test_gloo_group_beside_deepspeed_broadcasts_bit_exact(ray_local, tiny_model_dir):
-    from weight_sync import Backend, Rendezvous, SyncRequest, plan_buckets
+    from weight_sync import LLAMA_PACKING, Backend, Rendezvous, SyncRequest, plan_buckets
 
     actors, _ = _trainers(tiny_model_dir)
     receiver = _GlooReceiver.remote()
     try:
         metas = ray.get(actors[0].weight_metas.remote(torch.float32), timeout=60)
-        plan = plan_buckets(metas, 256 << 10)  # small buckets: several in flight
+        plan = plan_buckets(metas, 256 << 10, LLAMA_PACKING)  # small buckets: several in flight
         assert len(plan.buckets) > 2
         port = ray.get(actors[0].host_sync_store.remote("127.0.0.1", 2, "smoke", 30), timeout=60)
         rdv = Rendezvous("127.0.0.1", port, 2, "smoke", 30.0, Backend.GLOO)

@@ -211,12 +211,12 @@ def test_torch_fallback_offload_frees_memory_and_restores_params():
 
 def test_bucket_pack_cast_unpack_throughput():
     """fp32 -> bf16 flatten into a bucket and unflatten views, against a plain copy."""
-    from weight_sync.buckets import TensorMeta, plan_buckets
+    from weight_sync import LLAMA_PACKING, TensorMeta, plan_buckets
 
     shapes = [(4096, 4096)] * 24 + [(4096,)] * 24
     params = [torch.randn(s, device="cuda") for s in shapes]
     metas = [TensorMeta(f"p{i}", s, torch.bfloat16) for i, s in enumerate(shapes)]
-    plan = plan_buckets(metas, 1 << 30)
+    plan = plan_buckets(metas, 1 << 30, LLAMA_PACKING)
     (bucket,) = plan.buckets
     buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device="cuda")
 

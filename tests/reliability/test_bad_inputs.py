@@ -29,7 +29,16 @@ from colocate.syncing import check_compatible
 from colocate.trainer import shard_batch
 from placement import TopologyError, TopologySpec, plan
 from placement.spec import ClusterInfo, NodeInfo
-from weight_sync import Backend, BucketPlanError, Rendezvous, TensorMeta, plan_buckets
+from weight_sync import (
+    LLAMA_PACKING,
+    Backend,
+    BucketPlanError,
+    EngineWeights,
+    PackingError,
+    Rendezvous,
+    TensorMeta,
+    plan_buckets,
+)
 from weight_sync.buckets import Bucket, BucketPlan, TensorSlot
 
 pytestmark = pytest.mark.timeout(600)
@@ -47,7 +56,13 @@ def _split_qkv():
     return BucketPlan(
         (Bucket(0, (TensorSlot(q, 0), TensorSlot(k, 64)), 128), Bucket(1, (TensorSlot(v, 0),), 64)),
         128,
+        LLAMA_PACKING,
     )
+
+
+def _engine(*metas, params=None):
+    names = tuple(m.name for m in metas) if params is None else params
+    return EngineWeights(tuple(metas), LLAMA_PACKING, names)
 
 
 def _model_dir(tmp, **config):
@@ -176,7 +191,7 @@ CATALOG = [
     ),
     (
         "buckets: planner given size 0",
-        lambda t, m: plan_buckets([_meta("a")], 0),
+        lambda t, m: plan_buckets([_meta("a")], 0, LLAMA_PACKING),
         BucketPlanError,
         ["bucket_bytes=0"],
     ),
@@ -188,21 +203,30 @@ CATALOG = [
     ),
     (
         "sync: trainer tensor unknown to the engine",
-        lambda t, m: check_compatible([_meta("extra.weight")], []),
+        lambda t, m: check_compatible([_meta("extra.weight")], _engine()),
         ConfigError,
         ["'extra.weight'", "does not exist in the engine's model"],
     ),
     (
         "sync: shapes differ",
-        lambda t, m: check_compatible([_meta("w", (4, 4))], [_meta("w", (8, 4))]),
+        lambda t, m: check_compatible([_meta("w", (4, 4))], _engine(_meta("w", (8, 4)))),
         ConfigError,
         ["'w'", "(4, 4)", "(8, 4)"],
     ),
     (
         "sync: engine tensor the trainer lacks",
-        lambda t, m: check_compatible([], [_meta("lm_head.weight")]),
+        lambda t, m: check_compatible([], _engine(_meta("lm_head.weight"))),
         ConfigError,
         ["'lm_head.weight'", "never be updated"],
+    ),
+    (
+        "sync: engine parameter the packing does not explain",
+        lambda t, m: check_compatible(
+            [_meta("l.mlp.w1.weight")],
+            _engine(_meta("l.mlp.w1.weight"), params=("l.mlp.fused_w.weight",)),
+        ),
+        PackingError,
+        ["LlamaForCausalLM", "'l.mlp.fused_w.weight'", "packing", "fix:"],
     ),
     ("sampling: n = 0", lambda t, m: Sampling(n=0), ConfigError, ["Sampling.n=0"]),
     (

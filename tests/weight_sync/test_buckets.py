@@ -6,20 +6,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from placement import TopologySpec, plan
+from weight_sync import LLAMA_PACKING as LLAMA
 from weight_sync import (
     Backend,
     Bucket,
     BucketPlan,
     BucketPlanError,
+    Packing,
     TensorMeta,
     WeightSyncError,
     compare,
     fingerprint,
-    fused_group_key,
     plan_buckets,
     plan_transfer_groups,
 )
-from weight_sync.buckets import DEFAULT_FUSED_GROUPS, TensorSlot
+from weight_sync.buckets import TensorSlot
 from weight_sync.groups import Receiver
 from weight_sync.verify import check_applied
 
@@ -46,30 +47,73 @@ def llama_metas(layers=2, hidden=128, inter=256, vocab=1024, dtype=torch.bfloat1
     ]
 
 
-def test_fused_group_key():
-    assert fused_group_key("model.layers.3.self_attn.k_proj.weight", DEFAULT_FUSED_GROUPS) == (
+def test_llama_packing_names_the_fused_parameter():
+    assert LLAMA.engine_name("model.layers.3.self_attn.k_proj.weight") == (
         "model.layers.3.self_attn.qkv_proj.weight"
     )
-    assert fused_group_key("model.layers.3.mlp.up_proj.weight", DEFAULT_FUSED_GROUPS) == (
+    assert LLAMA.engine_name("model.layers.3.mlp.up_proj.weight") == (
         "model.layers.3.mlp.gate_up_proj.weight"
     )
-    assert fused_group_key("model.up_projection.weight", DEFAULT_FUSED_GROUPS) == (
-        "model.up_projection.weight"
+    assert LLAMA.engine_name("model.up_projection.weight") == ("model.up_projection.weight")
+
+
+# What weight_sync.packing reads from a vLLM Qwen3-MoE layer: one rule per expert and projection.
+MOE = Packing(
+    modules=((("q_proj", "k_proj", "v_proj"), "qkv_proj"),),
+    prefixes=tuple(
+        (f"model.layers.0.mlp.experts.{e}.{p}.", f"model.layers.0.mlp.experts.routed_experts.{w}_")
+        for e in range(12)
+        for p, w in (("gate_proj", "w13"), ("up_proj", "w13"), ("down_proj", "w2"))
     )
+    + (
+        (
+            "model.layers.0.mlp.experts.gate_up_proj",
+            "model.layers.0.mlp.experts.routed_experts.w13_weight",
+        ),
+    ),
+    architecture="Qwen3MoeForCausalLM",
+)
+
+
+def test_moe_packing_maps_every_expert_to_its_fused_parameter():
+    base = "model.layers.0.mlp.experts"
+    assert MOE.engine_name(f"{base}.3.up_proj.weight") == f"{base}.routed_experts.w13_weight"
+    # experts.1 is a prefix of experts.11 as a string, not at a dot: no mix-up
+    assert MOE.engine_name(f"{base}.11.down_proj.weight") == f"{base}.routed_experts.w2_weight"
+    # the whole 3-D tensor (transformers 5's layout) names the same parameter
+    assert MOE.engine_name(f"{base}.gate_up_proj") == f"{base}.routed_experts.w13_weight"
+    assert MOE.engine_name("model.layers.0.mlp.gate.weight") == "model.layers.0.mlp.gate.weight"
+    assert MOE.engine_name("model.layers.0.self_attn.v_proj.weight") == (
+        "model.layers.0.self_attn.qkv_proj.weight"
+    )
+    ckpt = [f"{base}.{e}.{p}.weight" for e in range(12) for p in ("gate_proj", "up_proj")]
+    engine = [f"{base}.routed_experts.w13_weight", f"{base}.routed_experts.w2_weight"]
+    assert MOE.uncovered(ckpt, engine) == [f"{base}.routed_experts.w2_weight"]
+    metas = [TensorMeta(n, (8, 4), torch.bfloat16) for n in ckpt]
+    plan_ = plan_buckets(metas, 256, MOE)  # the layer's 24 tensors stay in one bucket
+    assert len(plan_.buckets) == 1 and plan_.max_bucket_bytes > 256
+
+
+def test_packing_crosses_ray_intact():
+    import pickle
+
+    again = pickle.loads(pickle.dumps(MOE))
+    assert again == MOE
+    assert again.engine_name("model.layers.0.mlp.experts.2.gate_proj.weight").endswith("w13_weight")
 
 
 @settings(max_examples=200, deadline=None)
 @given(bucket=st.integers(min_value=1, max_value=400_000), layers=st.integers(1, 4))
 def test_plan_keeps_groups_whole_and_covers_every_tensor(bucket, layers):
     metas = llama_metas(layers)
-    p = plan_buckets(metas, bucket)
+    p = plan_buckets(metas, bucket, LLAMA)
     assert sorted(m.name for m in p.metas) == sorted(m.name for m in metas)
     home = {}
     for b in p.buckets:
         for s in b.slots:
-            home.setdefault(fused_group_key(s.meta.name, DEFAULT_FUSED_GROUPS), set()).add(b.index)
+            home.setdefault(LLAMA.engine_name(s.meta.name), set()).add(b.index)
         # A bucket exceeds the request only when it holds a single oversized group.
-        groups = {fused_group_key(s.meta.name, DEFAULT_FUSED_GROUPS) for s in b.slots}
+        groups = {LLAMA.engine_name(s.meta.name) for s in b.slots}
         assert b.nbytes <= bucket or len(groups) == 1
     assert all(len(v) == 1 for v in home.values())
     assert p.total_bytes == sum(m.nbytes for m in metas)
@@ -77,7 +121,7 @@ def test_plan_keeps_groups_whole_and_covers_every_tensor(bucket, layers):
 
 def test_views_round_trip():
     metas = llama_metas(1, dtype=torch.float32)
-    p = plan_buckets(metas, 200_000)
+    p = plan_buckets(metas, 200_000, LLAMA)
     tensors = {m.name: torch.randn(m.shape) for m in metas}
     for b in p.buckets:
         buf = torch.zeros(b.nbytes, dtype=torch.uint8)
@@ -96,19 +140,22 @@ def test_split_fused_group_is_rejected():
                 Bucket(1, (TensorSlot(v, 0),), 16384),
             ),
             65536,
+            LLAMA,
         )
 
 
 @pytest.mark.parametrize("bad", [0, -5, 1.5, True])
 def test_bad_bucket_size(bad):
     with pytest.raises(BucketPlanError, match="bucket_bytes"):
-        plan_buckets(llama_metas(1), bad)
+        plan_buckets(llama_metas(1), bad, LLAMA)
 
 
 def test_overlapping_slots_are_rejected():
     q = llama_metas(1)[1]
     with pytest.raises(BucketPlanError, match="overlaps"):
-        BucketPlan((Bucket(0, (TensorSlot(q, 0), TensorSlot(llama_metas(1)[4], 64)), 99999),), 1)
+        BucketPlan(
+            (Bucket(0, (TensorSlot(q, 0), TensorSlot(llama_metas(1)[4], 64)), 99999),), 1, LLAMA
+        )
 
 
 def test_fingerprint_is_exact_additive_and_order_free():
@@ -147,10 +194,10 @@ def test_check_applied_sums_fused_members_and_tp_shards():
         {"l.self_attn.qkv_proj.weight": fingerprint(shard0), "l.norm.weight": fingerprint(norm)},
         {"l.self_attn.qkv_proj.weight": fingerprint(shard1), "l.norm.weight": fingerprint(norm)},
     ]
-    assert check_applied(sent, workers, DEFAULT_FUSED_GROUPS, where="e0") == 2
+    assert check_applied(sent, workers, LLAMA, where="e0") == 2
     workers[1]["l.self_attn.qkv_proj.weight"] = fingerprint(shard1 * 2)
     with pytest.raises(WeightSyncError, match="qkv_proj"):
-        check_applied(sent, workers, DEFAULT_FUSED_GROUPS, where="e0")
+        check_applied(sent, workers, LLAMA, where="e0")
 
 
 def test_transfer_groups_by_placement():
