@@ -208,6 +208,16 @@ class TrainerConfig:
         deepspeed: False gives the plain-torch fallback trainer (one rank, torch AdamW,
             offload to pinned host memory).
         ds_config: Extra DeepSpeed config entries, merged over the generated ones.
+        micro_batch_size: Most rows of a rank's shard per forward/backward; gradients are
+            accumulated over the micro-batches of an optimizer step, each weighted by its share
+            of the step's loss tokens (``loss_tokens``), so the step equals the full-batch
+            step for a loss that is the mean over its batch's tokens. None: one micro-batch.
+        mini_batches: Optimizer steps per epoch over a train call's batch (PPO-style).
+        epochs: Passes over the batch per train call.
+        activation_checkpointing: Recompute each decoder layer's activations in the backward
+            (HF gradient checkpointing): less activation memory for one more forward.
+        loss_tokens: The batch field whose sum counts a micro-batch's loss tokens (a 0/1
+            mask); a batch without it weighs micro-batches by rows.
     """
 
     model: str
@@ -220,9 +230,34 @@ class TrainerConfig:
     seed: int = 0
     deepspeed: bool = True
     ds_config: dict[str, Any] = field(default_factory=dict)
+    micro_batch_size: int | None = None
+    mini_batches: int = 1
+    epochs: int = 1
+    activation_checkpointing: bool = False
+    loss_tokens: str = "completion_mask"
 
     def __post_init__(self) -> None:
         owner = "TrainerConfig"
+        if self.micro_batch_size is not None:
+            _positive_int(owner, "micro_batch_size", self.micro_batch_size)
+        _positive_int(owner, "mini_batches", self.mini_batches)
+        _positive_int(owner, "epochs", self.epochs)
+        if not isinstance(self.activation_checkpointing, bool):
+            raise _err(
+                owner,
+                "activation_checkpointing",
+                self.activation_checkpointing,
+                "must be a bool",
+                "pass True or False",
+            )
+        if not isinstance(self.loss_tokens, str) or not self.loss_tokens:
+            raise _err(
+                owner,
+                "loss_tokens",
+                self.loss_tokens,
+                "must be a batch field name",
+                'pass e.g. "completion_mask"',
+            )
         object.__setattr__(self, "model", _model_path(owner, self.model))
         object.__setattr__(self, "zero_stage", _zero(self.zero_stage))
         object.__setattr__(self, "dtype", _enum(owner, "dtype", self.dtype, DType))

@@ -287,8 +287,12 @@ class TrainerTenant(Tenant):
         """Joins the trainer group, builds model and optimizer (holds everything). Idempotent."""
 
     @abstractmethod
-    def train_step(self, shard: dict) -> dict[str, float]:
-        """One optimizer step on this rank's shard; needs everything resident."""
+    def train_step(self, shard: dict, max_rows: int | None = None) -> dict[str, float]:
+        """The optimizer steps of one train call on this rank's shard; needs everything resident.
+
+        ``max_rows`` is the largest rank's shard (every rank plans the same number of
+        micro-batches from it; ``colocate.micro_batches``); None: this shard's rows.
+        """
 
     @abstractmethod
     def offload(self, keep_params: bool) -> TrainerMemory:
@@ -323,8 +327,8 @@ class TrainerTenant(Tenant):
         """Closes the sender and the stores this rank hosts. Idempotent."""
 
     @abstractmethod
-    def param_fingerprints(self) -> dict:
-        """Fingerprints of every full parameter, as stored."""
+    def param_fingerprints(self, chunk_bytes: int = 256 << 20) -> dict:
+        """Fingerprints of every full parameter, as stored (gathered ``chunk_bytes`` at a time)."""
 
     @abstractmethod
     def save(self, path: str) -> str:
@@ -335,8 +339,11 @@ class TrainerTenant(Tenant):
         """Restores a checkpoint written by :meth:`save`; returns the step count."""
 
     @abstractmethod
-    def export_hf(self, path: str, dtype: str) -> str | None:
-        """Writes the current weights as an HF model directory (rank 0 writes)."""
+    def export_hf(self, path: str, dtype: str, chunk_bytes: int = 256 << 20) -> str | None:
+        """Writes the current weights as an HF model directory (rank 0 writes).
+
+        Streamed: at most ``chunk_bytes`` of parameters gathered at a time.
+        """
 
 
 TrainerTenant.verbs = verbs_of(TrainerTenant)

@@ -63,12 +63,14 @@ from colocate.handovers import (
 )
 from colocate.memory_check import check_run
 from colocate.memory_plan import MemoryPlan
+from colocate.micro_batches import plan_step
 from colocate.phases import Phase, PhaseError, require
 from colocate.rollouts import Rollout, StalenessError, VersionLedger
 from colocate.syncing import SyncDriver, SyncReport
 from colocate.timeline import Timeline
 from colocate.trainer import LossFn, TrainerActor, shard_batch
 from placement import DeviceKind, Plan, Reservation, TenantKind, TopologySpec, plan, reserve
+from weight_sync.buckets import default_bucket_bytes
 
 __all__ = ["Coordinator", "SyncReport", "Timeouts"]
 
@@ -418,12 +420,17 @@ class Coordinator:
         staleness = self._staleness(batch)
         world = self.spec.trainer_world_size
         shards = [shard_batch(batch, r, world) for r in range(world)]  # bad input raises here
+        max_rows = max(len(next(iter(s.values()))) for s in shards)
+        cfg = self.trainer_config
+        plan_step(max_rows, max_rows, cfg.mini_batches, cfg.micro_batch_size)  # raises here too
         chain, pending = self._exec.pending()
         self._exec.add_row(chain, TRAIN, self._ctx(), pending)
         self.step += 1
         tag = self._exec.tag(Phase.TRAIN.value)
         steps = [
-            chain.add(self.fleet.trainer_call(r, TrainerTenant.train_step, shards[r], tag=tag))
+            chain.add(
+                self.fleet.trainer_call(r, TrainerTenant.train_step, shards[r], max_rows, tag=tag)
+            )
             for r in range(world)
         ]
         try:
@@ -661,7 +668,7 @@ class Coordinator:
 
     def trainer_fingerprints(self) -> dict:
         """Fingerprints of the trainer's full parameters (to prove its state is intact)."""
-        return self._on_trainers(TrainerTenant.param_fingerprints)[0]
+        return self._on_trainers(TrainerTenant.param_fingerprints, self._chunk_bytes())[0]
 
     def save_trainer(self, path: str) -> str:
         """Checkpoints every trainer rank under ``path`` (model, optimizer, step)."""
@@ -670,8 +677,16 @@ class Coordinator:
 
     def export_hf(self, path: str) -> str:
         """Writes the trainer's current weights as an HF directory in the engine dtype."""
-        self._on_trainers(TrainerTenant.export_hf, path, self.engine_config.dtype.value)
+        dtype = self.engine_config.dtype.value
+        self._on_trainers(TrainerTenant.export_hf, path, dtype, self._chunk_bytes())
         return path
+
+    def _chunk_bytes(self) -> int:
+        """What fingerprints and exports gather at once: the sync's bucket size."""
+        driver = self.sync_driver
+        if driver is not None:
+            return driver.bucket_bytes
+        return self.sync_config.bucket_bytes or default_bucket_bytes(self.device)
 
     def shutdown(self) -> None:
         """Stops every actor and releases the GPUs. Idempotent; never raises for dead actors."""

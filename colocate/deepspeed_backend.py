@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from colocate.config import ZeroStage
 from colocate.host_offload import offload_to_host, reload_to_device
-from colocate.trainer_backend import TrainerBackend
+from colocate.trainer_backend import TrainerBackend, accumulate
 
 __all__ = ["DeepSpeedBackend", "deepspeed_config"]
 
@@ -95,12 +95,20 @@ class DeepSpeedBackend(TrainerBackend):
         return self._optimizer
 
     @override
-    def step(self, loss_fn: Callable, shard: dict, after_forward: Callable[[], None]) -> tuple:
-        loss, metrics = loss_fn(self._engine, shard)
-        after_forward()
-        self._engine.backward(loss)
-        self._engine.step()
-        return loss, metrics
+    def step(self, loss_fn: Callable, micro: list, after_forward: Callable[[], None]) -> tuple:
+        engine = self._engine
+        # DeepSpeed's documented manual accumulation: the boundary is set before each
+        # forward/backward, True on the last; one engine.step() then reduces (ZeRO) and steps.
+        out = accumulate(
+            loss_fn,
+            engine,
+            micro,
+            after_forward,
+            engine.backward,
+            engine.set_gradient_accumulation_boundary,
+        )
+        engine.step()
+        return out
 
     def _zero0(self) -> bool:
         return self.config.zero_stage is ZeroStage.ZERO0

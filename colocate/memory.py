@@ -70,13 +70,17 @@ def tree_rss() -> int:
 
 
 def process_stats() -> dict[str, int]:
-    """This process's pid, RSS bytes (own and with children), fds and threads (soak checks)."""
+    """This process's pid, RSS bytes (own, peak, and with children), fds and threads."""
+    import resource
+
     import psutil
 
     proc = psutil.Process(os.getpid())
     return {
         "pid": proc.pid,
         "rss_bytes": proc.memory_info().rss,
+        # the process's high-water mark (Linux reports KiB)
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_tree_bytes": tree_rss(),
         "open_fds": proc.num_fds(),
         "threads": proc.num_threads(),

@@ -10,7 +10,7 @@ import torch
 from typing_extensions import override
 
 from colocate.host_offload import offload_to_host, reload_to_device
-from colocate.trainer_backend import TrainerBackend
+from colocate.trainer_backend import TrainerBackend, accumulate
 
 __all__ = ["TorchBackend"]
 
@@ -50,15 +50,13 @@ class TorchBackend(TrainerBackend):
         return self._optimizer
 
     @override
-    def step(self, loss_fn: Callable, shard: dict, after_forward: Callable[[], None]) -> tuple:
+    def step(self, loss_fn: Callable, micro: list, after_forward: Callable[[], None]) -> tuple:
         self._optimizer.zero_grad(set_to_none=True)
-        loss, metrics = loss_fn(self._module, shard)
-        after_forward()
-        loss.backward()
+        out = accumulate(loss_fn, self._module, micro, after_forward, torch.Tensor.backward)
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self._module.parameters(), self.config.grad_clip)
         self._optimizer.step()
-        return loss, metrics
+        return out
 
     @override
     def offload(self, keep_params: bool) -> None:

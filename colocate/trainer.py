@@ -21,6 +21,7 @@ from colocate.config import TrainerConfig
 from colocate.contract import TrainerTenant
 from colocate.ds_ops import op_environment, prepare_ops
 from colocate.faults import Fault, coerce_fault
+from colocate.micro_batches import plan_step, token_weights
 from colocate.phases import TrainerMemory
 from colocate.trainer_backend import TrainerBackend, load_model, make_backend
 from placement import TenantKind
@@ -32,6 +33,9 @@ __all__ = ["TrainerActor", "LossFn", "shard_batch"]
 LossFn = Callable[[Any, dict], tuple[torch.Tensor, dict[str, float]]]
 
 _ORDER = (TrainerMemory.OFFLOADED, TrainerMemory.PARAMS, TrainerMemory.FULL)
+#: Default bytes gathered at once by fingerprints and exports (the coordinator passes the
+#: sync's bucket size).
+_CHUNK_BYTES = 256 << 20
 
 
 def shard_batch(batch: dict, rank: int, world_size: int) -> dict:
@@ -51,6 +55,14 @@ def shard_batch(batch: dict, rank: int, world_size: int) -> dict:
     base, extra = divmod(rows, world_size)
     start = rank * base + min(rank, extra)
     stop = start + base + (1 if rank < extra else 0)
+    return _slice(batch, start, stop)
+
+
+def _rows_of(batch: dict) -> int:
+    return len(next(v for v in batch.values() if isinstance(v, (torch.Tensor, list, tuple))))
+
+
+def _slice(batch: dict, start: int, stop: int) -> dict:
     return {
         k: v[start:stop] if isinstance(v, (torch.Tensor, list, tuple)) else v
         for k, v in batch.items()
@@ -159,19 +171,57 @@ class TrainerActor(TrainerTenant):
 
     # ----- training ---------------------------------------------------------------------------
 
-    def train_step(self, shard: dict) -> dict[str, float]:
-        """One optimizer step on this rank's shard of the batch (all ranks at once).
+    def train_step(self, shard: dict, max_rows: int | None = None) -> dict[str, float]:
+        """The optimizer steps of one train call on this rank's shard (all ranks at once).
 
         The coordinator cuts the batch with :func:`shard_batch`, so each rank receives only
-        its own rows.
+        its own rows. Steps: for each of ``config.epochs`` passes, for each of
+        ``config.mini_batches`` parts of the shard, one optimizer step accumulated over
+        micro-batches of at most ``config.micro_batch_size`` rows, each weighted by its share
+        of the part's loss tokens (``colocate.micro_batches``).
+
+        Returns:
+            The loss and the loss function's metrics, means over the optimizer steps; with
+            more than one step also ``first_<name>`` (the first step's, taken before any
+            update: e.g. the training-inference log-prob difference) and ``optimizer_steps``.
         """
         self._require(TrainerMemory.FULL, "train_step")
-        with self.span("trainer.train_step", rows=len(next(iter(shard.values())))):
-            loss, metrics = self.backend.step(
-                self.loss_fn, shard, lambda: self._maybe_crash(Fault.CRASH_IN_TRAIN_STEP)
-            )
+        config = self.config
+        rows = _rows_of(shard)
+        plan = plan_step(rows, max_rows or rows, config.mini_batches, config.micro_batch_size)
+        results = []
+        with self.span("trainer.train_step", rows=rows, optimizer_steps=len(plan) * config.epochs):
+            for _ in range(config.epochs):
+                for step in plan:
+                    micro = self._weighted(shard, step)
+                    results.append(self.backend.step(self.loss_fn, micro, self._after_forward))
         self.steps += 1
-        return {"loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()}}
+        keys = {"loss", *results[0][1]}
+        rows_out = [{"loss": loss, **metrics} for loss, metrics in results]
+        out = {k: sum(r.get(k, 0.0) for r in rows_out) / len(rows_out) for k in sorted(keys)}
+        if len(rows_out) > 1:
+            out.update({f"first_{k}": v for k, v in rows_out[0].items()})
+            out["optimizer_steps"] = float(len(rows_out))
+        return out
+
+    def _after_forward(self) -> None:
+        self._maybe_crash(Fault.CRASH_IN_TRAIN_STEP)  # armed faults fire once
+
+    def _weighted(self, shard: dict, step: list) -> list[tuple[dict, float]]:
+        """The micro-batches of one optimizer step with their token weights."""
+        rows = _rows_of(shard)
+        parts, tokens = [], []
+        for mb in step:
+            if mb.empty:  # a zero-weight forward keeps this rank's collectives in step
+                start = min(mb.start, rows - 1)
+                parts.append(_slice(shard, start, start + 1))
+                tokens.append(0.0)
+                continue
+            part = _slice(shard, mb.start, mb.stop)
+            mask = part.get(self.config.loss_tokens)
+            parts.append(part)
+            tokens.append(float(mask.sum()) if mask is not None else float(mb.stop - mb.start))
+        return list(zip(parts, token_weights(tokens), strict=True))
 
     # ----- memory -----------------------------------------------------------------------------
 
@@ -258,17 +308,14 @@ class TrainerActor(TrainerTenant):
 
     # ----- state ------------------------------------------------------------------------------
 
-    def param_fingerprints(self) -> dict:
-        """Fingerprints of every full parameter, as stored (all ranks at once under ZeRO-3)."""
-        from weight_sync.fingerprint import fingerprint
+    def param_fingerprints(self, chunk_bytes: int = _CHUNK_BYTES) -> dict:
+        """Fingerprints of every full parameter, as stored (all ranks at once under ZeRO-3).
 
-        source = self.backend.weight_source()
-        names = [m.name for m in source.metas(torch.float32)]
-        out = {}
-        with source.gathered(names) as tensors:
-            for n in names:
-                out[n] = fingerprint(tensors[n])
-        return out
+        Gathered ``chunk_bytes`` at a time (``colocate.export``), never the whole model.
+        """
+        from colocate.export import stream_fingerprints
+
+        return stream_fingerprints(self.backend.weight_source(), chunk_bytes)
 
     def save(self, path: str) -> str:
         """Saves a checkpoint (model, optimizer, step) under ``path`` (all ranks at once)."""
@@ -280,23 +327,24 @@ class TrainerActor(TrainerTenant):
         self.steps = self.backend.load(path)
         return self.steps
 
-    def export_hf(self, path: str, dtype: str = "bfloat16") -> str | None:
-        """Writes the current weights as an HF model directory (rank 0 writes; all ranks call)."""
-        source = self.backend.weight_source()
-        names = [m.name for m in source.metas(torch.float32)]
-        with source.gathered(names) as tensors:
-            state = {
-                n: t.detach().to("cpu", getattr(torch, dtype)).clone() for n, t in tensors.items()
-            }
-        if self.rank != 0:
-            return None
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def export_hf(
+        self, path: str, dtype: str = "bfloat16", chunk_bytes: int = _CHUNK_BYTES
+    ) -> str | None:
+        """Writes the current weights as an HF model directory (rank 0 writes; all ranks call).
 
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(self.backend.module.config)
-        model.load_state_dict(state, assign=True, strict=False)
-        model.tie_weights()
-        model.save_pretrained(path, state_dict=dict(state))
+        Streamed: one chunk of at most ``chunk_bytes`` gathered, cast and written as one
+        safetensors shard at a time (``colocate.export``); then config and tokenizer.
+        """
+        from colocate.export import stream_export
+
+        module = self.backend.module
+        write = self.rank == 0
+        source = self.backend.weight_source()
+        stream_export(source, module, path, getattr(torch, dtype), chunk_bytes, write)
+        if not write:
+            return None
+        from transformers import AutoTokenizer
+
         AutoTokenizer.from_pretrained(self.config.model).save_pretrained(path)
         return path
 

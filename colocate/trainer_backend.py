@@ -16,7 +16,10 @@ import torch
 
 from colocate.config import TrainerConfig
 
-__all__ = ["TrainerBackend", "make_backend", "load_model", "train_device"]
+__all__ = ["TrainerBackend", "make_backend", "load_model", "train_device", "accumulate"]
+
+#: One micro-batch of an optimizer step and its weight (its share of the step's loss tokens).
+Weighted = tuple[dict, float]
 
 
 def train_device() -> torch.device:
@@ -31,6 +34,43 @@ def load_model(config: TrainerConfig) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
+
+
+def prepare_model(model: torch.nn.Module, config: TrainerConfig) -> torch.nn.Module:
+    """Applies the config's model options (activation checkpointing) to the starting model."""
+    if config.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # a KV cache is not kept while recomputing
+    return model
+
+
+def accumulate(
+    loss_fn: Callable,
+    model: Any,
+    micro: list[Weighted],
+    after_forward: Callable[[], None],
+    backward: Callable[[torch.Tensor], None],
+    before: Callable[[bool], None] = lambda last: None,
+) -> tuple[float, dict[str, float]]:
+    """Forward and weighted backward of every micro-batch of one optimizer step.
+
+    Steps, per micro-batch ``i``: ``before(last)``; ``loss_fn``; ``after_forward()`` after the
+    first forward; ``backward(weight * loss)``. The caller then clips and steps once.
+
+    Returns:
+        The weighted loss and the weighted metrics (sums of weight x value).
+    """
+    total, metrics = 0.0, {}
+    for i, (batch, weight) in enumerate(micro):
+        before(i == len(micro) - 1)
+        loss, m = loss_fn(model, batch)
+        if i == 0:
+            after_forward()
+        backward(loss * weight)
+        total += float(loss.detach()) * weight
+        for k, v in m.items():
+            metrics[k] = metrics.get(k, 0.0) + float(v) * weight
+    return total, metrics
 
 
 class TrainerBackend(ABC):
@@ -54,7 +94,8 @@ class TrainerBackend(ABC):
         self.rank = rank
         self.world_size = world_size
         self.device = train_device()
-        self.model_factory = model_factory or (lambda: load_model(config))
+        factory = model_factory or (lambda: load_model(config))
+        self.model_factory = lambda: prepare_model(factory(), config)
 
     @abstractmethod
     def start(self, store: Any, master: tuple[str, int], timeout_s: float) -> None:
@@ -81,11 +122,13 @@ class TrainerBackend(ABC):
         return type(getattr(self.optimizer, "optimizer", self.optimizer)).__name__
 
     @abstractmethod
-    def step(self, loss_fn: Callable, shard: dict, after_forward: Callable[[], None]) -> tuple:
-        """Forward (``loss_fn``), ``after_forward()``, backward and optimizer step.
+    def step(
+        self, loss_fn: Callable, micro: list[Weighted], after_forward: Callable[[], None]
+    ) -> tuple[float, dict[str, float]]:
+        """One optimizer step over ``micro`` (see :func:`accumulate`), then clip and step.
 
         Returns:
-            ``(loss, metrics)`` as the loss function gave them.
+            The loss and metrics, weighted over the micro-batches.
         """
 
     @abstractmethod

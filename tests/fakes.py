@@ -284,7 +284,7 @@ class FakeTrainer(TrainerTenant):
 
         return ModuleSource(self.module)
 
-    def train_step(self, shard: dict) -> dict[str, float]:
+    def train_step(self, shard: dict, max_rows: int | None = None) -> dict[str, float]:
         if self.memory is not TrainerMemory.FULL:
             raise RuntimeError(f"{self.name}: train_step needs memory full, it is {self.memory}")
         with self.span("trainer.train_step", rows=len(next(iter(shard.values())))):
@@ -357,7 +357,7 @@ class FakeTrainer(TrainerTenant):
             sock.close()
         self._stores = {}
 
-    def param_fingerprints(self) -> dict:
+    def param_fingerprints(self, chunk_bytes: int = 256 << 20) -> dict:
         from weight_sync.fingerprint import fingerprint
 
         return {n: fingerprint(p) for n, p in self.module.named_parameters()}
@@ -375,7 +375,7 @@ class FakeTrainer(TrainerTenant):
         self.steps = saved["steps"]
         return self.steps
 
-    def export_hf(self, path: str, dtype: str) -> str | None:
+    def export_hf(self, path: str, dtype: str, chunk_bytes: int = 256 << 20) -> str | None:
         return self.save(path)
 
     def status(self) -> dict:
@@ -396,10 +396,10 @@ class FakeTrainer(TrainerTenant):
 class RefusingTrainer(FakeTrainer):
     """Refuses a shard with a ``refuse`` column (``InputError``), after its hand-over ran."""
 
-    def train_step(self, shard: dict) -> dict[str, float]:
+    def train_step(self, shard: dict, max_rows: int | None = None) -> dict[str, float]:
         if "refuse" in shard:
             raise InputError(f"{self.name}: refused the shard (it has a 'refuse' column)")
-        return super().train_step(shard)
+        return super().train_step(shard, max_rows)
 
 
 def fake_coordinator(model_dir: str, spec=None, *, engine=None, trainer_cls=None, **kw):

@@ -25,6 +25,7 @@ from colocate import (
 )
 from colocate.config import check_engine_model
 from colocate.coordinator import Timeouts
+from colocate.micro_batches import plan_step
 from colocate.syncing import check_compatible
 from colocate.trainer import shard_batch
 from placement import TopologyError, TopologySpec, plan
@@ -245,7 +246,31 @@ CATALOG = [
         "trainer: learning rate 0",
         lambda t, m: TrainerConfig(model=m, lr=0.0),
         ConfigError,
-        ["lr=0.0"],
+        ["TrainerConfig.lr=0.0"],
+    ),
+    (
+        "trainer: micro-batch of 0 rows",
+        lambda t, m: TrainerConfig(model=m, micro_batch_size=0),
+        ConfigError,
+        ["TrainerConfig.micro_batch_size=0", "fix:"],
+    ),
+    (
+        "trainer: no optimizer step per epoch",
+        lambda t, m: TrainerConfig(model=m, mini_batches=0),
+        ConfigError,
+        ["TrainerConfig.mini_batches=0"],
+    ),
+    (
+        "trainer: shard too small for its optimizer steps",
+        lambda t, m: plan_step(2, 2, 3, None),
+        ValueError,
+        ["2 rows cannot make 3 optimizer steps", "fix:"],
+    ),
+    (
+        "trainer: epochs 0",
+        lambda t, m: TrainerConfig(model=m, epochs=0),
+        ConfigError,
+        ["TrainerConfig.epochs=0"],
     ),
     ("coordinator: zero step timeout", lambda t, m: Timeouts(step_s=0), ConfigError, ["step_s=0"]),
     (
