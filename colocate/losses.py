@@ -24,23 +24,55 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     return torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
 
 
-def grpo_loss(model, batch: dict, clip: float = 0.2) -> tuple[torch.Tensor, dict[str, float]]:
+def grpo_loss(
+    model, batch: dict, clip: float = 0.2, tis_cap: float | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
     """GRPO's clipped surrogate (PPO-clip with group-normalised advantages, no KL term).
 
-    The ratio is taken against the rollout's log-probs, so the first update of a step is
-    exactly the policy gradient and later ones (if any) stay clipped.
+    Without ``tis_cap`` the ratio is taken against the rollout's log-probs, so the first update
+    of a step is exactly the policy gradient and later ones (if any) stay clipped.
+
+    With ``tis_cap`` (truncated importance sampling): the engine's sampler and the trainer can
+    give the same weights different log-probs, so the rollout is slightly off-policy for the
+    trainer. The ratio is then taken against the trainer's own log-probs before the update
+    (``batch["trainer_logprobs"]`` if given, else the current ones, detached: exact on the
+    first optimizer step of a train call) and every token is weighted by
+    ``min(pi_trainer / pi_engine, tis_cap)``.
+
+    Metrics (means over completion tokens): ``logprob_diff``, the mean absolute difference
+    between the trainer's log-probs and the engine's (on the first optimizer step: the
+    training-inference mismatch, verl's ``rollout_probs_diff``); ``ratio_max`` and
+    ``ratio_std`` of ``pi_trainer / pi_engine`` (its spread); ``clip_fraction``.
     """
     mask = batch["completion_mask"].float()
     new = token_logprobs(model, batch["input_ids"], batch["attention_mask"])
-    ratio = torch.exp((new - batch["old_logprobs"]) * mask)
+    old = batch["old_logprobs"]
     adv = batch["advantages"].float().unsqueeze(1)
-    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip, 1 + clip) * adv)
     tokens = mask.sum().clamp(min=1.0)
-    loss = -(surrogate * mask).sum() / tokens
+    if tis_cap is None:
+        ratio = torch.exp((new - old) * mask)
+        weight = 1.0
+    else:
+        ref = batch.get("trainer_logprobs")
+        ref = new.detach() if ref is None else ref
+        ratio = torch.exp((new - ref) * mask)
+        weight = torch.exp((ref - old) * mask).clamp(max=tis_cap)
+    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip, 1 + clip) * adv)
+    loss = -(surrogate * weight * mask).sum() / tokens
     with torch.no_grad():
         clipped = ((ratio - 1).abs() > clip).float().mul(mask).sum() / tokens
-        drift = ((new - batch["old_logprobs"]).abs() * mask).sum() / tokens
-    return loss, {"clip_fraction": float(clipped), "logprob_drift": float(drift)}
+        diff = (new - old) * mask
+        engine_ratio = torch.exp(diff)[mask > 0]
+        metrics = {
+            "clip_fraction": float(clipped),
+            "logprob_diff": float(diff.abs().sum() / tokens),
+            "ratio_max": float(engine_ratio.max()) if engine_ratio.numel() else 1.0,
+            "ratio_std": float(engine_ratio.std()) if engine_ratio.numel() > 1 else 0.0,
+        }
+        if tis_cap is not None:
+            truncated = (torch.exp(diff) > tis_cap).float().mul(mask).sum() / tokens
+            metrics["tis_truncated"] = float(truncated)
+    return loss, metrics
 
 
 def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:

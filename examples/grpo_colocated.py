@@ -15,6 +15,7 @@ whole run; ``--resume DIR`` continues one. Metrics go to ``metrics.jsonl`` and T
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import time
@@ -39,7 +40,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument(
+        "--tis-cap",
+        type=float,
+        default=None,
+        help="truncated importance sampling: cap on pi_trainer/pi_engine per token (e.g. 2)",
+    )
     p.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3])
+    p.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=None,
+        help="rows per forward/backward on each trainer rank (gradient accumulation)",
+    )
     p.add_argument("--sleep-level", type=int, default=1, choices=[1, 2])
     p.add_argument("--bucket-mb", type=float, default=None, help="sync bucket size (MiB)")
     p.add_argument("--seed", type=int, default=0)
@@ -87,6 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     check.in_range("--bucket-mb", 0.0, 65536.0)
     check.in_range("--temperature", 0.0, 100.0, lo_open=False)
     check.in_range("--top-p", 0.0, 1.0)
+    check.in_range("--tis-cap", 1.0, 1e6, lo_open=False)
     if (args.trainer_gpus is None) != (args.engine_gpus is None):
         p.error("--trainer-gpus and --engine-gpus go together; fix: give both, or neither")
     args.separate = args.trainer_gpus is not None
@@ -140,6 +154,7 @@ CONFIG_FLAGS = {
     "engine_tp": "--tp",
     "tensor_parallel_size": "--tp",
     "lr": "--lr",
+    "micro_batch_size": "--micro-batch-size",
     "max_model_len": "--max-model-len",
     "bucket_bytes": "--bucket-mb",
     "n": "--group-size",
@@ -185,7 +200,11 @@ def build_configs(args) -> dict:
         "spec": spec,
         "engine": engine,
         "trainer": TrainerConfig(
-            model=model, lr=args.lr, zero_stage=args.zero_stage, seed=args.seed
+            model=model,
+            lr=args.lr,
+            zero_stage=args.zero_stage,
+            seed=args.seed,
+            micro_batch_size=args.micro_batch_size,
         ),
         "sync": SyncConfig(bucket_bytes=int(args.bucket_mb * 2**20) if args.bucket_mb else None),
         "pipeline": PipelineConfig(mode=Pipeline(args.pipeline)),
@@ -232,11 +251,12 @@ def main(argv=None) -> dict:
     cfg, task, tokenizer = args.configs, args.task, args.tokenizer
     out = Path(args.out)
     connect(args.address, logical_gpus=args.gpus)
+    loss = grpo_loss if args.tis_cap is None else functools.partial(grpo_loss, tis_cap=args.tis_cap)
     coord = Coordinator(
         cfg["spec"],
         cfg["engine"],
         cfg["trainer"],
-        grpo_loss,
+        loss,
         sync=cfg["sync"],
         sleep_level=args.sleep_level,
         pipeline=cfg["pipeline"],
@@ -281,6 +301,10 @@ def main(argv=None) -> dict:
                 "reward": sum(rewards) / len(rewards),
                 "loss": stats["loss"],
                 "clip_fraction": stats.get("clip_fraction", 0.0),
+                # trainer vs engine log-probs of the sampled tokens, before the update
+                "logprob_diff": stats.get("logprob_diff", 0.0),
+                "ratio_max": stats.get("ratio_max", 1.0),
+                "ratio_std": stats.get("ratio_std", 0.0),
                 "weight_version_used": completions[0].weight_version,
                 "weight_version": coord.weight_version,
                 "staleness": stats.get("staleness", 0.0),
@@ -325,6 +349,8 @@ def main(argv=None) -> dict:
     summary = {
         "initial_reward": history[0]["reward"],
         "final_reward": sum(r["reward"] for r in last) / len(last),
+        # the largest per-step mean |trainer - engine| log-prob of the sampled tokens
+        "logprob_diff": max(r.get("logprob_diff", 0.0) for r in history),
         "steps": args.steps,
         "resumed_from": first if state else None,
         "phase_seconds": phase_seconds,
@@ -342,6 +368,8 @@ def main(argv=None) -> dict:
             "engines": args.engines,
             "tp": args.tp,
             "zero_stage": args.zero_stage,
+            "micro_batch_size": args.micro_batch_size,
+            "tis_cap": args.tis_cap,
             "sleep_level": args.sleep_level,
             "colocated": not args.separate,
             "pipeline": args.pipeline,
