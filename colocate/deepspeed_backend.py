@@ -53,6 +53,7 @@ class DeepSpeedBackend(TrainerBackend):
 
     _engine: Any = None
     _optimizer: Any = None
+    _ds_config: dict | None = None
 
     @override
     def start(self, store: Any, master: tuple[str, int], timeout_s: float) -> None:
@@ -74,10 +75,31 @@ class DeepSpeedBackend(TrainerBackend):
             backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timeout
         )
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
-        model = self.model_factory()
+        ds_config = deepspeed_config(self.config)
+        self._ds_config = ds_config
+        model = self.build_model()
         self._engine, self._optimizer, _, _ = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config=deepspeed_config(self.config)
+            model=model, model_parameters=model.parameters(), config=ds_config
         )
+
+    @override
+    def load_default(self):
+        """Under ZeRO-3, ``config.model`` built and loaded partitioned.
+
+        See ``colocate.partitioned_load``; a checkpoint that does not name the parameters one
+        to one is loaded in full instead (``describe()["start_mode"]`` says which).
+        """
+        if self.config.zero_stage is not ZeroStage.ZERO3:
+            return super().load_default()
+        from colocate.partitioned_load import PartitionedLoadUnavailableError, load_partitioned
+
+        try:
+            model = load_partitioned(self.config.model, self._ds_config, self.rank)
+        except PartitionedLoadUnavailableError as exc:
+            self.start_mode = f"full model per rank, then partitioned ({exc})"
+            return super().load_default()
+        self.start_mode = "partitioned"
+        return model
 
     @property
     @override

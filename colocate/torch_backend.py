@@ -29,7 +29,7 @@ class TorchBackend(TrainerBackend):
                 f"{self.world_size}; fix: use deepspeed=True or trainer_world_size=1"
             )
         cfg = self.config
-        self._module = self.model_factory().to(self.device)
+        self._module = self.build_model().to(self.device)
         self._optimizer = torch.optim.AdamW(
             self._module.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
         )

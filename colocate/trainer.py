@@ -23,7 +23,7 @@ from colocate.ds_ops import op_environment, prepare_ops
 from colocate.faults import Fault, coerce_fault
 from colocate.micro_batches import plan_step, token_weights
 from colocate.phases import TrainerMemory
-from colocate.trainer_backend import TrainerBackend, load_model, make_backend
+from colocate.trainer_backend import TrainerBackend, make_backend
 from placement import TenantKind
 
 __all__ = ["TrainerActor", "LossFn", "shard_batch"]
@@ -158,12 +158,15 @@ class TrainerActor(TrainerTenant):
 
         return join_store(master[0], master[1], self.world_size, timeout_s, "trainer-group")
 
-    def load_model(self) -> torch.nn.Module:
-        """The starting model (fp32 master weights): the config's local HF directory.
+    def load_model(self) -> torch.nn.Module | None:
+        """The starting model (fp32 master weights), or None: the backend loads ``config.model``.
 
-        Override in a subclass to build the model another way; called once, by ``start``.
+        None (the default) lets the backend load the local HF directory its own way: under
+        ZeRO-3 partitioned, each rank reading only its share (``colocate.partitioned_load``),
+        else in full. Override in a subclass to build the model another way; called once, by
+        ``start``.
         """
-        return load_model(self.config)
+        return None
 
     def describe(self) -> dict:
         """Rank, backend, ZeRO stage, optimizer class and parameter count."""

@@ -80,7 +80,8 @@ class TrainerBackend(ABC):
         config: The trainer configuration.
         rank: This rank.
         world_size: Trainer ranks.
-        model_factory: Builds the starting model (fp32); default :func:`load_model`.
+        model_factory: Builds the starting model (fp32), or returns None for the backend's
+            own loading of ``config.model`` (:meth:`load_default`).
     """
 
     def __init__(
@@ -94,8 +95,25 @@ class TrainerBackend(ABC):
         self.rank = rank
         self.world_size = world_size
         self.device = train_device()
-        factory = model_factory or (lambda: load_model(config))
-        self.model_factory = lambda: prepare_model(factory(), config)
+        #: How the model was built on this rank (reported by :meth:`describe`).
+        self.start_mode = "full model per rank"
+        self._factory = model_factory or (lambda: None)
+
+    def build_model(self) -> torch.nn.Module:
+        """The starting model: the factory's, else :meth:`load_default`.
+
+        The config's model options (activation checkpointing) are applied to either.
+        """
+        model = self._factory()
+        if model is None:
+            model = self.load_default()
+        else:
+            self.start_mode = "given by the trainer's load_model"
+        return prepare_model(model, self.config)
+
+    def load_default(self) -> torch.nn.Module:
+        """``config.model`` in full on this rank (:func:`load_model`)."""
+        return load_model(self.config)
 
     @abstractmethod
     def start(self, store: Any, master: tuple[str, int], timeout_s: float) -> None:
@@ -159,6 +177,7 @@ class TrainerBackend(ABC):
             "zero_stage": int(self.config.zero_stage) if self.config.deepspeed else None,
             "optimizer": self.optimizer_name,
             "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in self.module.parameters()),
+            "start_mode": self.start_mode,
         }
 
     @abstractmethod
