@@ -43,8 +43,12 @@ def checkpoint_files(model_dir: str) -> dict[str, Path]:
     return out
 
 
-def _check_names(config, files: dict[str, Path]) -> None:
-    """Every parameter (of the model built on the meta device) is a same-sized tensor in files."""
+def _check_names(config, files: dict[str, Path]) -> list[str]:
+    """Every parameter (of the model built on the meta device) is a same-shaped tensor in files.
+
+    Returns:
+        The parameter names, in order.
+    """
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
@@ -61,6 +65,7 @@ def _check_names(config, files: dict[str, Path]) -> None:
             raise PartitionedLoadUnavailableError(
                 f"checkpoint tensor {name!r} has shape {shape}, the parameter {tuple(param.shape)}"
             )
+    return [name for name, _ in meta.named_parameters()]
 
 
 def load_partitioned(model_dir: str, ds_config: dict, rank: int) -> torch.nn.Module:
@@ -68,14 +73,15 @@ def load_partitioned(model_dir: str, ds_config: dict, rank: int) -> torch.nn.Mod
 
     Steps: (1) check, on a model built on the meta device, that every parameter has a
     checkpoint tensor of its name and shape; (2) build from the config under ``zero.Init``
-    without weight initialisation; (3) per parameter, read that one tensor, cast it to the
-    partition's dtype and copy this rank's contiguous slice of its flattened elements into the
-    partition (DeepSpeed's layout: rank ``r`` holds elements ``[r * p, (r + 1) * p)``, zero
-    padding at the end).
+    without weight initialisation, and tie the embeddings; (3) per parameter, read that one
+    tensor, cast it to the partition's dtype and copy this rank's contiguous slice of its
+    flattened elements into the partition (DeepSpeed's layout: rank ``r`` holds elements
+    ``[r * p, (r + 1) * p)``, zero padding at the end).
 
     Raises:
         PartitionedLoadUnavailableError: A parameter without a same-named, same-shaped
-            checkpoint tensor, found in step 1 (before anything is built or loaded).
+            checkpoint tensor (step 1, before anything is built), or a model built in step 2
+            whose parameters differ from the meta-device one's.
     """
     import deepspeed
     from safetensors import safe_open
@@ -84,12 +90,22 @@ def load_partitioned(model_dir: str, ds_config: dict, rank: int) -> torch.nn.Mod
 
     files = checkpoint_files(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
-    _check_names(config, files)  # before zero.Init: a refused model leaves nothing behind
+    names = _check_names(config, files)  # before zero.Init: a refused model leaves nothing
     # The partitions' dtype comes from ds_config (fp32, or bf16/fp16 in those modes, as
     # deepspeed.initialize would cast). Not from zero.Init's dtype argument: DeepSpeed 0.19.8
     # ignores it where the accelerator has no fp16 (the CPU), giving bf16 partitions.
     with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # no_init_weights also skips the tying of input and output embeddings: tie them now, or a
+    # tied LM head would be a parameter of its own (found by the tied-embeddings family test).
+    model.tie_weights()
+    built = [name for name, _ in model.named_parameters()]
+    if built != names:
+        differ = sorted(set(built) ^ set(names)) or ["(the same names, in another order)"]
+        raise PartitionedLoadUnavailableError(
+            f"the model built under zero.Init has other parameters than on the meta device "
+            f"(e.g. {differ[0]!r})"
+        )
     with contextlib.ExitStack() as stack:
         handles: dict[Path, object] = {}
         for name, param in model.named_parameters():
