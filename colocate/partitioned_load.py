@@ -5,7 +5,9 @@ rank before partitioning it (a 7B model in fp32 is 28 GB per rank). Here the mod
 under ``deepspeed.zero.Init`` (each module's parameters are partitioned as soon as the module is
 constructed, without running the weight initialisers) and each rank then copies into its own
 partition of every parameter the matching slice of that tensor, read alone from the local
-safetensors checkpoint. A rank's peak holds its partitions plus one checkpoint tensor.
+safetensors checkpoint. While loading, a rank holds its partitions plus one checkpoint tensor
+(the peak of a whole start is then set by ``deepspeed.initialize``'s optimizer states; the
+plain load's full-model transient, 4 bytes a parameter per rank, matters above ~4 ranks).
 """
 
 from __future__ import annotations
