@@ -68,7 +68,7 @@ from colocate.phases import Phase, PhaseError, require
 from colocate.rollouts import Rollout, StalenessError, VersionLedger
 from colocate.syncing import SyncDriver, SyncReport
 from colocate.timeline import Timeline
-from colocate.trainer import LossFn, TrainerActor, shard_batch
+from colocate.trainer import LossFn, TrainerActor, batch_rows, shard_batch
 from placement import DeviceKind, Plan, Reservation, TenantKind, TopologySpec, plan, reserve
 from weight_sync.buckets import default_bucket_bytes
 
@@ -420,7 +420,7 @@ class Coordinator:
         staleness = self._staleness(batch)
         world = self.spec.trainer_world_size
         shards = [shard_batch(batch, r, world) for r in range(world)]  # bad input raises here
-        max_rows = max(len(next(iter(s.values()))) for s in shards)
+        max_rows = max(batch_rows(s) for s in shards)
         cfg = self.trainer_config
         plan_step(max_rows, max_rows, cfg.mini_batches, cfg.micro_batch_size)  # raises here too
         chain, pending = self._exec.pending()

@@ -27,19 +27,24 @@ def weight_chunks(metas: list, chunk_bytes: int) -> list[list[str]]:
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes={chunk_bytes}: must be > 0")
     chunks: list[list[str]] = []
-    used = chunk_bytes + 1  # forces a first chunk
+    used = 0
     for m in metas:
-        if used + m.nbytes > chunk_bytes and (not chunks or chunks[-1]):
+        if not chunks or used + m.nbytes > chunk_bytes:
             chunks.append([])
             used = 0
         chunks[-1].append(m.name)
         used += m.nbytes
-    return [c for c in chunks if c]
+    return chunks
 
 
-def _gathered_chunks(source, chunk_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+def _source_chunks(source, chunk_bytes: int) -> list[list[str]]:
     # Chunk by the stored (training) dtype: that is what a gather materialises.
-    for names in weight_chunks(source.metas(torch.float32), chunk_bytes):
+    return weight_chunks(source.metas(torch.float32), chunk_bytes)
+
+
+def _gathered(source, chunks: list[list[str]]) -> Iterator[dict[str, torch.Tensor]]:
+    """Each chunk's full tensors, gathered (a collective on every rank) and released in turn."""
+    for names in chunks:
         with source.gathered(names) as tensors:
             yield tensors
 
@@ -49,7 +54,7 @@ def stream_fingerprints(source, chunk_bytes: int) -> dict:
     from weight_sync.fingerprint import fingerprint
 
     out = {}
-    for tensors in _gathered_chunks(source, chunk_bytes):
+    for tensors in _gathered(source, _source_chunks(source, chunk_bytes)):
         out.update((n, fingerprint(t)) for n, t in tensors.items())
     return out
 
@@ -79,22 +84,21 @@ def stream_export(
     from safetensors.torch import save_file
 
     out = Path(path)
-    chunks = weight_chunks(source.metas(torch.float32), chunk_bytes)
+    chunks = _source_chunks(source, chunk_bytes)
     if write:
         out.mkdir(parents=True, exist_ok=True)
         for stale in [*out.glob("model*.safetensors"), out / _INDEX]:
             stale.unlink(missing_ok=True)  # an older export's shards must not be mixed in
     weight_map, total = {}, 0
-    for k, names in enumerate(chunks):
-        with source.gathered(names) as tensors:
-            if not write:
-                continue
-            shard = f"model-{k + 1:05d}-of-{len(chunks):05d}.safetensors"
-            state = {n: t.detach().to("cpu", dtype).contiguous() for n, t in tensors.items()}
-            save_file(state, str(out / shard), metadata={"format": "pt"})
-            total += sum(t.numel() * t.element_size() for t in state.values())
-            weight_map.update((n, shard) for n in state)
-            del state
+    for k, tensors in enumerate(_gathered(source, chunks)):
+        if not write:
+            continue
+        shard = f"model-{k + 1:05d}-of-{len(chunks):05d}.safetensors"
+        state = {n: t.detach().to("cpu", dtype).contiguous() for n, t in tensors.items()}
+        save_file(state, str(out / shard), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in state.values())
+        weight_map.update((n, shard) for n in state)
+        del state
     if write:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / _INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))

@@ -26,7 +26,7 @@ from colocate.phases import TrainerMemory
 from colocate.trainer_backend import TrainerBackend, make_backend
 from placement import TenantKind
 
-__all__ = ["TrainerActor", "LossFn", "shard_batch"]
+__all__ = ["TrainerActor", "LossFn", "shard_batch", "batch_rows"]
 
 #: ``loss_fn(model, batch) -> (loss, metrics)``: ``model`` is callable like the HF model (the
 #: DeepSpeed engine forwards to it), ``batch`` is this rank's shard, ``metrics`` plain floats.
@@ -58,7 +58,8 @@ def shard_batch(batch: dict, rank: int, world_size: int) -> dict:
     return _slice(batch, start, stop)
 
 
-def _rows_of(batch: dict) -> int:
+def batch_rows(batch: dict) -> int:
+    """Rows of a batch: the length of its first tensor or list (scalars pass through)."""
     return len(next(v for v in batch.values() if isinstance(v, (torch.Tensor, list, tuple))))
 
 
@@ -190,7 +191,7 @@ class TrainerActor(TrainerTenant):
         """
         self._require(TrainerMemory.FULL, "train_step")
         config = self.config
-        rows = _rows_of(shard)
+        rows = batch_rows(shard)
         plan = plan_step(rows, max_rows or rows, config.mini_batches, config.micro_batch_size)
         results = []
         with self.span("trainer.train_step", rows=rows, optimizer_steps=len(plan) * config.epochs):
@@ -212,7 +213,7 @@ class TrainerActor(TrainerTenant):
 
     def _weighted(self, shard: dict, step: list) -> list[tuple[dict, float]]:
         """The micro-batches of one optimizer step with their token weights."""
-        rows = _rows_of(shard)
+        rows = batch_rows(shard)
         parts, tokens = [], []
         for mb in step:
             if mb.empty:  # a zero-weight forward keeps this rank's collectives in step
