@@ -14,7 +14,8 @@ Public API::
 Names are imported from their modules on first use: the actors' own modules (and the CUDA
 device checks) then load without Ray, vLLM or DeepSpeed. The contract every actor the
 coordinator drives answers to is ``colocate.contract``; the protocol is the hand-over table in
-``colocate.handovers``.
+``colocate.handovers``. Extra tenants (reference policy, reward model, a user's actor) are
+``colocate.roles.Role`` s passed as ``Coordinator(..., roles=[...])``.
 """
 
 import importlib
@@ -60,6 +61,22 @@ _WHERE = {
     "TinyModelSpec": "colocate.tiny_model",
     "build_tiny_model": "colocate.tiny_model",
     "TrainerActor": "colocate.trainer",
+    "RoleTenant": "colocate.contract",
+    "RoleMemory": "colocate.phases",
+    "Role": "colocate.roles",
+    "RoleActor": "colocate.roles",
+    "ReferenceActor": "colocate.reference",
+    "ReferenceConfig": "colocate.reference",
+    "reference_role": "colocate.reference",
+    "RewardModelActor": "colocate.reward_model",
+    "RewardModelConfig": "colocate.reward_model",
+    "reward_model_role": "colocate.reward_model",
+    "init_reward_model": "colocate.reward_model",
+    "fit_reward_model": "colocate.reward_model",
+    "CriticActor": "colocate.critic",
+    "CriticConfig": "colocate.critic",
+    "critic_role": "colocate.critic",
+    "ppo_advantages": "colocate.ppo",
 }
 
 __all__ = sorted(_WHERE)

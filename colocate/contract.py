@@ -1,9 +1,11 @@
 """The written-down contract between the coordinator and the actors it drives.
 
 One base class per kind of tenant: :class:`Tenant` (what every actor answers to),
-:class:`EngineTenant` and :class:`TrainerTenant`. ``colocate.engine.EngineActor`` and
-``colocate.trainer.TrainerActor`` implement them; a user's subclass of either (passed as
-``Coordinator(engine_cls=..., trainer_cls=...)``) must keep the signatures below.
+:class:`EngineTenant`, :class:`TrainerTenant` and :class:`RoleTenant` (an extra tenant: a
+reference policy, a reward model, a critic, or a user's own actor). ``colocate.engine.EngineActor``,
+``colocate.trainer.TrainerActor`` and ``colocate.roles.RoleActor`` implement them; a user's
+subclass of any of them (``Coordinator(engine_cls=..., trainer_cls=..., roles=...)``) must keep
+the signatures below.
 
 How a call arrives. The driver never names a method by a string: it builds a
 :class:`colocate.calls.Call` from the method itself (``EngineTenant.sleep``), whose arguments
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from colocate.faults import Fault
-from colocate.phases import EngineMemory, TrainerMemory
+from colocate.phases import EngineMemory, RoleMemory, TrainerMemory
 from colocate.timeline import Recorder, Span
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "Tenant",
     "EngineTenant",
     "TrainerTenant",
+    "RoleTenant",
     "Completion",
     "EngineCapabilities",
     "Receipt",
@@ -347,3 +350,35 @@ class TrainerTenant(Tenant):
 
 
 TrainerTenant.verbs = verbs_of(TrainerTenant)
+
+
+class RoleTenant(Tenant):
+    """One rank of a role: memory mechanisms the coordinator orders, plus the role's own verbs.
+
+    The coordinator calls :meth:`start` once (in the ``init`` row, after the engines on its GPU
+    slept, with the trainer ranks), then :meth:`reload` when a phase the role is
+    resident in begins on its GPU (after the other tenants there released) and
+    :meth:`offload` when one it is not resident in begins (before the others acquire). Every
+    other public method of the actor's class is a verb the driver may call
+    (``Coordinator.call_role``); it may assume the role is resident.
+    """
+
+    #: None: the public methods of the actor's own class (the role's own verbs) may be invoked.
+    verbs = None
+
+    @abstractmethod
+    def start(self, groups: tuple) -> RoleMemory:
+        """Builds the role's state; returns the state reached. Idempotent.
+
+        ``groups`` holds ``(role name, (host, port))`` of every collective role's group store
+        (hosted by its rank 0, ``colocate.roles.RoleActor.host_group_store``); a role that
+        trains across ranks (the critic) joins its own group there.
+        """
+
+    @abstractmethod
+    def offload(self) -> RoleMemory:
+        """Gives the GPU memory back (host copy, or dropped if it can be rebuilt). Idempotent."""
+
+    @abstractmethod
+    def reload(self) -> RoleMemory:
+        """Takes the GPU memory the role runs in. Idempotent."""

@@ -9,6 +9,8 @@ faults.
 One RL step on a colocated topology (``docs/design.md``):
 
 1. ROLLOUT: engines generate; trainers are offloaded.
+   (With roles: ``score`` row, ROLLOUT -> SCORE: per GPU, engines sleep; then the roles
+   resident in SCORE reload and score the rollout, ``call_role``.)
 2. ``train`` row, ROLLOUT -> TRAIN: per GPU, engines sleep; then trainers reload. Trainers train.
 3. ``sync`` row, TRAIN -> SYNC: per GPU, trainers offload grads and optimizer states; then
    engines wake their weights (no KV cache). Weights stream trainer -> engines; fingerprints
@@ -65,6 +67,8 @@ from colocate.memory_check import check_run
 from colocate.memory_plan import MemoryPlan
 from colocate.micro_batches import plan_step
 from colocate.phases import Phase, PhaseError, require
+from colocate.role_driver import RoleDriver
+from colocate.roles import Role, attach_roles
 from colocate.rollouts import Rollout, StalenessError, VersionLedger
 from colocate.syncing import SyncDriver, SyncReport
 from colocate.timeline import Timeline
@@ -74,7 +78,8 @@ from weight_sync.buckets import default_bucket_bytes
 
 __all__ = ["Coordinator", "SyncReport", "Timeouts"]
 
-_ENGINE, _TRAINER = TenantKind.ENGINE, TenantKind.TRAINER
+_ENGINE, _TRAINER, _ROLE = TenantKind.ENGINE, TenantKind.TRAINER, TenantKind.ROLE
+_LOOP = (Phase.ROLLOUT, Phase.SCORE, Phase.TRAIN)
 
 
 @dataclass(frozen=True)
@@ -127,7 +132,12 @@ class Coordinator:
         probe: The placement probe run on each bundle (default ``placement.probe_bundle``).
         pipeline: SYNC (default) or ASYNC one-step off-policy rollouts (separate pools only).
         check_memory: Plan every phase's memory on the reserved bundles and refuse, before
-            any actor starts, a run that cannot fit (:mod:`colocate.memory_plan`).
+            any actor starts, a run that cannot fit (:mod:`colocate.memory_plan`; the roles'
+            memory is not in that plan yet).
+        roles: Extra tenants (:class:`~colocate.roles.Role`: a reference policy, a reward
+            model, a user's actor), placed beside the trainer ranks unless they name their
+            own bundles, ordered by the hand-over table like the engines and trainers, and
+            called with :meth:`call_role`.
 
     Raises:
         ConfigError: An inconsistent configuration (before anything starts).
@@ -150,8 +160,14 @@ class Coordinator:
         probe=None,
         pipeline: PipelineConfig | None = None,
         check_memory: bool = True,
+        roles: Sequence[Role] = (),
     ):
         pipeline = pipeline or PipelineConfig()
+        if roles and pipeline.mode is Pipeline.ASYNC:
+            raise ConfigError(
+                "Coordinator(roles=...) with PipelineConfig.mode='async': roles are ordered by "
+                "the synchronous loop's phases only; fix: mode='sync'"
+            )
         if pipeline.mode is Pipeline.ASYNC and spec.colocate:
             raise ConfigError(
                 "PipelineConfig.mode='async' overlaps rollouts with training, which needs the "
@@ -182,6 +198,8 @@ class Coordinator:
                 f"TrainerConfig.deepspeed=False needs trainer_world_size=1, got "
                 f"{spec.trainer_world_size}; fix: use DeepSpeed or one trainer rank"
             )
+        spec = attach_roles(spec, roles, trainer.model)  # every role checked here
+        self.roles: dict[str, Role] = {r.name: r for r in roles}
         self.spec = spec
         self.plan: Plan = plan(spec)
         self.engine_config = engine
@@ -208,6 +226,7 @@ class Coordinator:
         self.device: DeviceKind | None = None
         self.fleet: Fleet | None = None
         self._sync: SyncDriver | None = None
+        self._roles: RoleDriver | None = None
         self._started = False
 
     # ----- state ------------------------------------------------------------------------------
@@ -245,6 +264,7 @@ class Coordinator:
         return Context(
             sleep_level=self.sleep_level,
             collective_timeout_s=self.sync_config.timeout_s * 5,
+            role_phases=tuple((r.name, r.phases) for r in self.roles.values()),
             **kw,
         )
 
@@ -308,8 +328,18 @@ class Coordinator:
             self.engine_cls,
             self.trainer_cls,
             self.loss_fn,
+            self.roles,
         )
         self._exec.fleet = self.fleet
+        self._roles = RoleDriver(
+            self.roles,
+            self.plan,
+            self.fleet,
+            self._exec,
+            self._ctx,
+            self.spec.nodes > 1,
+            self.sync_config.timeout_s * 5,
+        )
         self._sync = SyncDriver(
             self.fleet,
             self.engine_config,
@@ -318,7 +348,7 @@ class Coordinator:
             self.name,
             self.timeline.extend,
         )
-        for a in actors_of(self.plan, _ENGINE):
+        for a in [*actors_of(self.plan, _ENGINE), *actors_of(self.plan, _ROLE)]:
             self.fleet.spawn(a)
         self._exec.run(START, self._ctx(), self.timeouts.start_s)
         level = 2 if self.engine_config.load_format is LoadFormat.DUMMY else self.sleep_level
@@ -327,10 +357,16 @@ class Coordinator:
         self._sync_chain()
 
     def _start_trainers(self, row: Row, ctx: Context) -> None:
-        """Creates every trainer rank and runs ``row`` (engines sleep, then trainers start)."""
+        """Creates every trainer rank and runs ``row`` (engines sleep, then trainers start).
+
+        In ``init`` the roles start too: rank 0 of each collective role hosts its group's
+        store first.
+        """
         for a in actors_of(self.plan, _TRAINER):
             self.fleet.spawn(a)
         tag = self._exec.tag(row.name)
+        if row is INIT:
+            ctx = replace(ctx, role_groups=self._roles.groups(self.roles, tag))
         (master,) = self._exec.wait(
             [
                 self.fleet.trainer_call(
@@ -416,7 +452,7 @@ class Coordinator:
         (a dict of tensors or lists, one row per sequence) is cut into contiguous shards on the
         driver; each rank receives only its own.
         """
-        require(self._exec.phase, (Phase.ROLLOUT, Phase.TRAIN), "train")
+        require(self._exec.phase, _LOOP, "train")
         staleness = self._staleness(batch)
         world = self.spec.trainer_world_size
         shards = [shard_batch(batch, r, world) for r in range(world)]  # bad input raises here
@@ -444,6 +480,25 @@ class Coordinator:
             out["staleness"] = float(staleness)
         return out
 
+    def call_role(self, role: str, verb, *args, shard: bool = True):
+        """Calls ``verb`` (a method of the role's actor class) on every rank of ``role``.
+
+        The role must be resident in the current phase; from ROLLOUT, a role resident in SCORE
+        is reached through the ``score`` row (engines sleep on its GPUs, then it reloads) in
+        the same driver wait as the calls.
+
+        Args:
+            role: The role's name.
+            verb: The method itself (e.g. ``ReferenceActor.logprobs``), never a string.
+            args: With ``shard`` the first is a batch (a dict, one row per sequence), cut into
+                one contiguous shard per rank; the rest go to every rank as they are.
+            shard: Cut the batch and concatenate the ranks' answers (tensors or lists) in row
+                order; False: every rank gets ``args`` and the answers come back as a list.
+        """
+        require(self._exec.phase, _LOOP + (Phase.SYNC,), f"call_role({role!r})")
+        run = self._roles.call(role, verb, args, shard)  # bad input raises here
+        return self._guard(run)
+
     def resume(self, checkpoint: str, weight_version: int) -> SyncReport:
         """Brings this (started) pipeline to a saved run: the trainers load ``checkpoint``.
 
@@ -456,7 +511,7 @@ class Coordinator:
             checkpoint: A directory written by :meth:`save_trainer`.
             weight_version: The engines' version when it was written (numbering continues).
         """
-        require(self._exec.phase, (Phase.ROLLOUT, Phase.TRAIN), "resume")
+        require(self._exec.phase, _LOOP, "resume")
         chain, pending = self._exec.pending()
         self._exec.add_row(chain, TRAIN, self._ctx(), pending)
         tag = self._exec.tag("resume")
@@ -501,7 +556,7 @@ class Coordinator:
         and its verification in each engine, and the ``rollout`` row (the spans come back with
         the answers).
         """
-        require(self._exec.phase, (Phase.ROLLOUT, Phase.TRAIN), "sync")
+        require(self._exec.phase, _LOOP, "sync")
         self._guard(self._sync_chain)
         return self.last_sync
 
@@ -515,7 +570,7 @@ class Coordinator:
                 "skip_sync needs sleep_level=1: at level 2 the engines dropped their weights; "
                 "call sync() instead"
             )
-        require(self._exec.phase, (Phase.ROLLOUT, Phase.TRAIN), "skip_sync")
+        require(self._exec.phase, _LOOP, "skip_sync")
         chain, pending = self._exec.pending()
         self._exec.add_row(chain, SKIP_SYNC, self._ctx(), pending)
         self._guard(lambda: self._exec.run_chain(chain, pending, "skip_sync"))
@@ -568,7 +623,9 @@ class Coordinator:
         each dead engine is replaced on its bundle (``restart-engines`` row: on a shared GPU
         the trainer offloads first, then the new engine starts); (4) replaced trainer ranks
         start (``restart-trainers`` row: engines sleep first) and load the checkpoint; (5) the
-        ``recover`` row (engines sleep, trainers reload); (6) the transfer groups are rebuilt
+        ``recover`` row (engines sleep, trainers reload); a dead role's rank is replaced and
+        rebuilt from its config before (4) (``restart-roles`` row: in host memory, so nothing
+        on its GPU is taken); (6) the transfer groups are rebuilt
         and a verified sync brings every engine to the trainer's weights.
 
         Args:
@@ -590,6 +647,7 @@ class Coordinator:
         dead = self.fleet.dead(ping)
         dead_engines = [a for a in dead if a.kind is _ENGINE]
         dead_trainers = [a for a in dead if a.kind is _TRAINER]
+        dead_roles = [a for a in dead if a.kind is _ROLE]
         if dead_trainers and checkpoint is None:
             ranks = [a.index for a in dead_trainers]
             raise ColocateError(
@@ -612,6 +670,10 @@ class Coordinator:
                     self.fleet.spawn(a)
                 ctx = self._ctx(selected=frozenset(dead_engines), absent=absent)
                 self._exec.run(RESTART_ENGINES, ctx, self.timeouts.start_s)
+            if dead_roles:  # rebuilt from their configs (model paths, the critic's checkpoint)
+                self._roles.restart(
+                    dead_roles, checkpoint, absent, self.timeouts.start_s, self.step
+                )
             if dead_trainers:
                 self._start_trainers(RESTART_TRAINERS, self._ctx())
                 tag = self._exec.tag(RESTART_TRAINERS.name)
@@ -649,11 +711,11 @@ class Coordinator:
     def inject_fault(self, actor: str, fault: Fault | str) -> None:
         """Test hook: arms ``fault`` (a :class:`~colocate.faults.Fault`) in ``actor``.
 
-        ``actor`` is a name like ``"engine1"`` or ``"trainer0"``; engine faults go to engines
-        and trainer faults to trainers (anything else is refused).
+        ``actor`` is a name like ``"engine1"``, ``"trainer0"`` or ``"reference0"``; each fault
+        goes to its kind of actor (anything else is refused).
         """
         fault = coerce_fault(fault)
-        target = ActorId.parse(actor)
+        target = ActorId.parse(actor, frozenset(self.roles))
         if target.kind is not fault.kind:
             raise ValueError(
                 f"fault {fault.value!r} is armed in a {fault.kind.value}, not in {actor!r}"
@@ -671,8 +733,13 @@ class Coordinator:
         return self._on_trainers(TrainerTenant.param_fingerprints, self._chunk_bytes())[0]
 
     def save_trainer(self, path: str) -> str:
-        """Checkpoints every trainer rank under ``path`` (model, optimizer, step)."""
+        """Checkpoints every trainer rank under ``path`` (model, optimizer, step).
+
+        A stateful role (the critic) is saved beside it, under ``path/<role>``.
+        """
         self._on_trainers(TrainerTenant.save, path)
+        if self._roles is not None:
+            self._roles.save(path, self._exec.tag(self._exec.phase.value))
         return path
 
     def export_hf(self, path: str) -> str:

@@ -87,7 +87,7 @@ class Executor:
                 f"{pending.phase.value!r}"
                 + ("; call recover() first" if pending.phase is Phase.FAILED else "")
             )
-        planned = plan_handover(row, self.plan, ctx)
+        planned = plan_handover(row, self.plan, ctx, pending.phase)
         tag = self.tag(row.name)
 
         def calls(items) -> list[Call]:
@@ -153,7 +153,7 @@ class Executor:
         """Raises if a memory state an actor reports is not what ``row``'s target phase needs."""
         want = RESIDENT.get(row.target, {})
         for call, got in zip(planned, results, strict=True):
-            expected = want.get(call.actor.kind)
+            expected = call.expect or want.get(call.actor.kind)
             if expected is not None and type(got) is type(expected) and got is not expected:
                 raise ColocateError(
                     f"{call.actor.name} reports memory {got.value!r} after {call.verb.__name__} "

@@ -25,6 +25,8 @@ class Fault(enum.Enum):
             (caught by verification).
         CRASH_IN_TRAIN_STEP: A trainer rank's process exits after the forward of its next step.
         CRASH_IN_SEND: A trainer rank's process exits after handing its first bucket over.
+        CRASH_IN_ROLE_CALL: A role's process exits when its next verb (not a memory
+            mechanism) starts.
     """
 
     CRASH_IN_GENERATE = "crash_in_generate"
@@ -32,11 +34,14 @@ class Fault(enum.Enum):
     CORRUPT_NEXT_BUCKET = "corrupt_next_bucket"
     CRASH_IN_TRAIN_STEP = "crash_in_train_step"
     CRASH_IN_SEND = "crash_in_send"
+    CRASH_IN_ROLE_CALL = "crash_in_role_call"
 
     @property
     def kind(self) -> TenantKind:
         """The kind of actor this fault is armed in."""
         engine = (Fault.CRASH_IN_GENERATE, Fault.CRASH_IN_RECEIVE, Fault.CORRUPT_NEXT_BUCKET)
+        if self is Fault.CRASH_IN_ROLE_CALL:
+            return TenantKind.ROLE
         return TenantKind.ENGINE if self in engine else TenantKind.TRAINER
 
 

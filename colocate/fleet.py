@@ -22,7 +22,7 @@ __all__ = ["Fleet"]
 
 
 class Fleet:
-    """Engine and trainer actors of one topology.
+    """Engine, trainer and role actors of one topology.
 
     Args:
         name: Prefix of the Ray actor names.
@@ -33,6 +33,7 @@ class Fleet:
         engine_cls: The engine actor class (an :class:`EngineTenant`).
         trainer_cls: The trainer actor class (a :class:`TrainerTenant`).
         loss_fn: The user's loss, shipped to every trainer rank.
+        roles: The roles (``colocate.roles.Role``) by name.
     """
 
     def __init__(
@@ -45,6 +46,7 @@ class Fleet:
         engine_cls: type[EngineTenant],
         trainer_cls: type[TrainerTenant],
         loss_fn: Callable,
+        roles: dict | None = None,
     ):
         self.name = name
         self.plan = plan
@@ -55,6 +57,7 @@ class Fleet:
         self.engine_cls = engine_cls
         self.trainer_cls = trainer_cls
         self.loss_fn = loss_fn
+        self.roles = roles or {}
         # Every planned actor, by id; None while it does not exist (before spawn, after a kill).
         self._handles: dict[ActorId, object] = {
             a: None for kind in TenantKind for a in actors_of(plan, kind)
@@ -66,7 +69,7 @@ class Fleet:
 
     @property
     def actors(self) -> list[ActorId]:
-        """Every planned actor (alive or not), engines first."""
+        """Every planned actor (alive or not), by kind."""
         return list(self._handles)
 
     def handle(self, actor: ActorId):
@@ -80,6 +83,13 @@ class Fleet:
     def engine_call(self, e: int, verb: Callable, *args, tag: Tag) -> Call:
         """A call of ``verb`` (an :class:`EngineTenant` method) on engine ``e``."""
         return self.call(ActorId(TenantKind.ENGINE, e), verb, *args, tag=tag)
+
+    def by_name(self, name: str) -> ActorId:
+        """The planned actor called ``name`` (``"engine0"``, ``"reference1"``)."""
+        found = {a.name: a for a in self._handles}
+        if name not in found:
+            raise ValueError(f"no actor {name!r}; fix: use one of {sorted(found)}")
+        return found[name]
 
     def trainer_call(self, r: int, verb: Callable, *args, tag: Tag) -> Call:
         """A call of ``verb`` (a :class:`TrainerTenant` method) on trainer rank ``r``."""
@@ -118,8 +128,33 @@ class Fleet:
         """Creates ``actor`` on its bundle (its ``start`` builds the model), replacing none."""
         if actor.kind is TenantKind.ENGINE:
             self._spawn_engine(actor)
+        elif actor.kind is TenantKind.ROLE:
+            self._spawn_role(actor)
         else:
             self._spawn_trainer(actor)
+
+    def role_env(self) -> dict[str, str]:
+        """The environment every role actor sets first: the trainers' (the critic trains)."""
+        return self.trainer_env()
+
+    def _spawn_role(self, actor: ActorId) -> None:
+        role = self.roles[actor.role]
+        world = len(self.plan.role_bundles(actor.role))
+        self._handles[actor] = (
+            ray.remote(role.actor)
+            .options(
+                **self.reservation.role_options(actor.role, actor.index),
+                name=f"{self.name}-{actor.name}-{_fresh()}",
+            )
+            .remote(
+                role.config,
+                actor.index,
+                world,
+                actor.name,
+                self._lanes[actor][0],
+                self.role_env(),
+            )
+        )
 
     def _spawn_engine(self, actor: ActorId) -> None:
         e = actor.index

@@ -11,7 +11,8 @@ protocol.
 Rows (name = the timeline tag of their spans), as ``from -> to: releases | acquisitions``:
 
 - ``start``: INIT -> BOOT: none | every engine ``start``.
-- ``init``: BOOT -> TRAIN: shared engines ``sleep(level)`` | every trainer ``start``.
+- ``init``: BOOT -> TRAIN: shared engines ``sleep(level)`` | every trainer ``start``, every
+  role ``start``, then the roles resident in TRAIN ``reload``.
 - ``train``: ROLLOUT -> TRAIN: shared engines ``sleep(level)`` | shared trainers ``reload``.
 - ``sync``: TRAIN -> SYNC: shared trainers ``offload(keep_params=True)`` | shared engines
   ``wake_weights``.
@@ -25,6 +26,18 @@ Rows (name = the timeline tag of their spans), as ``from -> to: releases | acqui
 - ``restart-trainers``: FAILED -> FAILED: shared engines ``sleep(level)`` | every trainer
   ``start``.
 
+- ``score``: ROLLOUT -> SCORE: shared engines ``sleep(level)`` | the roles resident in SCORE
+  ``reload`` (the forward-only roles: reference, reward model).
+- ``restart-roles``: FAILED -> FAILED: shared engines ``sleep(level)`` | the replaced roles
+  ``start``.
+
+Roles (``colocate.roles``) take part in every row that reaches a phase: on a shared GPU, each
+role resident in the phase the row starts from but not in its target ``offload`` s with the
+releases, and each role resident in the target but not in the start phase ``reload`` s with the
+acquisitions
+(``train`` from SCORE: the reference and the reward model offload before the trainer
+reloads). Every role ``start`` s in the ``init`` row, beside the trainer ranks.
+
 A tenant alone on its GPU (separate pools) has nothing to release or acquire. The weight
 transfer runs inside SYNC, between the ``sync`` and ``rollout`` rows; each engine verifies what
 it received and takes the new version (``EngineTenant.receive_weights``) before its ``wake_kv``.
@@ -37,8 +50,8 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from colocate.contract import EngineTenant, TrainerTenant
-from colocate.phases import Phase, PhaseError
+from colocate.contract import EngineTenant, RoleTenant, TrainerTenant
+from colocate.phases import Phase, PhaseError, RoleMemory
 from placement import Plan, TenantKind
 
 __all__ = [
@@ -54,10 +67,12 @@ __all__ = [
     "TRAIN",
     "SYNC",
     "ROLLOUT",
+    "SCORE",
     "SKIP_SYNC",
     "RECOVER",
     "RESTART_ENGINES",
     "RESTART_TRAINERS",
+    "RESTART_ROLES",
     "TABLE",
     "TRANSITIONS",
     "check_transition",
@@ -69,26 +84,36 @@ __all__ = [
 
 @dataclass(frozen=True, order=True)
 class ActorId:
-    """One actor of a pipeline: its kind and index (engine ``e``, trainer rank ``r``)."""
+    """One actor of a pipeline: kind and index (engine ``e``, trainer rank ``r``, role rank).
+
+    ``role`` is the role's name for a role's actor (empty for engines and trainers).
+    """
 
     kind: TenantKind
     index: int
+    role: str = ""
 
     @property
     def name(self) -> str:
-        """Display name, e.g. ``"engine0"``."""
-        return f"{self.kind.value}{self.index}"
+        """Display name, e.g. ``"engine0"``, ``"reference1"``."""
+        return f"{self.role or self.kind.value}{self.index}"
 
     @classmethod
-    def parse(cls, name: str) -> ActorId:
-        """The actor named ``name`` (``"engine1"``, ``"trainer0"``)."""
+    def parse(cls, name: str, roles: frozenset[str] = frozenset()) -> ActorId:
+        """The actor named ``name`` (``"engine1"``, ``"trainer0"``, ``"<role>0"``)."""
         digits = len(name) - len(name.rstrip("0123456789"))
         try:
             if not digits:
                 raise ValueError(name)
-            return cls(TenantKind(name[:-digits]), int(name[-digits:]))
+            prefix, index = name[:-digits], int(name[-digits:])
+            if prefix in roles:
+                return cls(TenantKind.ROLE, index, prefix)
+            kind = TenantKind(prefix)
+            if kind is TenantKind.ROLE:
+                raise ValueError(name)
+            return cls(kind, index)
         except ValueError:
-            kinds = ", ".join(k.value for k in TenantKind)
+            kinds = ", ".join([TenantKind.ENGINE.value, TenantKind.TRAINER.value, *sorted(roles)])
             raise ValueError(
                 f"actor {name!r} is not a name like 'engine0'; fix: use <kind><index> with "
                 f"kind one of {kinds}"
@@ -100,13 +125,18 @@ class Scope(enum.Enum):
 
     ALL: every actor of the kind. SHARED: those on a GPU shared with another actor.
     SELECTED: the actors named in :attr:`Context.selected`. BESIDE_SELECTED: shared actors
-    of the kind on the GPUs of the selected ones.
+    of the kind on the GPUs of the selected ones. LEAVING (roles): the roles on a shared GPU
+    resident in the phase the row starts from but not in its target. ENTERING (roles): the
+    roles resident in the row's target but not in the phase it starts from. (From FAILED,
+    every role moves.)
     """
 
     ALL = "all"
     SHARED = "shared"
     SELECTED = "selected"
     BESIDE_SELECTED = "beside_selected"
+    LEAVING = "leaving"
+    ENTERING = "entering"
 
 
 @dataclass(frozen=True)
@@ -119,6 +149,8 @@ class Context:
         collective_timeout_s: Bound on the trainer group's collectives, for ``start``.
         selected: Actors a SELECTED / BESIDE_SELECTED move concerns.
         absent: Actors that do not exist right now (killed, being replaced): never called.
+        role_phases: Each role's name and the phases it is resident in.
+        role_groups: ``(role name, (host, port))`` of each collective role's group store.
     """
 
     sleep_level: int = 1
@@ -126,6 +158,12 @@ class Context:
     collective_timeout_s: float = 300.0
     selected: frozenset[ActorId] = frozenset()
     absent: frozenset[ActorId] = frozenset()
+    role_phases: tuple[tuple[str, frozenset[Phase]], ...] = ()
+    role_groups: tuple[tuple[str, tuple[str, int]], ...] = ()
+
+    def resident(self, role: str, phase: Phase) -> bool:
+        """Whether role ``role`` is resident in ``phase``."""
+        return any(name == role and phase in phases for name, phases in self.role_phases)
 
 
 def _no_args(_: Context) -> tuple:
@@ -155,12 +193,17 @@ class Row:
 
 @dataclass(frozen=True)
 class PlannedCall:
-    """One concrete call of a hand-over: who, what, with which arguments, on which GPUs."""
+    """One concrete call of a hand-over: who, what, with which arguments, on which GPUs.
+
+    ``expect`` is the memory state the call must report (roles; for engines and trainers the
+    executor reads it from ``colocate.phases.RESIDENT``).
+    """
 
     actor: ActorId
     verb: Callable
     args: tuple
     lanes: tuple[int, ...]
+    expect: enum.Enum | None = None
 
 
 @dataclass(frozen=True)
@@ -172,7 +215,7 @@ class Handover:
     acquires: tuple[PlannedCall, ...] = field(default_factory=tuple)
 
 
-_E, _T = TenantKind.ENGINE, TenantKind.TRAINER
+_E, _T, _R = TenantKind.ENGINE, TenantKind.TRAINER, TenantKind.ROLE
 
 
 def _level(c: Context) -> tuple:
@@ -190,46 +233,87 @@ _ENGINE_START = Move(_E, EngineTenant.start)
 _TRAINER_START = Move(_T, TrainerTenant.start, _trainer_start)
 _RELOAD = Move(_T, TrainerTenant.reload, scope=Scope.SHARED)
 _OFFLOAD_ALL = Move(_T, TrainerTenant.offload, lambda c: (False,), Scope.SHARED)
+_ROLE_OUT = Move(_R, RoleTenant.offload, scope=Scope.LEAVING)
+_ROLE_IN = Move(_R, RoleTenant.reload, scope=Scope.ENTERING)
+
+
+def _role_groups(c: Context) -> tuple:
+    return (c.role_groups,)
+
 
 START = Row("start", frozenset({Phase.INIT}), Phase.BOOT, (), (_ENGINE_START,))
-INIT = Row("init", frozenset({Phase.BOOT}), Phase.TRAIN, (_SLEEP,), (_TRAINER_START,))
-TRAIN = Row("train", frozenset({Phase.ROLLOUT}), Phase.TRAIN, (_SLEEP,), (_RELOAD,))
+INIT = Row(
+    "init",
+    frozenset({Phase.BOOT}),
+    Phase.TRAIN,
+    (_SLEEP,),
+    (_TRAINER_START, Move(_R, RoleTenant.start, _role_groups), _ROLE_IN),
+)
+SCORE = Row("score", frozenset({Phase.ROLLOUT}), Phase.SCORE, (_SLEEP, _ROLE_OUT), (_ROLE_IN,))
+TRAIN = Row(
+    "train",
+    frozenset({Phase.ROLLOUT, Phase.SCORE}),
+    Phase.TRAIN,
+    (_SLEEP, _ROLE_OUT),
+    (_RELOAD, _ROLE_IN),
+)
 SYNC = Row(
     "sync",
     frozenset({Phase.TRAIN}),
     Phase.SYNC,
-    (Move(_T, TrainerTenant.offload, lambda c: (True,), Scope.SHARED),),
-    (Move(_E, EngineTenant.wake_weights, scope=Scope.SHARED),),
+    (Move(_T, TrainerTenant.offload, lambda c: (True,), Scope.SHARED), _ROLE_OUT),
+    (Move(_E, EngineTenant.wake_weights, scope=Scope.SHARED), _ROLE_IN),
 )
 ROLLOUT = Row(
     "rollout",
     frozenset({Phase.SYNC}),
     Phase.ROLLOUT,
-    (_OFFLOAD_ALL,),
-    (Move(_E, EngineTenant.wake_kv, scope=Scope.SHARED),),
+    (_OFFLOAD_ALL, _ROLE_OUT),
+    (Move(_E, EngineTenant.wake_kv, scope=Scope.SHARED), _ROLE_IN),
 )
 SKIP_SYNC = Row(
     "skip-sync",
     frozenset({Phase.TRAIN}),
     Phase.ROLLOUT,
-    (_OFFLOAD_ALL,),
-    (Move(_E, EngineTenant.wake_kv, scope=Scope.SHARED),),
+    (_OFFLOAD_ALL, _ROLE_OUT),
+    (Move(_E, EngineTenant.wake_kv, scope=Scope.SHARED), _ROLE_IN),
 )
-RECOVER = Row("recover", frozenset({Phase.FAILED}), Phase.TRAIN, (_SLEEP,), (_RELOAD,))
+RECOVER = Row(
+    "recover",
+    frozenset({Phase.FAILED}),
+    Phase.TRAIN,
+    (_SLEEP, _ROLE_OUT),
+    (_RELOAD, _ROLE_IN),
+)
 RESTART_ENGINES = Row(
     "restart-engines",
     frozenset({Phase.FAILED}),
     Phase.FAILED,
-    (Move(_T, TrainerTenant.offload, lambda c: (False,), Scope.BESIDE_SELECTED),),
+    (
+        Move(_T, TrainerTenant.offload, lambda c: (False,), Scope.BESIDE_SELECTED),
+        Move(_R, RoleTenant.offload, scope=Scope.BESIDE_SELECTED),
+    ),
     (Move(_E, EngineTenant.start, scope=Scope.SELECTED),),
 )
 RESTART_TRAINERS = Row(
-    "restart-trainers", frozenset({Phase.FAILED}), Phase.FAILED, (_SLEEP,), (_TRAINER_START,)
+    "restart-trainers",
+    frozenset({Phase.FAILED}),
+    Phase.FAILED,
+    (_SLEEP, Move(_R, RoleTenant.offload, scope=Scope.SHARED)),
+    (_TRAINER_START,),
+)
+RESTART_ROLES = Row(
+    "restart-roles",
+    frozenset({Phase.FAILED}),
+    Phase.FAILED,
+    (_SLEEP,),
+    (Move(_R, RoleTenant.start, _role_groups, Scope.SELECTED),),
 )
 
 TABLE: tuple[Row, ...] = (
     START,
     INIT,
+    SCORE,
     TRAIN,
     SYNC,
     ROLLOUT,
@@ -237,6 +321,7 @@ TABLE: tuple[Row, ...] = (
     RECOVER,
     RESTART_ENGINES,
     RESTART_TRAINERS,
+    RESTART_ROLES,
 )
 
 #: Legal phase transitions, derived from the table (shutdown is allowed from anywhere).
@@ -265,8 +350,10 @@ def check_transition(current: Phase, target: Phase) -> bool:
 
 def actors_of(plan: Plan, kind: TenantKind) -> list[ActorId]:
     """Every actor of ``kind`` in ``plan``, by index."""
-    found = {ActorId(kind, t.index) for b in plan.bundles for t in b.tenants if t.kind is kind}
-    return sorted(found)
+    found = {
+        ActorId(kind, t.index, t.role) for b in plan.bundles for t in b.tenants if t.kind is kind
+    }
+    return sorted(found, key=lambda a: (a.role, a.index))
 
 
 def lanes_of(plan: Plan, actor: ActorId) -> tuple[int, ...]:
@@ -275,38 +362,68 @@ def lanes_of(plan: Plan, actor: ActorId) -> tuple[int, ...]:
         (t.tp_rank, b.index)
         for b in plan.bundles
         for t in b.tenants
-        if t.kind is actor.kind and t.index == actor.index
+        if t.kind is actor.kind and t.index == actor.index and t.role == actor.role
     ]
     if not found:
         raise ValueError(f"{actor.name} is not in the plan")
     return tuple(lane for _, lane in sorted(found))
 
 
-def _chosen(move: Move, plan: Plan, ctx: Context) -> list[ActorId]:
+def _moves_role(ctx: Context, role: str, row: Row, entering: bool, source) -> bool:
+    # Exact, so that no call is made for nothing: a role enters when the target needs it and
+    # the source phase (or, not given, some source of the row) did not, and leaves when the
+    # source had it and the target does not. From FAILED its state is unknown: it always
+    # moves (both mechanisms are idempotent).
+    target = ctx.resident(role, row.target)
+    froms = row.sources if source is None else {source}
+    sources = [ctx.resident(role, p) for p in froms if p is not Phase.FAILED]
+    unknown = Phase.FAILED in froms
+    if entering:
+        return target and (unknown or not all(sources))
+    return not target and (unknown or any(sources))
+
+
+def _chosen(move: Move, plan: Plan, ctx: Context, row: Row, source) -> list[ActorId]:
     shared = set(plan.shared_bundles)
     actors = [a for a in actors_of(plan, move.kind) if a not in ctx.absent]
     if move.scope is Scope.ALL:
         return actors
     if move.scope is Scope.SELECTED:
         return [a for a in actors if a in ctx.selected]
+    if move.scope is Scope.ENTERING:
+        return [a for a in actors if _moves_role(ctx, a.role, row, True, source)]
     on_shared = [a for a in actors if shared & set(lanes_of(plan, a))]
     if move.scope is Scope.SHARED:
         return on_shared
+    if move.scope is Scope.LEAVING:
+        return [a for a in on_shared if _moves_role(ctx, a.role, row, False, source)]
     selected_lanes = {lane for a in ctx.selected for lane in lanes_of(plan, a)}
     return [a for a in on_shared if selected_lanes & set(lanes_of(plan, a))]
 
 
-def _expand(moves: tuple[Move, ...], plan: Plan, ctx: Context) -> tuple[PlannedCall, ...]:
+_ROLE_STATE = {RoleTenant.offload: RoleMemory.OFFLOADED, RoleTenant.reload: RoleMemory.RESIDENT}
+
+
+def _expand(moves: tuple[Move, ...], plan: Plan, ctx: Context, row: Row, source):
     return tuple(
-        PlannedCall(a, m.verb, m.args(ctx), lanes_of(plan, a))
+        PlannedCall(
+            a,
+            m.verb,
+            m.args(ctx),
+            lanes_of(plan, a),
+            _ROLE_STATE.get(m.verb),
+        )
         for m in moves
-        for a in _chosen(m, plan, ctx)
+        for a in _chosen(m, plan, ctx, row, source)
     )
 
 
 @functools.lru_cache(maxsize=256)
-def plan_handover(row: Row, plan: Plan, ctx: Context) -> Handover:
+def plan_handover(row: Row, plan: Plan, ctx: Context, source: Phase | None = None) -> Handover:
     """The concrete releases and acquisitions of ``row`` on ``plan``. Pure; never touches Ray.
+
+    ``source`` is the phase the row starts from (one of its sources): roles then move only
+    when that phase and the target disagree; None plans for any of the row's sources.
 
     Pure, so cached: a loop step plans the same few rows every time.
 
@@ -314,4 +431,8 @@ def plan_handover(row: Row, plan: Plan, ctx: Context) -> Handover:
     order. The executor starts every release at once and each acquisition as soon as the
     releases on its GPUs are done.
     """
-    return Handover(row, _expand(row.releases, plan, ctx), _expand(row.acquires, plan, ctx))
+    return Handover(
+        row,
+        _expand(row.releases, plan, ctx, row, source),
+        _expand(row.acquires, plan, ctx, row, source),
+    )

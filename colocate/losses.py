@@ -6,6 +6,7 @@ Batches are dicts of tensors with one row per sequence (prompt + completion, rig
 - ``completion_mask`` [B, T]: 1 where the token is a generated one (its log-prob is trained);
 - for GRPO, ``old_logprobs`` [B, T] (the rollout's log-probs at those positions, 0 elsewhere)
   and ``advantages`` [B];
+- with a KL term, ``ref_logprobs`` [B, T] (the reference policy's, ``colocate.reference``);
 - ``weight_version`` [B]: the weight version that generated each row (staleness checks).
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["token_logprobs", "grpo_loss", "lm_loss", "make_grpo_batch"]
+__all__ = ["token_logprobs", "grpo_loss", "lm_loss", "make_grpo_batch", "kl_to_reference"]
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -24,10 +25,31 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     return torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
 
 
+def kl_to_reference(new: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate, the unbiased non-negative "k3" one (GRPO's).
+
+    ``exp(ref - new) - (ref - new) - 1`` of the sampled tokens' log-probs: 0 where they agree.
+    """
+    d = ref - new
+    return torch.exp(d) - d - 1
+
+
 def grpo_loss(
-    model, batch: dict, clip: float = 0.2, tis_cap: float | None = None
+    model,
+    batch: dict,
+    clip: float = 0.2,
+    tis_cap: float | None = None,
+    kl_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """GRPO's clipped surrogate (PPO-clip with group-normalised advantages, no KL term).
+    """GRPO's clipped surrogate (PPO-clip with group-normalised advantages), optional KL term.
+
+    ``batch["advantages"]`` is one value per row [B] (GRPO) or per token [B, T] (PPO's GAE,
+    ``colocate.ppo``): the same clipped surrogate is PPO's policy loss.
+
+    With ``kl_coef`` > 0 the loss adds ``kl_coef`` times the mean :func:`kl_to_reference` of
+    the completion tokens against ``batch["ref_logprobs"]``; metrics then include ``kl`` (that
+    mean) and ``ref_diff`` (mean |log pi - log pi_ref|: 0 before the first update when the
+    reference is the starting policy).
 
     Without ``tis_cap`` the ratio is taken against the rollout's log-probs, so the first update
     of a step is exactly the policy gradient and later ones (if any) stay clipped.
@@ -47,7 +69,8 @@ def grpo_loss(
     mask = batch["completion_mask"].float()
     new = token_logprobs(model, batch["input_ids"], batch["attention_mask"])
     old = batch["old_logprobs"]
-    adv = batch["advantages"].float().unsqueeze(1)
+    adv = batch["advantages"].float()
+    adv = adv.unsqueeze(1) if adv.dim() == 1 else adv  # per row (GRPO) or per token (PPO)
     tokens = mask.sum().clamp(min=1.0)
     if tis_cap is None:
         ratio = torch.exp((new - old) * mask)
@@ -59,6 +82,15 @@ def grpo_loss(
         weight = torch.exp((ref - old) * mask).clamp(max=tis_cap)
     surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip, 1 + clip) * adv)
     loss = -(surrogate * weight * mask).sum() / tokens
+    ref = batch.get("ref_logprobs")
+    if kl_coef and ref is None:
+        raise KeyError(
+            "grpo_loss(kl_coef > 0) needs batch['ref_logprobs']; fix: add the reference role's "
+            "log-probs (Coordinator.call_role('reference', ReferenceActor.logprobs, batch))"
+        )
+    kl = (kl_to_reference(new, ref) * mask).sum() / tokens if ref is not None else None
+    if kl_coef:
+        loss = loss + kl_coef * kl
     with torch.no_grad():
         clipped = ((ratio - 1).abs() > clip).float().mul(mask).sum() / tokens
         diff = (new - old) * mask
@@ -69,6 +101,9 @@ def grpo_loss(
             "ratio_max": float(engine_ratio.max()) if engine_ratio.numel() else 1.0,
             "ratio_std": float(engine_ratio.std()) if engine_ratio.numel() > 1 else 0.0,
         }
+        if kl is not None:
+            metrics["kl"] = float(kl)
+            metrics["ref_diff"] = float(((new - ref) * mask).abs().sum() / tokens)
         if tis_cap is not None:
             truncated = (torch.exp(diff) > tis_cap).float().mul(mask).sum() / tokens
             metrics["tis_truncated"] = float(truncated)

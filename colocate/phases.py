@@ -16,6 +16,7 @@ __all__ = [
     "Phase",
     "EngineMemory",
     "TrainerMemory",
+    "RoleMemory",
     "RESIDENT",
     "PhaseError",
     "require",
@@ -32,6 +33,8 @@ class Phase(enum.Enum):
     INIT: configured; no actor exists yet.
     BOOT: engines started (awake); trainer ranks not created yet.
     ROLLOUT: engines awake (weights + KV cache) and generating; trainers offloaded.
+    SCORE: engines asleep, trainers offloaded; the forward-only roles (reference, reward model)
+        score the rollout.
     TRAIN: engines asleep; trainers hold params, grads and optimizer states.
     SYNC: engines hold weights but no KV cache; trainers hold params only; weights stream.
     FAILED: a transition failed part-way; only ``recover`` or ``shutdown`` are allowed (the
@@ -42,6 +45,7 @@ class Phase(enum.Enum):
     INIT = "init"
     BOOT = "boot"
     ROLLOUT = "rollout"
+    SCORE = "score"
     TRAIN = "train"
     SYNC = "sync"
     FAILED = "failed"
@@ -64,14 +68,26 @@ class TrainerMemory(enum.Enum):
     FULL = "full"  # everything resident: ready to train
 
 
+class RoleMemory(enum.Enum):
+    """What a role (reference, reward model, critic, a user's tenant) holds on its GPU."""
+
+    OFFLOADED = "offloaded"  # its state on host memory (or, for a frozen model, dropped)
+    RESIDENT = "resident"  # its state on the GPU: ready to run
+
+
 # What each tenant on a shared GPU holds once a phase is reached (a tenant alone on its GPU
-# keeps everything resident). The coordinator checks every memory state an actor reports after a
+# keeps everything resident; a role is RESIDENT in the phases it names and OFFLOADED in the
+# others, see colocate.roles). The coordinator checks every memory state an actor reports after a
 # hand-over against this table. On every GPU the sum of what the tenants hold is at most one
 # side's full working set plus the weights being transferred.
 RESIDENT: dict[Phase, dict[TenantKind, enum.Enum]] = {
     Phase.BOOT: {TenantKind.ENGINE: EngineMemory.AWAKE},  # trainers not created yet
     Phase.ROLLOUT: {
         TenantKind.ENGINE: EngineMemory.AWAKE,
+        TenantKind.TRAINER: TrainerMemory.OFFLOADED,
+    },
+    Phase.SCORE: {
+        TenantKind.ENGINE: EngineMemory.ASLEEP,
         TenantKind.TRAINER: TrainerMemory.OFFLOADED,
     },
     Phase.TRAIN: {TenantKind.ENGINE: EngineMemory.ASLEEP, TenantKind.TRAINER: TrainerMemory.FULL},

@@ -21,9 +21,19 @@ __all__ = ["Span", "Recorder", "Timeline", "RELEASE_STEPS", "ACQUIRE_STEPS"]
 
 # Steps that give memory back and steps that take it, as named in spans; the ordering checks
 # (and the tests) use these to verify "every release before every acquisition" per GPU.
-RELEASE_STEPS = frozenset({"engine.sleep", "trainer.offload", "trainer.offload_params"})
+RELEASE_STEPS = frozenset(
+    {"engine.sleep", "trainer.offload", "trainer.offload_params", "role.offload"}
+)
 ACQUIRE_STEPS = frozenset(
-    {"engine.wake_weights", "engine.wake_kv", "trainer.reload", "engine.start", "trainer.start"}
+    {
+        "engine.wake_weights",
+        "engine.wake_kv",
+        "trainer.reload",
+        "engine.start",
+        "trainer.start",
+        "role.reload",
+        "role.start",
+    }
 )
 
 

@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
+from colocate.batches import batch_rows, shard_batch, weighted_parts
 from colocate.config import TrainerConfig
 from colocate.contract import TrainerTenant
 from colocate.ds_ops import op_environment, prepare_ops
 from colocate.faults import Fault, coerce_fault
-from colocate.micro_batches import plan_step, token_weights
+from colocate.micro_batches import plan_step
 from colocate.phases import TrainerMemory
 from colocate.trainer_backend import TrainerBackend, make_backend
 from placement import TenantKind
@@ -36,38 +37,6 @@ _ORDER = (TrainerMemory.OFFLOADED, TrainerMemory.PARAMS, TrainerMemory.FULL)
 #: Default bytes gathered at once by fingerprints and exports (the coordinator passes the
 #: sync's bucket size).
 _CHUNK_BYTES = 256 << 20
-
-
-def shard_batch(batch: dict, rank: int, world_size: int) -> dict:
-    """Rank ``rank``'s contiguous share of the rows of every tensor or list in ``batch``.
-
-    Rows are split as evenly as possible (the first ``rows % world_size`` ranks get one more);
-    other values are passed through.
-    """
-    sizes = {len(v) for v in batch.values() if isinstance(v, (torch.Tensor, list, tuple))}
-    if len(sizes) != 1:
-        raise ValueError(f"batch fields have different lengths {sorted(sizes)}; pass equal rows")
-    (rows,) = sizes
-    if rows < world_size:
-        raise ValueError(
-            f"batch has {rows} rows for {world_size} trainer ranks; pass at least one row a rank"
-        )
-    base, extra = divmod(rows, world_size)
-    start = rank * base + min(rank, extra)
-    stop = start + base + (1 if rank < extra else 0)
-    return _slice(batch, start, stop)
-
-
-def batch_rows(batch: dict) -> int:
-    """Rows of a batch: the length of its first tensor or list (scalars pass through)."""
-    return len(next(v for v in batch.values() if isinstance(v, (torch.Tensor, list, tuple))))
-
-
-def _slice(batch: dict, start: int, stop: int) -> dict:
-    return {
-        k: v[start:stop] if isinstance(v, (torch.Tensor, list, tuple)) else v
-        for k, v in batch.items()
-    }
 
 
 class TrainerActor(TrainerTenant):
@@ -197,7 +166,7 @@ class TrainerActor(TrainerTenant):
         with self.span("trainer.train_step", rows=rows, optimizer_steps=len(plan) * config.epochs):
             for _ in range(config.epochs):
                 for step in plan:
-                    micro = self._weighted(shard, step)
+                    micro = weighted_parts(shard, step, config.loss_tokens)
                     results.append(self.backend.step(self.loss_fn, micro, self._after_forward))
         self.steps += 1
         keys = {"loss", *results[0][1]}
@@ -210,22 +179,6 @@ class TrainerActor(TrainerTenant):
 
     def _after_forward(self) -> None:
         self._maybe_crash(Fault.CRASH_IN_TRAIN_STEP)  # armed faults fire once
-
-    def _weighted(self, shard: dict, step: list) -> list[tuple[dict, float]]:
-        """The micro-batches of one optimizer step with their token weights."""
-        rows = batch_rows(shard)
-        parts, tokens = [], []
-        for mb in step:
-            if mb.empty:  # a zero-weight forward keeps this rank's collectives in step
-                start = min(mb.start, rows - 1)
-                parts.append(_slice(shard, start, start + 1))
-                tokens.append(0.0)
-                continue
-            part = _slice(shard, mb.start, mb.stop)
-            mask = part.get(self.config.loss_tokens)
-            parts.append(part)
-            tokens.append(float(mask.sum()) if mask is not None else float(mb.stop - mb.start))
-        return list(zip(parts, token_weights(tokens), strict=True))
 
     # ----- memory -----------------------------------------------------------------------------
 

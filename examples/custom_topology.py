@@ -2,7 +2,11 @@
 
 1. Separate pools: trainer rank on GPU 0, a vLLM engine on GPU 1 (no memory hand-over: the
    coordinator skips the memory steps but keeps the phase order and the verified sync).
-2. Colocated: two trainer ranks and two engines sharing GPUs 0 and 1.
+2. Colocated: two trainer ranks and two engines sharing GPUs 0 and 1, plus a tenant of the
+   user's own: ``ShortJudge``, a role (one rank beside each trainer rank) that scores the
+   completions in the SCORE phase. The coordinator orders its memory like any built-in
+   tenant's: on each GPU it reloads only after the engine there slept, and offloads before
+   the trainer reloads.
 
 Both use a user-defined REINFORCE-style loss and reward. Runs as ``python
 examples/custom_topology.py`` (local Ray with 4 logical GPUs on a CPU machine) or with
@@ -13,9 +17,14 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from colocate import (
     Coordinator,
     EngineConfig,
+    Phase,
+    Role,
+    RoleActor,
     Sampling,
     TrainerConfig,
     build_tiny_model,
@@ -41,15 +50,38 @@ def short_reward(token_ids) -> float:
     return sum(t < 200 for t in token_ids) / max(1, len(token_ids))
 
 
-def run(name: str, spec: TopologySpec, model: str, steps: int) -> None:
+class ShortJudge(RoleActor):
+    """A user's tenant: scores completions with :func:`short_reward` on the GPUs of its bundles.
+
+    A real judge would hold a model: ``build`` returns it (in host memory) and the base class
+    moves it between host and GPU when the coordinator says so.
+    """
+
+    def build(self):
+        """The judge's model, in host memory (a stand-in here)."""
+        return torch.nn.Linear(1, 1)
+
+    def rewards(self, batch: dict) -> list[float]:
+        """One reward per row of ``batch["token_ids"]``."""
+        self.require_resident("rewards")
+        with self.span("judge.rewards", rows=len(batch["token_ids"])):
+            return [short_reward(ids) for ids in batch["token_ids"]]
+
+
+def run(name: str, spec: TopologySpec, model: str, steps: int, judge: bool = False) -> None:
     sampling = Sampling(n=4, max_tokens=8)
     prompts = ["kato rimu", "sena lo pe", "vi da go", "ru hi ze"]
     engine = EngineConfig(model=model, tensor_parallel_size=spec.engine_tp, log_level="ERROR")
     trainer = TrainerConfig(model=model, lr=2e-3, zero_stage=2)
-    with Coordinator(spec, engine, trainer, reinforce_loss, name=name) as coord:
+    roles = [Role("judge", ShortJudge, phases=frozenset({Phase.SCORE}))] if judge else []
+    with Coordinator(spec, engine, trainer, reinforce_loss, name=name, roles=roles) as coord:
         for step in range(steps):
             completions = coord.generate(prompts, sampling)
-            rewards = [short_reward(c.token_ids) for c in completions]
+            if judge:  # the score row, then the judge's ranks, in one driver wait
+                rows = {"token_ids": [list(c.token_ids) for c in completions]}
+                rewards = coord.call_role("judge", ShortJudge.rewards, rows)
+            else:
+                rewards = [short_reward(c.token_ids) for c in completions]
             batch = make_grpo_batch(completions, rewards, sampling.n, pad_id=2)
             stats = coord.train(batch)
             report = coord.sync()
@@ -60,6 +92,9 @@ def run(name: str, spec: TopologySpec, model: str, steps: int) -> None:
                 f"{report.verified_tensors} tensors verified)"
             )
         violations = coord.timeline.ordering_violations()
+        judged = sorted({s.actor for s in coord.timeline.spans if s.name == "judge.rewards"})
+        if judge:
+            print(f"[{name}] rewards from the user's tenant: {judged}")
         print(f"[{name}] done: colocated={coord.colocated}, ordering violations: {violations}")
 
 
@@ -78,7 +113,7 @@ def main(argv=None) -> None:
     )
     run("separate", separate, model, args.steps)
     colocated = TopologySpec(nodes=1, gpus_per_node=2, trainer_world_size=2, engines=2)
-    run("colocated", colocated, model, args.steps)
+    run("colocated", colocated, model, args.steps, judge=True)
 
 
 if __name__ == "__main__":

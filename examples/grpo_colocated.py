@@ -46,6 +46,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="truncated importance sampling: cap on pi_trainer/pi_engine per token (e.g. 2)",
     )
+    p.add_argument(
+        "--kl-coef",
+        type=float,
+        default=0.0,
+        help="KL penalty to a frozen reference policy (adds the reference role; 0: none)",
+    )
     p.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3])
     p.add_argument(
         "--micro-batch-size",
@@ -101,6 +107,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     check.in_range("--temperature", 0.0, 100.0, lo_open=False)
     check.in_range("--top-p", 0.0, 1.0)
     check.in_range("--tis-cap", 1.0, 1e6, lo_open=False)
+    check.in_range("--kl-coef", 0.0, 100.0, lo_open=False)
+    if args.kl_coef and args.pipeline == "async":
+        p.error(
+            "--kl-coef needs the reference role, ordered by the sync loop; fix: --pipeline sync"
+        )
     if (args.trainer_gpus is None) != (args.engine_gpus is None):
         p.error("--trainer-gpus and --engine-gpus go together; fix: give both, or neither")
     args.separate = args.trainer_gpus is not None
@@ -242,7 +253,14 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from tqdm import tqdm
 
-    from colocate import Coordinator, Pipeline, grpo_loss, make_grpo_batch
+    from colocate import (
+        Coordinator,
+        Pipeline,
+        ReferenceActor,
+        grpo_loss,
+        make_grpo_batch,
+        reference_role,
+    )
     from colocate.cluster import connect
     from colocate.run_log import RunLog
     from colocate.run_state import RunState, capture_rng, save_run
@@ -251,7 +269,9 @@ def main(argv=None) -> dict:
     cfg, task, tokenizer = args.configs, args.task, args.tokenizer
     out = Path(args.out)
     connect(args.address, logical_gpus=args.gpus)
-    loss = grpo_loss if args.tis_cap is None else functools.partial(grpo_loss, tis_cap=args.tis_cap)
+    loss = functools.partial(grpo_loss, tis_cap=args.tis_cap, kl_coef=args.kl_coef)
+    # The reference is the starting policy, frozen (a resumed run keeps its starting model).
+    roles = [reference_role(cfg["model"])] if args.kl_coef else []
     coord = Coordinator(
         cfg["spec"],
         cfg["engine"],
@@ -260,6 +280,7 @@ def main(argv=None) -> dict:
         sync=cfg["sync"],
         sleep_level=args.sleep_level,
         pipeline=cfg["pipeline"],
+        roles=roles,
     )
     rng = random.Random(args.seed)
     state = args.state
@@ -268,7 +289,7 @@ def main(argv=None) -> dict:
         rng.setstate(state.random_state())
     log = RunLog(out, state.history if state else [], args.tensorboard, args.wandb_project)
     sampling = cfg["sampling"]
-    phase_seconds = {"rollout": 0.0, "train": 0.0, "sync": 0.0}
+    phase_seconds = {"rollout": 0.0, "score": 0.0, "train": 0.0, "sync": 0.0}
     with coord:
         if state:  # the engines get the resumed weights by a verified sync before serving
             coord.resume(state.trainer, state.weight_version)
@@ -289,6 +310,9 @@ def main(argv=None) -> dict:
             rewards = [task.reward(c.token_ids) for c in completions]
             t1 = time.time()
             batch = make_grpo_batch(completions, rewards, args.group_size, tokenizer.pad_token_id)
+            if roles:  # SCORE: the reference's log-probs of the rollout
+                batch["ref_logprobs"] = coord.call_role("reference", ReferenceActor.logprobs, batch)
+            t_score = time.time()
             stats = coord.train(batch)
             t2 = time.time()
             if args.no_sync:
@@ -305,12 +329,14 @@ def main(argv=None) -> dict:
                 "logprob_diff": stats.get("logprob_diff", 0.0),
                 "ratio_max": stats.get("ratio_max", 1.0),
                 "ratio_std": stats.get("ratio_std", 0.0),
+                "kl": stats.get("kl", 0.0),  # to the reference (0 without --kl-coef)
                 "weight_version_used": completions[0].weight_version,
                 "weight_version": coord.weight_version,
                 "staleness": stats.get("staleness", 0.0),
                 "tokens": sum(len(c.token_ids) for c in completions),
                 "rollout_s": t1 - t0,
-                "train_s": t2 - t1,
+                "score_s": t_score - t1,
+                "train_s": t2 - t_score,
                 "sync_s": t3 - t2,
             }
             for phase in phase_seconds:
@@ -351,6 +377,9 @@ def main(argv=None) -> dict:
         "final_reward": sum(r["reward"] for r in last) / len(last),
         # the largest per-step mean |trainer - engine| log-prob of the sampled tokens
         "logprob_diff": max(r.get("logprob_diff", 0.0) for r in history),
+        "kl": sum(r.get("kl", 0.0) for r in last) / len(last),  # to the reference, last steps
+        "kl_coef": args.kl_coef,
+        "roles": ["engine", "trainer", *(r.name for r in roles)],
         "steps": args.steps,
         "resumed_from": first if state else None,
         "phase_seconds": phase_seconds,

@@ -9,7 +9,7 @@ import importlib
 
 from placement.hardware import Accelerator, DeviceKind, device_kind_of
 from placement.plan import BundleSlot, Plan, Tenant, TenantKind, plan
-from placement.spec import ClusterInfo, NodeInfo, TopologyError, TopologySpec
+from placement.spec import ClusterInfo, NodeInfo, RoleSpec, TopologyError, TopologySpec
 
 _RAY_LAYER = {
     "BundleLocation",
@@ -32,6 +32,7 @@ __all__ = [
     "PlacementTimeoutError",
     "Plan",
     "Reservation",
+    "RoleSpec",
     "Tenant",
     "TenantKind",
     "TopologyError",

@@ -15,19 +15,26 @@ class TenantKind(enum.Enum):
 
     TRAINER = "trainer"
     ENGINE = "engine"
+    ROLE = "role"  # an extra tenant (reference, reward model, critic, a user's actor)
 
 
 @dataclass(frozen=True, order=True)
 class Tenant:
-    """One actor's share of one GPU: a trainer rank, or TP rank ``tp_rank`` of engine ``index``."""
+    """One actor's share of one GPU.
+
+    A trainer rank, TP rank ``tp_rank`` of engine ``index``, or rank ``index`` of role ``role``.
+    """
 
     kind: TenantKind
     index: int
     tp_rank: int = 0
+    role: str = ""
 
     def __str__(self) -> str:
         if self.kind is TenantKind.TRAINER:
             return f"trainer[{self.index}]"
+        if self.kind is TenantKind.ROLE:
+            return f"{self.role}[{self.index}]"
         return f"engine[{self.index}].tp{self.tp_rank}"
 
 
@@ -84,6 +91,18 @@ class Plan:
             self._index[Tenant(TenantKind.ENGINE, engine, r)] for r in range(self.spec.engine_tp)
         )
 
+    def role_bundles(self, role: str) -> tuple[int, ...]:
+        """Bundle indices of role ``role``, one per rank, in rank order."""
+        found = [(t.index, b.index) for b in self.bundles for t in b.tenants if t.role == role]
+        if not found:
+            names = sorted({r.name for r in self.spec.roles})
+            raise TopologyError(f"role={role!r} is not in the plan; fix: use one of {names}")
+        return tuple(b for _, b in sorted(found))
+
+    def role_fraction(self, role: str) -> float:
+        """Ray ``num_gpus`` of each actor of role ``role``."""
+        return next(r.gpu_fraction for r in self.spec.roles if r.name == role)
+
     def node_of(self, bundle: int) -> int:
         """Node index (0-based, node-major order) of bundle ``bundle``."""
         return self._bundle(bundle).node
@@ -118,8 +137,10 @@ def plan(spec: TopologySpec, cluster: ClusterInfo | None = None) -> Plan:
     """Assigns trainer ranks and engine TP ranks to one bundle per GPU. Pure; never touches Ray.
 
     Order of assignment: bundles are numbered node-major (node 0's GPUs first). Trainer rank
-    ``r`` takes bundle ``r``. Colocated: engine ``e`` takes the ``engine_tp`` consecutive
-    bundles from ``e * engine_tp`` (TP divides the GPUs per node, so it never crosses a node).
+    ``r`` takes bundle ``r``. Rank ``r`` of each role takes the ``r``-th of its bundles (by
+    default the trainer's: rank ``r`` beside trainer rank ``r``). Colocated: engine ``e``
+    takes the ``engine_tp`` consecutive bundles from ``e * engine_tp`` (TP divides the GPUs
+    per node, so it never crosses a node).
     Separate pools: engines fill the bundles the trainer left, node by node, ``engine_tp`` at a
     time.
 
@@ -148,6 +169,9 @@ def plan(spec: TopologySpec, cluster: ClusterInfo | None = None) -> Plan:
         engine_slots = list(range(spec.trainer_world_size, spec.total_gpus))
     for i, slot in enumerate(engine_slots):
         tenants[slot].append(Tenant(TenantKind.ENGINE, i // spec.engine_tp, i % spec.engine_tp))
+    for role in spec.roles:  # rank r of a role on the r-th of its bundles
+        for rank, slot in enumerate(spec.role_bundles(role)):
+            tenants[slot].append(Tenant(TenantKind.ROLE, rank, role=role.name))
     bundles = tuple(
         BundleSlot(
             index=b,

@@ -162,6 +162,10 @@ class Reservation:
         """Ray actor options for trainer rank ``rank``: its bundle, GPU share and CPUs."""
         return self._options(self.plan.trainer_bundle(rank), self.plan.spec.trainer_fraction)
 
+    def role_options(self, role: str, rank: int) -> dict[str, Any]:
+        """Ray actor options for rank ``rank`` of role ``role``: its bundle, share and CPUs."""
+        return self._options(self.plan.role_bundles(role)[rank], self.plan.role_fraction(role))
+
     def engine_launch(self, engine: int) -> EngineLaunch:
         """How to start engine ``engine``.
 

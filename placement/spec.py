@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["TopologyError", "TopologySpec", "ClusterInfo", "NodeInfo"]
+__all__ = ["TopologyError", "TopologySpec", "RoleSpec", "ClusterInfo", "NodeInfo"]
+
+#: Names a role may not take: the built-in tenants' own and the coordinator's lane.
+RESERVED_NAMES = frozenset({"engine", "trainer", "coordinator", "role"})
 
 
 class TopologyError(ValueError):
@@ -33,6 +36,53 @@ def _require_fraction(field: str, value: object) -> None:
 
 
 @dataclass(frozen=True)
+class RoleSpec:
+    """Where one extra tenant (a reference policy, reward model, critic or a user's actor) sits.
+
+    Attributes:
+        name: Lower-case letters and ``_`` (its actors are named ``<name><rank>``).
+        bundles: The GPUs (bundle indices) it takes, one rank on each; None: one rank on each
+            of the trainer's bundles.
+        gpu_fraction: Ray ``num_gpus`` of each of its actors (a share of its GPU).
+    """
+
+    name: str
+    bundles: tuple[int, ...] | None = None
+    gpu_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        name = self.name
+        if not (isinstance(name, str) and name and all(c.islower() or c == "_" for c in name)):
+            raise TopologyError(
+                f"RoleSpec.name={name!r}: must be lower-case letters or '_' (its actors are "
+                "named <name><rank>); fix: e.g. name='reference'"
+            )
+        if name in RESERVED_NAMES:
+            raise TopologyError(
+                f"RoleSpec.name={name!r} is reserved for a built-in tenant; fix: use another "
+                f"name (not one of {sorted(RESERVED_NAMES)})"
+            )
+        if self.bundles is not None:
+            b = self.bundles
+            if (
+                not isinstance(b, tuple)
+                or not b
+                or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in b)
+                or len(set(b)) != len(b)
+            ):
+                raise TopologyError(
+                    f"RoleSpec({name!r}).bundles={b!r}: must be a non-empty tuple of distinct "
+                    "bundle indices >= 0, or None (the trainer's bundles); fix: e.g. (0, 1)"
+                )
+        f = self.gpu_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0 < f < 1):
+            raise TopologyError(
+                f"RoleSpec({name!r}).gpu_fraction={f!r}: must be a number in (0, 1); fix: "
+                "pass e.g. 0.1"
+            )
+
+
+@dataclass(frozen=True)
 class TopologySpec:
     """Which GPUs the trainer ranks and the vLLM engines use.
 
@@ -54,6 +104,10 @@ class TopologySpec:
         engine_gpu_fraction: Ray ``num_gpus`` of an engine worker; default as above.
         cpus_per_bundle: Ray CPUs reserved with each GPU bundle (fractional allowed: on small
             machines whole CPUs per bundle keep placement groups from ever becoming ready).
+        roles: Extra tenants (:class:`RoleSpec`), placed beside the trainer ranks by default.
+            With roles, an unset trainer or engine fraction is derived from what the roles
+            leave of the most loaded GPU; on every GPU the fractions of its tenants sum to at
+            most 1.
     """
 
     nodes: int
@@ -65,6 +119,7 @@ class TopologySpec:
     trainer_gpu_fraction: float | None = None
     engine_gpu_fraction: float | None = None
     cpus_per_bundle: float = 0.2
+    roles: tuple[RoleSpec, ...] = ()
 
     def __post_init__(self) -> None:
         _require_count("nodes", self.nodes)
@@ -110,13 +165,76 @@ class TopologySpec:
                         "use a fraction below 1 when colocate=True",
                     )
             total = self.trainer_fraction + self.engine_fraction
-            if total > 1 + 1e-9:
+            if total > 1 + 1e-9 and not self.roles:
                 raise TopologyError(
                     f"TopologySpec.trainer_gpu_fraction={self.trainer_gpu_fraction!r} + "
                     f"engine_gpu_fraction={self.engine_gpu_fraction!r} = {total:g} > 1 on each "
                     "shared GPU; fix: make the two fractions sum to at most 1 (or set only one "
                     "and the other is derived)"
                 )
+
+        self._check_roles()
+
+    def _check_roles(self) -> None:
+        if not isinstance(self.roles, tuple) or not all(
+            isinstance(r, RoleSpec) for r in self.roles
+        ):
+            raise _field_error(
+                "roles", self.roles, "must be a tuple of RoleSpec", "pass (RoleSpec(...), ...)"
+            )
+        names = [r.name for r in self.roles]
+        if len(set(names)) != len(names):
+            raise _field_error("roles", names, "has a name twice", "give every role its own name")
+        for r in self.roles:
+            bad = [b for b in self.role_bundles(r) if b >= self.total_gpus]
+            if bad:
+                raise TopologyError(
+                    f"RoleSpec({r.name!r}).bundles={r.bundles!r}: bundle {bad[0]} does not "
+                    f"exist (the topology has {self.total_gpus}: nodes={self.nodes} x "
+                    f"gpus_per_node={self.gpus_per_node}); fix: use bundles in "
+                    f"0..{self.total_gpus - 1}"
+                )
+        for name, value in (("trainer", self.trainer_fraction), ("engine", self.engine_fraction)):
+            if value <= 1e-9:
+                raise _field_error(
+                    "roles",
+                    names,
+                    f"leave the {name} no share of its GPU (the roles take {self.role_load:g})",
+                    "lower RoleSpec.gpu_fraction",
+                )
+        for bundle in range(self.total_gpus):
+            parts = self.fractions_on(bundle)
+            total = sum(f for _, f in parts)
+            if total > 1 + 1e-9:
+                listed = " + ".join(f"{who} {f:g}" for who, f in parts)
+                raise TopologyError(
+                    f"GPU (bundle) {bundle}: the tenants' fractions {listed} = {total:g} > 1; "
+                    "fix: lower RoleSpec.gpu_fraction, trainer_gpu_fraction or "
+                    "engine_gpu_fraction, or put the role on other bundles"
+                )
+
+    def role_bundles(self, role: RoleSpec) -> tuple[int, ...]:
+        """The bundles ``role`` takes: its own, or the trainer's (rank ``r`` on bundle ``r``)."""
+        return role.bundles if role.bundles is not None else tuple(range(self.trainer_world_size))
+
+    def fractions_on(self, bundle: int) -> list[tuple[str, float]]:
+        """Every tenant's GPU share on ``bundle`` as (who, fraction), trainer and engine first."""
+        parts = []
+        if bundle < self.trainer_world_size:
+            parts.append(("trainer", self.trainer_fraction))
+        if self.colocate or bundle >= self.trainer_world_size:
+            parts.append(("engine", self.engine_fraction))
+        parts += [(r.name, r.gpu_fraction) for r in self.roles if bundle in self.role_bundles(r)]
+        return parts
+
+    @property
+    def role_load(self) -> float:
+        """The largest sum of role fractions on one GPU (0 without roles)."""
+        loads = [
+            sum(r.gpu_fraction for r in self.roles if b in self.role_bundles(r))
+            for b in range(self.total_gpus)
+        ]
+        return max(loads, default=0.0)
 
     def _check_gpu_counts(self) -> None:
         total = self.total_gpus
@@ -154,8 +272,10 @@ class TopologySpec:
 
     @property
     def tenants_per_gpu(self) -> int:
-        """Actors sharing one GPU: 2 when colocated, else 1."""
-        return 2 if self.colocate else 1
+        """The most actors sharing one GPU: 2 when colocated, else 1, plus the roles there."""
+        base = 2 if self.colocate else 1
+        roles = [sum(b in self.role_bundles(r) for r in self.roles) for b in range(self.total_gpus)]
+        return base + max(roles, default=0)
 
     @property
     def trainer_fraction(self) -> float:
@@ -169,11 +289,13 @@ class TopologySpec:
 
     def _fraction(self, own: float | None, other: float | None) -> float:
         # Unset fractions are derived so that the tenants of one GPU sum to exactly 1.
+        # Roles take their share of the most loaded GPU first.
         if own is not None:
             return float(own)
+        free = 1.0 - self.role_load
         if not self.colocate:
-            return 1.0
-        return 1.0 - float(other) if other is not None else 0.5
+            return free
+        return free - float(other) if other is not None else free / 2
 
     @property
     def actor_cpus(self) -> float:

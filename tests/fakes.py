@@ -24,6 +24,7 @@ from colocate.errors import InputError
 from colocate.faults import Fault, coerce_fault
 from colocate.memory import process_stats
 from colocate.phases import EngineMemory, TrainerMemory
+from colocate.roles import RoleActor
 
 # Ray workers cannot import test modules: ship this module's classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -427,3 +428,28 @@ def fake_coordinator(model_dir: str, spec=None, *, engine=None, trainer_cls=None
         trainer_cls=trainer_cls or FakeTrainer,
         **kw,
     )
+
+
+class FakeRole(RoleActor):
+    """A role over one small real module: ``echo`` returns each row's ``x`` plus its rank.
+
+    The base class's memory mechanisms, spans and faults run as they do for the built-in roles.
+    """
+
+    def build(self):
+        return torch.nn.Linear(4, 4)
+
+    def echo(self, batch: dict) -> list:
+        self.require_resident("echo")
+        with self.span("fake_role.echo"):
+            return [(x, self.rank) for x in batch["x"]]
+
+    def where(self) -> tuple[str, int]:
+        return self.name, self.lane
+
+
+def fake_role(name: str, phases, bundles=None):
+    """A :class:`FakeRole` role named ``name``, resident in ``phases``."""
+    from colocate.roles import Role
+
+    return Role(name, FakeRole, None, frozenset(phases), bundles)

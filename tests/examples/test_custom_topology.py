@@ -31,3 +31,5 @@ def test_custom_topology_example_runs_both_pools():
         assert [(int(s), int(v)) for s, v, _ in synced] == [(0, 2), (1, 3)], proc.stdout[-3000:]
         assert all(int(n) > 0 for *_, n in synced)
         assert f"[{pool}] done: colocated={colocated}, ordering violations: []" in proc.stdout
+    # The user's own tenant scored the colocated run, one rank beside each trainer rank.
+    assert "[colocated] rewards from the user's tenant: ['judge0', 'judge1']" in proc.stdout

@@ -79,3 +79,16 @@ def test_async_pipeline_learns_with_bounded_staleness(tmp_path):
     # Batch k (k >= 1) was generated with the weights after step k - 1: one step stale.
     assert [r["weight_version_used"] for r in rows] == [1] + list(range(1, 20))
     assert run["topology"]["pipeline"] == "async" and not run["topology"]["colocated"]
+
+
+def test_kl_to_a_reference_still_learns(synced, tmp_path):
+    """``--kl-coef 0.05`` adds the reference role and the KL term; the target is the same."""
+    run = _run(tmp_path, "--steps", str(STEPS), "--kl-coef", "0.05")
+    rewards = run["rewards"]
+    late = sum(rewards[-3:]) / 3
+    assert late > 4 * run["initial_reward"] and late > 0.05, rewards
+    assert run["roles"] == ["engine", "trainer", "reference"] and run["kl"] > 0
+    assert run["ordering_violations"] == []
+    rows = [json.loads(x) for x in (Path(run["out"]) / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kl"] < 1e-6  # the reference is the starting policy
+    assert rewards[0] == synced["rewards"][0]  # same seed, same first rollout
