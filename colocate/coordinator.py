@@ -503,7 +503,8 @@ class Coordinator:
         """Brings this (started) pipeline to a saved run: the trainers load ``checkpoint``.
 
         Order: the ``train`` row (engines sleep, trainers reload), every rank loads the
-        checkpoint (model, optimizer and step count, as :meth:`save_trainer` wrote them), the
+        checkpoint (model, optimizer and step count, as :meth:`save_trainer` wrote them; a
+        stateful role, the critic, loads ``<checkpoint>/<role>`` in the same chain), the
         step counter becomes the checkpoint's, and a verified sync (version
         ``weight_version + 1``) gives every engine those weights before it serves again.
 
@@ -512,6 +513,7 @@ class Coordinator:
             weight_version: The engines' version when it was written (numbering continues).
         """
         require(self._exec.phase, _LOOP, "resume")
+        self._roles.check_checkpoint(checkpoint)  # before anything moves
         chain, pending = self._exec.pending()
         self._exec.add_row(chain, TRAIN, self._ctx(), pending)
         tag = self._exec.tag("resume")
@@ -519,6 +521,7 @@ class Coordinator:
             chain.add(self.fleet.call(a, TrainerTenant.load, checkpoint, tag=tag))
             for a in actors_of(self.plan, _TRAINER)
         ]
+        self._roles.add_loads(chain, checkpoint, tag)
         results = self._guard(lambda: self._exec.run_chain(chain, pending, "resume"))
         self.step = results[loads[0]]
         self.weight_version = weight_version

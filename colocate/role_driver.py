@@ -127,6 +127,33 @@ class RoleDriver:
         if calls:
             self.exec.wait(calls)
 
+    def _stateful_path(self, checkpoint: str, role: str) -> str:
+        return str(Path(checkpoint) / role)
+
+    def check_checkpoint(self, checkpoint: str) -> None:
+        """Raises unless ``checkpoint`` holds a directory for every stateful role."""
+        for n in self.roles:
+            path = Path(self._stateful_path(checkpoint, n))
+            if self._stateful(n) and not path.is_dir():
+                raise ConfigError(
+                    f"checkpoint={checkpoint!r} has no {n!r} directory for the {n} role's "
+                    "training state; fix: pass a directory written by save_trainer() of a run "
+                    f"with that role"
+                )
+
+    def add_loads(self, chain, checkpoint: str, tag) -> list[int]:
+        """Chains every stateful role's load of ``<checkpoint>/<role>`` (after its reload)."""
+        return [
+            chain.add(
+                self.fleet.call(
+                    a, self.roles[n].actor.load, self._stateful_path(checkpoint, n), tag=tag
+                )
+            )
+            for n in self.roles
+            if self._stateful(n)
+            for a in self.ranks(n)
+        ]
+
     def restart(
         self, dead: list[ActorId], checkpoint: str | None, absent, start_s: float, step: int
     ):

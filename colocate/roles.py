@@ -96,14 +96,10 @@ class Role:
 
 def micro_batches(batch: dict, size: int) -> Iterator[dict]:
     """The rows of ``batch`` (a dict of tensors or lists, one row each) ``size`` at a time."""
-    from colocate.batches import batch_rows
+    from colocate.batches import batch_rows, slice_rows
 
-    rows = batch_rows(batch)
-    for start in range(0, rows, size):
-        yield {
-            k: v[start : start + size] if isinstance(v, (torch.Tensor, list, tuple)) else v
-            for k, v in batch.items()
-        }
+    for start in range(0, batch_rows(batch), size):
+        yield slice_rows(batch, start, start + size)
 
 
 class RoleActor(RoleTenant):

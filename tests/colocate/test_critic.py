@@ -13,6 +13,7 @@ import torch
 
 from colocate import (
     ActorFailedError,
+    ConfigError,
     Coordinator,
     EngineConfig,
     Fault,
@@ -75,6 +76,15 @@ def test_critic_learns_is_checkpointed_and_recovers(ray_local, tiny_model_dir, t
         coord.recover(checkpoint=ckpt)
         restored = coord.call_role("critic", CriticActor.values, batch)
         torch.testing.assert_close(restored, saved, rtol=0, atol=1e-6)
+
+        # resume() brings the critic back to the checkpoint too, with the policy
+        coord.call_role("critic", CriticActor.train_values, batch)
+        assert not torch.allclose(coord.call_role("critic", CriticActor.values, batch), saved)
+        coord.resume(ckpt, coord.weight_version)
+        resumed = coord.call_role("critic", CriticActor.values, batch)
+        torch.testing.assert_close(resumed, saved, rtol=0, atol=1e-6)
+        with pytest.raises(ConfigError, match="has no 'critic' directory"):
+            coord.resume(str(tmp_path), coord.weight_version)
         timeline = coord.timeline
     assert timeline.ordering_violations() == []
     assert {"restart-roles", "recover"} <= {s.phase for s in timeline.spans}
