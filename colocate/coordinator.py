@@ -65,6 +65,7 @@ from colocate.handovers import (
 )
 from colocate.memory_check import check_run
 from colocate.memory_plan import MemoryPlan
+from colocate.metrics import merge_metrics
 from colocate.micro_batches import plan_step
 from colocate.phases import Phase, PhaseError, require
 from colocate.role_driver import RoleDriver
@@ -475,7 +476,7 @@ class Coordinator:
             self.step -= 1  # refused: no optimizer step was taken
             raise
         metrics = [results[i] for i in steps]
-        out = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
+        out = merge_metrics(metrics)  # means over the ranks; maxima for *_max metrics
         if staleness is not None:
             out["staleness"] = float(staleness)
         return out

@@ -61,10 +61,12 @@ def grpo_loss(
     first optimizer step of a train call) and every token is weighted by
     ``min(pi_trainer / pi_engine, tis_cap)``.
 
-    Metrics (means over completion tokens): ``logprob_diff``, the mean absolute difference
-    between the trainer's log-probs and the engine's (on the first optimizer step: the
-    training-inference mismatch, verl's ``rollout_probs_diff``); ``ratio_max`` and
-    ``ratio_std`` of ``pi_trainer / pi_engine`` (its spread); ``clip_fraction``.
+    Metrics (means over completion tokens unless named ``*_max``): ``logprob_diff``, the mean
+    absolute difference between the trainer's log-probs and the engine's (on the first
+    optimizer step, ``first_logprob_diff`` when a train call takes several: the
+    training-inference mismatch, verl's ``rollout_probs_diff``); ``ratio_max`` (the largest
+    ``pi_trainer / pi_engine`` of any completion token: a maximum over micro-batches, optimizer
+    steps and ranks, ``colocate.metrics``) and ``ratio_std`` (its spread); ``clip_fraction``.
     """
     mask = batch["completion_mask"].float()
     new = token_logprobs(model, batch["input_ids"], batch["attention_mask"])

@@ -34,6 +34,7 @@ import torch
 from colocate.config import ConfigError
 from colocate.contract import RoleTenant
 from colocate.faults import Fault, coerce_fault
+from colocate.metrics import merge_metrics
 from colocate.phases import Phase, RoleMemory
 from placement import RoleSpec, TenantKind, TopologyError
 
@@ -311,11 +312,12 @@ def merge_rows(results: list) -> Any:
     """The ranks' answers to their shards, merged.
 
     Tensors, lists or tuples are concatenated in rank order; dicts of numbers (metrics) are
-    averaged over the ranks, key by key.
+    averaged over the ranks, key by key (``*_max`` metrics take the maximum:
+    ``colocate.metrics.merge_metrics``).
     """
     first = results[0]
     if isinstance(first, dict):
-        return {k: sum(float(r[k]) for r in results) / len(results) for k in first}
+        return merge_metrics(results)
     if isinstance(first, torch.Tensor):
         return torch.cat(results)
     if isinstance(first, (list, tuple)):

@@ -22,6 +22,7 @@ from colocate.config import TrainerConfig
 from colocate.contract import TrainerTenant
 from colocate.ds_ops import op_environment, prepare_ops
 from colocate.faults import Fault, coerce_fault
+from colocate.metrics import merge_metrics
 from colocate.micro_batches import plan_step
 from colocate.phases import TrainerMemory
 from colocate.trainer_backend import TrainerBackend, make_backend
@@ -154,7 +155,8 @@ class TrainerActor(TrainerTenant):
         of the part's loss tokens (``colocate.micro_batches``).
 
         Returns:
-            The loss and the loss function's metrics, means over the optimizer steps; with
+            The loss and the loss function's metrics, means over the optimizer steps (maxima
+            for ``*_max`` metrics, ``colocate.metrics``); with
             more than one step also ``first_<name>`` (the first step's, taken before any
             update: e.g. the training-inference log-prob difference) and ``optimizer_steps``.
         """
@@ -169,9 +171,8 @@ class TrainerActor(TrainerTenant):
                     micro = weighted_parts(shard, step, config.loss_tokens)
                     results.append(self.backend.step(self.loss_fn, micro, self._after_forward))
         self.steps += 1
-        keys = {"loss", *results[0][1]}
         rows_out = [{"loss": loss, **metrics} for loss, metrics in results]
-        out = {k: sum(r.get(k, 0.0) for r in rows_out) / len(rows_out) for k in sorted(keys)}
+        out = merge_metrics(rows_out)
         if len(rows_out) > 1:
             out.update({f"first_{k}": v for k, v in rows_out[0].items()})
             out["optimizer_steps"] = float(len(rows_out))

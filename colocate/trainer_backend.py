@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from colocate.config import TrainerConfig
+from colocate.metrics import merge_metrics
 
 __all__ = ["TrainerBackend", "make_backend", "load_model", "train_device", "accumulate"]
 
@@ -58,9 +59,10 @@ def accumulate(
     first forward; ``backward(weight * loss)``. The caller then clips and steps once.
 
     Returns:
-        The weighted loss and the weighted metrics (sums of weight x value).
+        The weighted loss and the metrics combined by :func:`colocate.metrics.merge_metrics`
+        (weighted means; ``*_max`` metrics their maximum).
     """
-    total, metrics = 0.0, {}
+    total, rows = 0.0, []
     for i, (batch, weight) in enumerate(micro):
         before(i == len(micro) - 1)
         loss, m = loss_fn(model, batch)
@@ -68,9 +70,8 @@ def accumulate(
             after_forward()
         backward(loss * weight)
         total += float(loss.detach()) * weight
-        for k, v in m.items():
-            metrics[k] = metrics.get(k, 0.0) + float(v) * weight
-    return total, metrics
+        rows.append(m)
+    return total, merge_metrics(rows, [weight for _, weight in micro])
 
 
 class TrainerBackend(ABC):

@@ -325,11 +325,11 @@ def main(argv=None) -> dict:
                 "reward": sum(rewards) / len(rewards),
                 "loss": stats["loss"],
                 "clip_fraction": stats.get("clip_fraction", 0.0),
-                # trainer vs engine log-probs of the sampled tokens, before the update
-                "logprob_diff": stats.get("logprob_diff", 0.0),
-                "ratio_max": stats.get("ratio_max", 1.0),
-                "ratio_std": stats.get("ratio_std", 0.0),
-                "kl": stats.get("kl", 0.0),  # to the reference (0 without --kl-coef)
+                # trainer vs engine log-probs of the sampled tokens, before any update (with
+                # several optimizer steps the plain mean would mix in the policy's own updates)
+                "logprob_diff": stats.get("first_logprob_diff", stats["logprob_diff"]),
+                "ratio_max": stats["ratio_max"],  # max over micro-batches, steps and ranks
+                "ratio_std": stats["ratio_std"],
                 "weight_version_used": completions[0].weight_version,
                 "weight_version": coord.weight_version,
                 "staleness": stats.get("staleness", 0.0),
@@ -339,6 +339,8 @@ def main(argv=None) -> dict:
                 "train_s": t2 - t_score,
                 "sync_s": t3 - t2,
             }
+            if "kl" in stats:  # to the reference: only a run with one has a KL
+                row["kl"] = stats["kl"]
             for phase in phase_seconds:
                 phase_seconds[phase] += row[f"{phase}_s"]
             log.write(row)
@@ -375,9 +377,10 @@ def main(argv=None) -> dict:
     summary = {
         "initial_reward": history[0]["reward"],
         "final_reward": sum(r["reward"] for r in last) / len(last),
-        # the largest per-step mean |trainer - engine| log-prob of the sampled tokens
+        # the largest per-step mean |trainer - engine| log-prob of the sampled tokens, each
+        # taken before that step's first update (the clean training-inference gap)
         "logprob_diff": max(r.get("logprob_diff", 0.0) for r in history),
-        "kl": sum(r.get("kl", 0.0) for r in last) / len(last),  # to the reference, last steps
+        **({"kl": sum(r["kl"] for r in last) / len(last)} if "kl" in last[0] else {}),
         "kl_coef": args.kl_coef,
         "roles": ["engine", "trainer", *(r.name for r in roles)],
         "steps": args.steps,

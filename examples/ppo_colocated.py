@@ -179,7 +179,7 @@ def main(argv=None) -> dict:
                 "reward": sum(rewards) / len(rewards),  # the toy rule's
                 "rm_score": float(scores.mean()),
                 "loss": stats["loss"],
-                "kl": stats.get("kl", 0.0),  # to the reference, before this step's update
+                "kl": stats["kl"],  # to the reference, before this step's update
                 "clip_fraction": stats.get("clip_fraction", 0.0),
                 "value_loss": value["value_loss"],
                 "rollout_s": t1 - t0,
