@@ -11,6 +11,7 @@ from typing_extensions import override
 
 from colocate.config import ZeroStage
 from colocate.host_offload import offload_to_host, reload_to_device
+from colocate.memory_plan import REDUCE_BUCKET_ELEMENTS, SUB_GROUP_ELEMENTS
 from colocate.trainer_backend import TrainerBackend, accumulate
 
 __all__ = ["DeepSpeedBackend", "deepspeed_config"]
@@ -35,7 +36,17 @@ def deepspeed_config(config) -> dict:
                 "weight_decay": config.weight_decay,
             },
         },
-        "zero_optimization": {"stage": int(config.zero_stage)},
+        "zero_optimization": {
+            "stage": int(config.zero_stage),
+            # DeepSpeed allocates a gradient reduce bucket of this many elements (training
+            # dtype) for the whole run at ZeRO-3 and for each backward at ZeRO 1-2; its default
+            # (5e8: 1 GB in bf16) is too large to leave implicit. ZeRO-3's step copies one
+            # sub-group's gradients at a time (DeepSpeed's default size, made explicit). The
+            # memory plan counts these same constants (``colocate.memory_plan``, through
+            # ``memory_check.settings_for``), and an override in ``ds_config`` reaches both.
+            "reduce_bucket_size": REDUCE_BUCKET_ELEMENTS,
+            "sub_group_size": SUB_GROUP_ELEMENTS,
+        },
         "bf16": {"enabled": config.dtype.value == "bfloat16"},
         "fp16": {"enabled": config.dtype.value == "float16"},
         "steps_per_print": 1 << 30,

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from colocate.config import DType, EngineConfig, SyncConfig, TrainerConfig
+from colocate.deepspeed_backend import deepspeed_config
 from colocate.memory_plan import (
     BundleMemory,
     MemoryPlan,
@@ -43,6 +44,8 @@ def settings_for(
 ) -> MemorySettings:
     """The memory settings of a run. Pure."""
     cuda = device is DeviceKind.CUDA
+    # The buckets the backend gives DeepSpeed, ds_config overrides included.
+    zero = deepspeed_config(trainer)["zero_optimization"]
     return MemorySettings(
         trainer_ranks=plan.spec.trainer_world_size,
         engine_tp=plan.spec.engine_tp,
@@ -56,6 +59,8 @@ def settings_for(
         micro_batch=1,
         seq_len=engine.max_model_len,
         bucket_bytes=sync.bucket_bytes or default_bucket_bytes(device),
+        reduce_bucket_elements=int(zero["reduce_bucket_size"]),
+        sub_group_elements=int(zero["sub_group_size"]),
         cuda=cuda,
         enforce_eager=engine.enforce_eager if engine.enforce_eager is not None else not cuda,
     )

@@ -14,17 +14,29 @@ reservation, before any actor starts.
 ``python -m colocate.memory_plan --model DIR --gpus N ...`` prints the table.
 
 The trainer arithmetic (``P`` parameters, ``N`` trainer ranks; ``w`` bytes of the training
-dtype; in bf16/fp16 DeepSpeed keeps fp32 master weights and fp32 gradient partitions beside
-the low-precision ones, so ``m = 4`` and ``g = 4 + w``; in fp32 ``m = 0`` and ``g = 4``):
+dtype; ``B`` = :data:`REDUCE_BUCKET_ELEMENTS`, ``S`` = :data:`SUB_GROUP_ELEMENTS`, both set in
+the DeepSpeed config by ``colocate.deepspeed_backend``; ``g = 4 + w`` in bf16/fp16, ``4`` in
+fp32):
 
-================  ======================  =====================  =====================
-ZeRO stage        params                  grads                  optimizer (Adam)
-================  ======================  =====================  =====================
-0                 ``w P``                 ``g P``                ``(8 + m) P``
-1                 ``w P``                 ``g P``                ``(8 + m) P / N``
-2                 ``w P``                 ``g P / N``            ``(8 + m) P / N``
-3                 ``w P / N``             ``g P / N``            ``(8 + m) P / N``
-================  ======================  =====================  =====================
+=====  =========  ===========  ==================  ============  =========================
+ZeRO   params     grads        master + Adam       reduce        grads, copies in the step
+=====  =========  ===========  ==================  ============  =========================
+0      ``w P``    ``g P``      ``(8 + m0) P``      --            --
+1      ``w P``    ``g P``      ``12 P / N``        ``w B`` (b)   --
+2      ``w P``    ``g P / N``  ``12 P / N``        ``w B`` (b)   --
+3      ``w P/N``  ``w P / N``  ``12 P / N``        ``w B``       ``g min(P / N, S)``
+=====  =========  ===========  ==================  ============  =========================
+
+``m0 = 4`` in bf16/fp16 (fp32 master weights), ``0`` in fp32 (Adam steps the model itself).
+ZeRO 1-3 keep their own fp32 master partition in every dtype (``12 P / N``: master, exp_avg,
+exp_avg_sq). At ZeRO-3 the gradient partitions (``w P / N``) and the reduce bucket (``w B``)
+stay allocated between steps; inside ``step()`` each optimizer sub-group's gradients are
+flattened (``w``) and cast to fp32 (``4``, the same tensor in fp32), then released
+(``_release_sub_group``): that transient is the last column, counted in ``train`` only.
+(b): at ZeRO 1-2 the reduce bucket exists during the backward only. The ZeRO-3 row is measured
+(after a step and at the peak of ``step()``, two model sizes, bf16 and fp32, world size 1:
+``tests/colocate/test_memory_plan.py``); the ZeRO 0-2 rows are not validated (measured
+figures and their errors in ``docs/memory-plan.md``).
 
 Activations are estimated per micro-batch as ``34 s b h`` bytes per layer (16-bit, after
 Korthikanti et al., without their ``5 a s^2 b`` attention-score term: HF's default SDPA and
@@ -57,6 +69,8 @@ __all__ = [
     "plan_memory",
     "check_plan",
     "model_shape",
+    "REDUCE_BUCKET_ELEMENTS",
+    "SUB_GROUP_ELEMENTS",
 ]
 
 GIB = 1 << 30
@@ -72,10 +86,23 @@ FIXED = {
     (False, "engine"): int(0.72e9),
     (False, "trainer"): int(0.58e9),
 }
+#: DeepSpeed's gradient reduce bucket (``zero_optimization.reduce_bucket_size``, elements of the
+#: communication dtype, the training dtype here), set by ``colocate.deepspeed_backend`` so that
+#: the plan's fixed term is this project's number, not DeepSpeed's default (5e8 elements: 1 GB
+#: in bf16, 2 GB in fp32, per rank). 2^24 is what HF Accelerate's ``"auto"`` (``hidden_size **
+#: 2``) gives a 4096-wide model: 32 MiB in bf16; the tiny CPU models' gradients fit in one.
+#: Its effect on reduce-scatter speed on CUDA is not measured.
+REDUCE_BUCKET_ELEMENTS = 1 << 24
+#: ZeRO-3's optimizer sub-group (``zero_optimization.sub_group_size``, elements per rank): the
+#: step flattens and casts one sub-group's gradients at a time. DeepSpeed's default (1e9), set
+#: explicitly for the same reason as the bucket.
+SUB_GROUP_ELEMENTS = 10**9
 CUDA_GRAPHS_ALLOWANCE = 512 << 20  # vLLM's captured graphs (they stay resident across sleep)
-# torch's caching allocator reserves more than it hands out. With expandable segments (what
-# trainer actors get on CUDA) the H200 run reserved 6.96 GB at the step's peak for 5.36 GB of
-# state: +30 %, activations of that step included. Fitted on that one run, not validated.
+# torch's caching allocator reserves more than it hands out: an allowance of 30 % of params +
+# grads + optimizer states. First fitted on the H200 run (6.96 GB reserved at the step's peak
+# against 5.36 GB allocated after the step); with the step's gradient copies and the reduce
+# bucket now counted, that run's planned peak (6.97 GB) already covers what it reserved, so no
+# slack was measured there: the 30 % is an unvalidated margin (docs/memory-plan.md).
 ALLOCATOR_SLACK = 0.30
 
 
@@ -161,6 +188,8 @@ class MemorySettings:
         activation_checkpointing: Recompute activations in backward.
         bucket_bytes: Sync bucket size (two buffers on the sender; two on a receiver that
             does not map the sender's memory, i.e. all but CUDA IPC).
+        reduce_bucket_elements: DeepSpeed's ``reduce_bucket_size`` (ZeRO 1-3), in elements.
+        sub_group_elements: DeepSpeed's ``sub_group_size`` (ZeRO-3), in elements.
         cuda: Plan for CUDA devices, or for a CPU run against host memory.
         enforce_eager: No CUDA graphs.
     """
@@ -177,11 +206,21 @@ class MemorySettings:
     seq_len: int = 512
     activation_checkpointing: bool = False
     bucket_bytes: int = 512 << 20
+    reduce_bucket_elements: int = REDUCE_BUCKET_ELEMENTS
+    sub_group_elements: int = SUB_GROUP_ELEMENTS
     cuda: bool = True
     enforce_eager: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("trainer_ranks", "engine_tp", "micro_batch", "seq_len", "bucket_bytes"):
+        for name in (
+            "trainer_ranks",
+            "engine_tp",
+            "micro_batch",
+            "seq_len",
+            "bucket_bytes",
+            "reduce_bucket_elements",
+            "sub_group_elements",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(
@@ -276,13 +315,24 @@ class MemoryPlan:
 
 
 def _trainer(shape: ModelShape, s: MemorySettings) -> dict[str, int]:
-    p, n, w = shape.params, s.trainer_ranks, s.train_dtype_bytes
+    p, n, w, stage = shape.params, s.trainer_ranks, s.train_dtype_bytes, s.zero_stage
     mixed = w != 4
-    params = w * p if s.zero_stage < 3 else w * p // n
-    grads = (4 + (w if mixed else 0)) * p
-    grads = grads if s.zero_stage < 2 else grads // n
-    optim = (8 + (4 if mixed else 0)) * p
-    optim = optim if s.zero_stage == 0 else optim // n
+    g = 4 + (w if mixed else 0)  # a gradient in the training dtype and its fp32 copy
+    params = w * p if stage < 3 else w * p // n
+    if stage < 3:  # DeepSpeed's documented arithmetic; not validated (docs/memory-plan.md)
+        grads = g * p if stage < 2 else g * p // n
+        step_grads = 0
+    else:
+        # Measured (docs/memory-plan.md): the gradient partitions stay allocated between steps
+        # in the training dtype; step() flattens one sub-group's gradients and casts them to
+        # fp32, then releases both (DeepSpeed 0.19.8 stage3.py, _release_sub_group).
+        grads = w * p // n
+        step_grads = g * min(p // n, s.sub_group_elements)
+    # ZeRO keeps its own fp32 master partition in every dtype (measured at stages 1-3); ZeRO-0
+    # in fp32 steps the model's own parameters.
+    master = 4 if stage > 0 or mixed else 0
+    optim = (8 + master) * p if stage == 0 else (8 + master) * p // n
+    reduce = w * s.reduce_bucket_elements if stage > 0 else 0
     b, t, h = s.micro_batch, s.seq_len, shape.hidden
     per_layer = 17 * w * t * b * h  # 34 s b h in 16-bit (Korthikanti et al.), twice in fp32
     if s.activation_checkpointing:
@@ -290,13 +340,16 @@ def _trainer(shape: ModelShape, s: MemorySettings) -> dict[str, int]:
     else:
         acts = per_layer * shape.layers
     acts += 8 * t * b * shape.vocab  # fp32 logits and their log-softmax
+    state = params + grads + optim + step_grads
     return {
         "params": params,
         "grads": grads,
         "optimizer states": optim,
+        "grads, copies in the step": step_grads,
+        "reduce bucket": reduce,
         "activations (estimate)": acts,
-        "ZeRO-3 gathered layers": 2 * w * shape.largest_layer_params if s.zero_stage == 3 else 0,
-        "allocator slack": int(ALLOCATOR_SLACK * (params + grads + optim)) if s.cuda else 0,
+        "ZeRO-3 gathered layers": 2 * w * shape.largest_layer_params if stage == 3 else 0,
+        "allocator slack": int(ALLOCATOR_SLACK * state) if s.cuda else 0,
     }
 
 
@@ -342,8 +395,18 @@ def plan_memory(
     recv = MemoryItem(e, "receive buffers", 2 * s.bucket_bytes)
     send = MemoryItem(tr, "send buffers", 2 * s.bucket_bytes)
     t = {k: MemoryItem(tr, k, v) for k, v in _trainer(shape, s).items()}
+    # What stays allocated between steps: ZeRO-3 keeps its reduce bucket; ZeRO 1-2 allocate it
+    # for each backward (counted in the step only).
     state = [t["params"], t["grads"], t["optimizer states"]]
-    step = [*state, t["activations (estimate)"], t["ZeRO-3 gathered layers"], t["allocator slack"]]
+    state += [t["reduce bucket"]] if s.zero_stage == 3 else []
+    step = [
+        *state,
+        *([] if s.zero_stage == 3 else [t["reduce bucket"]]),
+        t["grads, copies in the step"],
+        t["activations (estimate)"],
+        t["ZeRO-3 gathered layers"],
+        t["allocator slack"],
+    ]
     engine_fixed, trainer_fixed = (
         MemoryItem(e, "fixed per process", fixed_e),
         MemoryItem(tr, "fixed per process", fixed_t),
