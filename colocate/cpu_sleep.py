@@ -61,37 +61,64 @@ class CpuSleepExtension:
         """Releases the KV cache (and at level 2 the weights) of this worker; what it freed.
 
         Returns:
-            ``kv_bytes``, ``weight_bytes`` (parameter pages), ``packed_bytes`` (prepacked
-            linear weights dropped; their size computed from the layers), ``kept_bytes``
-            (weights that stay resident), this worker's ``pid`` and its RSS before and after.
+            ``kv_bytes`` and ``weight_bytes``: the whole pages ``madvise`` dropped (KV cache;
+            parameters), counted from the tensors' storages. ``packed_bytes``: measured, the
+            RSS this worker returned by dropping the prepacked linear weights (RSS before the
+            drop minus RSS after it and a ``malloc_trim``; their buffers are native and
+            opaque to Python, so nothing reads their size directly).
+            ``packed_bytes_estimate``: computed, ``n * k * element size`` over the dropped
+            layers. ``trim_alone_bytes``: measured, the RSS a ``malloc_trim`` returned on its
+            own just before the drop (free heap pages that predate it, kept out of
+            ``packed_bytes``). ``kept_bytes`` (weights that stay resident, level 1), this
+            worker's ``pid``, and its RSS before and after. The last call's dict is also
+            kept for :meth:`cs_last_release`.
         """
         runner = self.model_runner
         rss_before = _process_rss()
         kv = [t for t in runner.kv_caches if isinstance(t, torch.Tensor)]
-        out = {"kv_bytes": release_pages(kv), "weight_bytes": 0, "packed_bytes": 0}
+        out = {
+            "kv_bytes": release_pages(kv),
+            "weight_bytes": 0,
+            "packed_bytes": 0,
+            "packed_bytes_estimate": 0,
+            "trim_alone_bytes": 0,
+        }
         kept = 0
         if level == 2:
             model = runner.model
             params = dict(model.named_parameters())
             out["weight_bytes"] = release_pages(params.values())
             self._cs_released_params = {n for n, p in params.items() if p.numel() > 0}
+            # A trim on its own first, measured: the free heap pages it returns were there
+            # before any packed weight was dropped, and must not be counted as theirs.
+            rss_untrimmed = _process_rss()
+            trim_heap()
+            rss_trimmed = _process_rss()
             for module in model.modules():
                 if callable(getattr(module, "cpu_linear", None)) and module.cpu_linear is not (
                     _released_linear
                 ):
-                    size = _packed_bytes(module)
+                    size = _packed_bytes_estimate(module)
                     if size:
                         module.cpu_linear = _released_linear  # frees the packed weight
-                        out["packed_bytes"] += size
+                        out["packed_bytes_estimate"] += size
             # The dropped handlers were freed at once (nothing else refers to them); their
             # memory can stay in the C heap's arenas until trimmed.
             trim_heap()
+            out["trim_alone_bytes"] = rss_untrimmed - rss_trimmed
+            out["packed_bytes"] = max(0, rss_trimmed - _process_rss())
         else:
             kept = sum(s.nbytes() for s in storages(runner.model.parameters()))
         out.update(
             kept_bytes=kept, pid=os.getpid(), rss_before=rss_before, rss_after=_process_rss()
         )
+        self._cs_last_release = dict(out)
         return out
+
+    def cs_last_release(self) -> dict | None:
+        """This worker's dict from its last :meth:`cs_release` (None before any)."""
+        last = getattr(self, "_cs_last_release", None)
+        return None if last is None else dict(last)
 
     def cs_acquire(self, tag: str) -> int:
         """Faults the released pages of ``tag`` (``"kv_cache"`` or ``"weights"``) back in."""
@@ -111,8 +138,13 @@ class CpuSleepExtension:
         self._cs_released_params = set()
 
 
-def _packed_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the prepacked weight a CPU linear layer's ``cpu_linear`` holds (0: none)."""
+def _packed_bytes_estimate(module: torch.nn.Module) -> int:
+    """Estimated bytes of the prepacked weight a CPU linear layer's ``cpu_linear`` holds.
+
+    Computed as ``n * k * element size`` from the layer's shape (the packed buffer itself is
+    native; its padding is not seen); 0 where the layer holds none (its weight is still a
+    parameter, whose pages were released with the others).
+    """
     weight = getattr(module, "weight", None)
     n = getattr(module, "output_size_per_partition", None)
     k = getattr(module, "input_size_per_partition", None)

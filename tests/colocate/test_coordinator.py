@@ -1,7 +1,6 @@
 """The coordinator on the real stack: 2 logical GPUs, 1 trainer rank + 1 engine on each."""
 
 import pytest
-import torch
 
 from colocate import (
     ConfigError,
@@ -114,7 +113,21 @@ def test_skip_sync_needs_level_1_and_keeps_the_old_weights(ray_local, tiny_model
             coord.generate(PROMPTS, greedy)
 
 
+def _live_actors() -> set[str]:
+    """Every actor of this Ray not dead (pending or restarting ones included), by id."""
+    from ray._private.state import actors
+
+    return {a for a, info in actors().items() if info["State"] != "DEAD"}
+
+
+def _reserved_groups() -> set[str]:
+    from ray.util.placement_group import placement_group_table
+
+    return {g for g, info in placement_group_table().items() if info["state"] != "REMOVED"}
+
+
 def test_bad_configuration_fails_before_any_actor(ray_local, tiny_model_dir, tmp_path):
+    actors_before, groups_before = _live_actors(), _reserved_groups()
     spec = TopologySpec(nodes=1, gpus_per_node=2, trainer_world_size=2, engines=2)
     trainer = TrainerConfig(model=tiny_model_dir)
     with pytest.raises(ConfigError, match="tensor_parallel_size=2 but TopologySpec.engine_tp=1"):
@@ -130,7 +143,11 @@ def test_bad_configuration_fails_before_any_actor(ray_local, tiny_model_dir, tmp
     )
     with pytest.raises(PhaseError, match="generate needs phase 'rollout'.*'init'"):
         level2.generate(PROMPTS, SAMPLING)
-    assert torch.tensor(0).item() == 0
+    # Neither the refused configurations nor a valid one that was never started created an
+    # actor or reserved a GPU.
+    assert level2.phase is Phase.INIT and level2.fleet is None and level2.reservation is None
+    assert _live_actors() - actors_before == set()
+    assert _reserved_groups() - groups_before == set()
 
 
 def test_plain_torch_trainer_fallback_runs_the_loop(ray_local, tiny_model_dir):

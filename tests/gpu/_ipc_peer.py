@@ -1,13 +1,18 @@
 """Receiver process of the CUDA IPC check: maps the sender's buffers, copies each bucket out.
 
-Arguments: port, timed buckets, bucket bytes, digest file. One untimed warm-up bucket comes
-first; "peer-ready" is posted once the handles are mapped and the sink is allocated, so the
-sender's clock never includes this process's start-up.
+Arguments: port, timed buckets, bucket bytes. One untimed warm-up bucket comes first;
+"peer-ready" is posted once the handles are mapped and the sink is allocated, so the sender's
+clock never includes this process's start-up. After the timed part the sink (every timed
+bucket as copied out, in order) is exported back over CUDA IPC ("sink"), and the process stays
+until the sender has compared it with what it sent ("compared"), byte for byte.
 """
 
+import datetime
+import pickle
 import sys
 
 import torch
+from torch.multiprocessing.reductions import reduce_tensor
 
 from weight_sync.buckets import Bucket
 from weight_sync.cuda_ipc import IpcReceiver
@@ -15,7 +20,7 @@ from weight_sync.transport import Backend, Rendezvous
 
 
 def main() -> None:
-    port, buckets, nbytes, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    port, buckets, nbytes = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     torch.cuda.set_device(0)
     rdv = Rendezvous("127.0.0.1", port, 2, "gpu-check", 60.0, Backend.CUDA_IPC)
     receiver = IpcReceiver(rdv, 1, torch.device("cuda", 0))
@@ -30,9 +35,10 @@ def main() -> None:
         j = max(i - 1, 0)
         sink[j * nbytes : (j + 1) * nbytes].copy_(buf[:nbytes])
         receiver.done(bucket)
-    digest = int(sink.view(torch.int32).sum(dtype=torch.int64))  # after the timed part
-    with open(out, "w") as f:
-        f.write(str(digest))
+    torch.cuda.synchronize()
+    receiver.store.set("sink", pickle.dumps(reduce_tensor(sink)))
+    receiver.store.wait(["compared"], datetime.timedelta(seconds=300))
+    receiver.close()
 
 
 if __name__ == "__main__":

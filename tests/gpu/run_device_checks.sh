@@ -12,7 +12,7 @@ card=$("$py" -c "import torch; print(torch.cuda.get_device_name(0))" 2>/dev/null
 echo "device: $card; torch $("$py" -c 'import torch; print(torch.__version__)')"
 export GPU_RESULTS="$results" PYTHONPATH="$PWD:${PYTHONPATH:-}"
 checks=(-p no:cacheprovider -c /dev/null --rootdir . -m gpu -o markers="gpu: cuda" -s -rs)
-ds=tests/gpu/test_cuda_checks.py::test_deepspeed_offload_states_frees_memory_and_restores_state
+ds=tests/gpu/test_cuda_checks.py::test_deepspeed_offload_states_moves_training_tensors_off_gpu_and_restores_them_bit_exact
 timeout 200 "$py" -m pytest -q "${checks[@]}" --timeout 180 --deselect "$ds" tests/gpu
 rc=$?
 # DeepSpeed's offload, each in a fresh process (a clean baseline): with the default CUDA

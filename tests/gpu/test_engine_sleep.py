@@ -31,10 +31,12 @@ def test_sleep_frees_engine_memory_and_wake_restores_service(tiny_model_dir):
     greedy = Sampling(n=1, max_tokens=8, temperature=0.0)
     before = [c.token_ids for c in engine.generate(["kato rimu"], greedy)]
     awake = free0 - torch.cuda.mem_get_info()[0]
+    # The engine holds the share of the device it was given (0.3), so what sleep frees below
+    # is a real amount, not the noise of a tiny footprint.
+    assert awake >= 0.2 * total, f"awake the engine holds {awake / total:.0%} of the device"
     engine.sleep(1)
     asleep = free0 - torch.cuda.mem_get_info()[0]
     assert asleep < 0.1 * awake, f"asleep holds {asleep / awake:.0%} of {awake} bytes"
     assert engine.wake_kv() is EngineMemory.AWAKE  # level 1: weights came back
     assert [c.token_ids for c in engine.generate(["kato rimu"], greedy)] == before
     engine.shutdown()
-    assert total > 0
