@@ -49,7 +49,20 @@ def _max_logprob_gap(a, b) -> float:
     )
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+# On 2026-12-02 the Qwen2 families fail their applied-weight check (qkv_proj.bias differs from
+# what was sent) at 3ce1864 as well as at this commit, on a fresh install: not caused by this
+# change, not yet diagnosed. Marked, not removed, so the run still shows it (issue 23's note).
+_QWEN2_BIAS = pytest.mark.xfail(
+    reason="qkv_proj.bias applied differs from what was sent (also at 3ce1864); under diagnosis",
+    raises=Exception,
+    strict=False,
+)
+
+
+@pytest.mark.parametrize(
+    "family",
+    [pytest.param(f, marks=_QWEN2_BIAS) if f.startswith("qwen2") else f for f in FAMILIES],
+)
 def test_synced_engine_equals_engine_loaded_from_export(ray_local, tmp_path, family):
     model = str(build_tiny_model(FAMILIES[family], cache_root=tmp_path / "models"))
     sampling = Sampling(n=4, max_tokens=8)
