@@ -64,8 +64,8 @@ class CpuSleepExtension:
             ``kv_bytes`` and ``weight_bytes``: the whole pages ``madvise`` dropped (KV cache;
             parameters), counted from the tensors' storages. ``packed_bytes``: measured, the
             RSS this worker returned by dropping the prepacked linear weights (RSS before the
-            drop minus RSS after it and a ``malloc_trim``; their buffers are native and
-            opaque to Python, so nothing reads their size directly).
+            drop minus RSS after it and a ``malloc_trim``; a oneDNN handler's buffer is
+            native and opaque to Python, so nothing reads its size directly).
             ``packed_bytes_estimate``: computed, ``n * k * element size`` over the dropped
             layers. ``trim_alone_bytes``: measured, the RSS a ``malloc_trim`` returned on its
             own just before the drop (free heap pages that predate it, kept out of
