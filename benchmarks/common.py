@@ -20,24 +20,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from colocate import TinyModelSpec
+from colocate.tiny_model import WEIGHTS_216MB
 from weight_sync import Rendezvous
 from weight_sync.collective import new_group
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The weight-sync benchmark model: hidden 512 (8 heads of 64, 4 KV heads), MLP 1536, 34 layers:
-# 9 * 34 + 3 = 309 tensors, ~216 MB in bf16 (the vocabulary stays small for the local tokenizer).
-MODEL_SPEC = TinyModelSpec(
-    hidden_size=512,
-    intermediate_size=1536,
-    num_hidden_layers=34,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    vocab_size=1024,
-    max_position_embeddings=512,
-    seed=0,
-)
+# The weight-sync benchmark model: 309 tensors, ~216 MB in bf16 (colocate.tiny_model).
+MODEL_SPEC = WEIGHTS_216MB
 
 
 def gloo_group(rdv: Rendezvous, store, rank: int):

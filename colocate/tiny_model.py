@@ -120,6 +120,21 @@ class TinyModelSpec:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+#: A Llama whose weights are a measurable share of a process (hidden 512, 8 heads of 64, 4 KV
+#: heads, MLP 1536, 34 layers: 309 tensors, ~216 MB in bf16; the vocabulary stays small for
+#: the local tokenizer): the weight-sync benchmark's model and the CPU sleep test's.
+WEIGHTS_216MB = TinyModelSpec(
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=34,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    vocab_size=1024,
+    max_position_embeddings=512,
+    seed=0,
+)
+
+
 def default_cache_root() -> Path:
     """Where tiny models are cached: ``$COLOCATE_CACHE`` or ``~/.cache/colocate``."""
     return Path(os.environ.get("COLOCATE_CACHE", Path.home() / ".cache" / "colocate"))

@@ -19,13 +19,13 @@ from colocate import (
     EngineConfig,
     PhaseError,
     Sampling,
-    TinyModelSpec,
     TrainerConfig,
     build_tiny_model,
     lm_loss,
 )
 from colocate.cpu_sleep import CpuSleepExtension
 from colocate.phases import EngineMemory
+from colocate.tiny_model import WEIGHTS_216MB
 from placement import TopologySpec
 
 pytestmark = pytest.mark.timeout(900)
@@ -34,18 +34,7 @@ KV = 512 << 20  # large enough that the effect is unmistakable
 GREEDY = Sampling(n=1, max_tokens=12, temperature=0.0)
 PROMPTS = ["kato rimu sena", "lo pe vi da", "mu se na", "ri ka to"]
 ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-# benchmarks/common.py MODEL_SPEC (the same content key, so the same cached directory): hidden
-# 512, MLP 1536, 34 layers, ~216 MB in bf16.
-WEIGHT_SPEC = TinyModelSpec(
-    hidden_size=512,
-    intermediate_size=1536,
-    num_hidden_layers=34,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    vocab_size=1024,
-    max_position_embeddings=512,
-    seed=0,
-)
+WEIGHT_SPEC = WEIGHTS_216MB  # the weight-sync benchmark's model: ~216 MB in bf16
 WEIGHT_KV = 64 << 20  # small beside the weights, so their share of a level-2 drop is large
 
 
