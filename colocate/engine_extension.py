@@ -19,11 +19,17 @@ from __future__ import annotations
 import threading
 import time
 
+from colocate.amx import request_amx_tiles
 from colocate.cpu_sleep import CpuSleepExtension
 from weight_sync.errors import WeightSyncError
 from weight_sync.receiver import WeightSyncWorkerExtension
 
 __all__ = ["EngineWorkerExtension", "EXTENSION_QUALNAME"]
+
+# Every vLLM worker process imports this module (to resolve ``worker_extension_cls``) before
+# its first kernel runs: the one point that covers them all, TP workers included. Without the
+# request an AMX CPU traps in vLLM's bf16 attention (``colocate.amx``).
+request_amx_tiles()
 
 
 class EngineWorkerExtension(WeightSyncWorkerExtension, CpuSleepExtension):
