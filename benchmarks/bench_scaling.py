@@ -9,7 +9,10 @@ Llama-family models built locally from ~50M to ~1B parameters. For each size:
   (``sender`` says which, per size). ``sync_s`` is the median driver wall time of
   ``Coordinator.sync()``: the whole verified sync (transfer, apply, both sides' fingerprints
   compared, the engine's applied-weight check), as a user waits for it; ``sync_s_receiver`` is
-  the median of ``SyncReport.seconds`` (the engine workers' receive + apply only).
+  the median of ``SyncReport.seconds`` (the engine workers' receive + apply only), split into
+  ``receiver_wait_s`` (waiting for buckets) and ``receiver_apply_s`` (vLLM's layer-wise reload,
+  the CPU repacking, the fingerprints of what arrived); ``sender_gather_s`` and
+  ``sender_pack_s`` are the sender's ZeRO-3 gathers and its packing into buckets.
 - raw: in the same coordinator's two actors, a gloo broadcast of the same number of bytes as
   one uint8 tensor into a pre-touched buffer, timed in the engine after a barrier (the
   transport's limit, as in ``bench_weight_sync.py``), median of ``--repeats``;
@@ -176,7 +179,7 @@ def measure_sync(model: str, params: int, args) -> dict:
         handles = [
             coord.fleet.handle(ActorId(k, 0)) for k in (TenantKind.TRAINER, TenantKind.ENGINE)
         ]
-        seconds, walls = [], []
+        seconds, walls, reports = [], [], []
         for i in range(args.repeats + 1):  # the first sync is a warm-up
             last = i == args.repeats
             if last:
@@ -186,6 +189,7 @@ def measure_sync(model: str, params: int, args) -> dict:
             if i:
                 walls.append(time.perf_counter() - t)
                 seconds.append(report.seconds)
+                reports.append(report)
             if last:
                 sender, receiver = ray.get(
                     [h.__ray_call__.remote(_peak_stop) for h in handles], timeout=60
@@ -203,6 +207,13 @@ def measure_sync(model: str, params: int, args) -> dict:
             "sync_s": median(walls),
             "sync_s_all": walls,
             "sync_s_receiver": median(seconds),
+            # Where the receiver's time goes (engine worker 0, medians over the repeats):
+            # waiting for buckets on the wire, and applying them (vLLM's layer-wise reload,
+            # the CPU repacking of linear layers, the fingerprints of what arrived).
+            "receiver_wait_s": median([r.receivers[0][0]["wait_s"] for r in reports]),
+            "receiver_apply_s": median([r.receivers[0][0]["apply_s"] for r in reports]),
+            "sender_gather_s": median([r.sender["gather_s"] for r in reports]),
+            "sender_pack_s": median([r.sender["pack_s"] for r in reports]),
             "raw_s": median(raw),
             "raw_s_all": raw,
             "ours_vs_raw": median(walls) / median(raw),
@@ -303,7 +314,8 @@ def main(argv=None) -> dict:
         print(
             f"{params / 1e6:7.0f}M params ({row['sender']}): verified sync {row['sync_s']:.2f} s, "
             f"raw {row['raw_s']:.2f} s, ours_vs_raw {row['ours_vs_raw']:.2f}, "
-            f"{row['seconds_per_gib']:.2f} s/GiB; extra RSS sender "
+            f"{row['seconds_per_gib']:.2f} s/GiB (receiver apply {row['receiver_apply_s']:.2f} s, "
+            f"wait {row['receiver_wait_s']:.2f} s); extra RSS sender "
             f"{mib['sender_extra_rss']:.0f} / receiver {mib['receiver_extra_rss']:.0f} MiB, "
             f"start RSS {row['start_rss_world1']} / {row['start_rss_world2']}",
             flush=True,
