@@ -365,6 +365,12 @@ class RoleTenant(Tenant):
 
     #: None: the public methods of the actor's own class (the role's own verbs) may be invoked.
     verbs = None
+    #: Declared capability: the ranks form a group of their own (they train together); rank 0
+    #: hosts its store before ``start``.
+    collective: bool = False
+    #: Declared capability: the role holds trained state; ``save_trainer`` saves it under
+    #: ``<path>/<role>``, and ``resume``/``recover(checkpoint=...)`` restore it.
+    stateful: bool = False
 
     @abstractmethod
     def start(self, groups: tuple) -> RoleMemory:

@@ -611,7 +611,7 @@ class Coordinator:
         except BaseException:
             if self._exec.phase is Phase.SHUTDOWN:  # e.g. a rollout awaited after shutdown
                 raise
-            self._exec.phase = Phase.FAILED
+            self._exec.fail()
             # Peers of a dead actor may sit in a collective until its timeout: do not wait for
             # their spans here (they come with a later collection).
             self._collect_spans(timeout_s=1.0)
@@ -771,7 +771,7 @@ class Coordinator:
             if self.reservation is not None:
                 self.reservation.release()
                 self.reservation = None
-            self._exec.phase = Phase.SHUTDOWN
+            self._exec.close()
             self._started = True
 
     def __enter__(self) -> Coordinator:

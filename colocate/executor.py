@@ -57,6 +57,14 @@ class Executor:
         self._step = step
         self._seq = 0  # hand-over sequence number: one per tag
 
+    def fail(self) -> None:
+        """Marks the pipeline FAILED: an actor died or a call failed; ``recover`` must run."""
+        self.phase = Phase.FAILED
+
+    def close(self) -> None:
+        """Marks the pipeline SHUTDOWN: its actors are gone and nothing more may run."""
+        self.phase = Phase.SHUTDOWN
+
     def tag(self, name: str) -> Tag:
         """A fresh tag (name, step, sequence number) for the calls of one hand-over or op."""
         self._seq += 1

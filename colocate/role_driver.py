@@ -59,10 +59,10 @@ class RoleDriver:
         return [a for a in actors_of(self.plan, TenantKind.ROLE) if a.role == role]
 
     def _collective(self, role: str) -> bool:
-        return bool(getattr(self.roles[role].actor, "collective", False))
+        return self.roles[role].actor.collective
 
     def _stateful(self, role: str) -> bool:
-        return bool(getattr(self.roles[role].actor, "stateful", False))
+        return self.roles[role].actor.stateful
 
     def groups(self, names, tag) -> tuple:
         """Rank 0 of each collective role in ``names`` hosts its group's store (one wait)."""
