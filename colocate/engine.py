@@ -19,6 +19,7 @@ from colocate.errors import InputError
 from colocate.faults import Fault, coerce_fault
 from colocate.memory import process_stats, refresh_children
 from colocate.phases import EngineMemory, PhaseError
+from colocate.sleep import SleepTag, make_sleep_strategy
 from placement import TenantKind
 
 __all__ = ["EngineActor", "Completion", "EngineCapabilities", "PromptTooLongError", "llm_kwargs"]
@@ -79,9 +80,8 @@ class EngineActor(EngineTenant):
         self.weight_version = 0 if config.load_format is LoadFormat.AUTO else -1
         self.memory = EngineMemory.AWAKE
         self._llm = None
-        self._sleep_level = 0
-        self._cpu_sleep = False  # this platform has no sleep mode: colocate.cpu_sleep frees
-        self._weights_released = False  # a level-2 CPU sleep dropped them: sync before serving
+        self._sleep_strategy = None  # how sleep frees memory here (colocate.sleep), set by start
+        self._weights_released = False  # a sleep dropped them (zeroed): sync before serving
         self.released: dict[str, int] = {}  # what the last sleep released (summed over workers)
         self._warming = False  # the workers' warm-up compile may still run
         self._plan = None  # the bucket plan of the sync set-up
@@ -93,13 +93,12 @@ class EngineActor(EngineTenant):
                 self._llm = self._build()
                 refresh_children()  # the TP worker processes count in this engine's RSS
             self.memory = EngineMemory.AWAKE
+            self._sleep_strategy = make_sleep_strategy(self.capabilities(), self._on_workers)
             from colocate.engine_extension import EngineWorkerExtension as Ext
 
             # The first generate's one-off compile, in the background (engine_extension).
             self._warming = bool(self._on_workers(Ext.ce_warm_up))
-        caps = self.capabilities()
-        self._cpu_sleep = not caps.sleep_supported and caps.device_type == "cpu"
-        return caps
+        return self.capabilities()
 
     def _build(self):
         import vllm
@@ -212,46 +211,28 @@ class EngineActor(EngineTenant):
     def sleep(self, level: int) -> EngineMemory:
         """Releases the KV cache and the weights (level 1 keeps a host copy, level 2 drops it).
 
-        On CUDA vLLM's sleep mode does it. On CPU, where vLLM has no sleep mode,
-        ``colocate.cpu_sleep`` returns the pages to the OS in every worker (the KV cache; at
-        level 2 the weights too); the span's ``released`` detail says how many bytes.
+        The engine's sleep strategy (``colocate.sleep``, chosen at start) frees the memory:
+        vLLM's sleep mode on CUDA; on CPU, where vLLM has no sleep mode, ``colocate.cpu_sleep``
+        returns the pages to the OS in every worker (the KV cache; at level 2 the weights too)
+        and the span's ``released`` detail says how many bytes.
         """
         if level not in (1, 2):
             raise ValueError(f"sleep level={level!r}: must be 1 or 2")
         if self.memory is not EngineMemory.ASLEEP:
+            llm = self._require_llm()
             with self.span("engine.sleep", level=level) as detail:
-                self._llm.sleep(level=level)
-                if self._cpu_sleep:
-                    detail["released"] = self._release(level)
-            self._sleep_level = level
+                result = self._sleep_strategy.release(llm, level)
+                if result.figures is not None:
+                    detail["released"] = self.released = result.figures
+                self._weights_released = self._weights_released or result.weights_dropped
             self.memory = EngineMemory.ASLEEP
         return self.memory
-
-    def _release(self, level: int) -> dict[str, int]:
-        from colocate.engine_extension import EngineWorkerExtension as Ext
-
-        per_worker = self._on_workers(Ext.cs_release, level)
-        keys = ("kv_bytes", "weight_bytes", "packed_bytes", "kept_bytes")
-        total = {k: sum(w[k] for w in per_worker) for k in keys}
-        total["total_bytes"] = total["kv_bytes"] + total["weight_bytes"] + total["packed_bytes"]
-        total["workers"] = len(per_worker)
-        self.released = total
-        self._weights_released = self._weights_released or level == 2
-        return total
-
-    def _acquire(self, tag: str) -> None:
-        if self._cpu_sleep:
-            from colocate.engine_extension import EngineWorkerExtension as Ext
-
-            self._on_workers(Ext.cs_acquire, tag)
 
     def wake_weights(self) -> EngineMemory:
         """Re-allocates the weights only (no KV cache), ready to receive a sync."""
         if self.memory is EngineMemory.ASLEEP:
             with self.span("engine.wake_weights"):
-                self._llm.wake_up(tags=["weights"])
-                if self._sleep_level == 2:
-                    self._acquire("weights")
+                self._sleep_strategy.acquire(self._llm, SleepTag.WEIGHTS)
             self.memory = EngineMemory.WEIGHTS
         return self.memory
 
@@ -263,11 +244,8 @@ class EngineActor(EngineTenant):
         if self.memory is not EngineMemory.AWAKE:
             with self.span("engine.wake_kv"):
                 if self.memory is EngineMemory.ASLEEP:
-                    self._llm.wake_up(tags=["weights"])
-                    if self._sleep_level == 2:
-                        self._acquire("weights")
-                self._llm.wake_up(tags=["kv_cache"])
-                self._acquire("kv_cache")
+                    self._sleep_strategy.acquire(self._llm, SleepTag.WEIGHTS)
+                self._sleep_strategy.acquire(self._llm, SleepTag.KV_CACHE)
                 # Stale KV computed with older weights must never be served (vLLM issue 9744).
                 self._llm.reset_prefix_cache()
             self.memory = EngineMemory.AWAKE
