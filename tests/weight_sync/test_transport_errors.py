@@ -113,3 +113,16 @@ def test_weight_sync_error_keeps_peer_and_bucket_across_pickle():
     """It crosses Ray (pickled) from an engine worker to the driver with its fields."""
     err = pickle.loads(pickle.dumps(WeightSyncError("x", peer="p", bucket=2)))
     assert (str(err), err.peer, err.bucket) == ("x", "p", 2)
+
+
+def test_cuda_ipc_receiver_without_a_sender_names_it():
+    """The CUDA IPC receiver's first wait (the sender's buffer handles) needs no GPU to fail."""
+    from weight_sync.cuda_ipc import IpcReceiver
+
+    key = uuid.uuid4().hex
+    store, port, sock = host_store("127.0.0.1", 2, TIMEOUT_S, key)
+    rdv = Rendezvous("127.0.0.1", port, 2, key, TIMEOUT_S, Backend.CUDA_IPC)
+    with pytest.raises(WeightSyncError, match="IPC handles: no answer from the sender") as info:
+        IpcReceiver(rdv, 1, torch.device("cpu"))
+    assert info.value.peer == f"sender (rank 0) of the cuda_ipc group at 127.0.0.1:{port}"
+    del store, sock
