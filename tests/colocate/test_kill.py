@@ -83,3 +83,16 @@ def test_unconfirmed_kill_raises_and_nothing_is_spawned_beside_it(ray_local, tmp
         fleet.kill(engine1, phase="failed", step=7)
         assert fleet.handle(engine1) is None
         assert _gone(pid)
+
+
+def test_kill_on_another_node_is_confirmed_there(ray_cluster):
+    """The actor's process lives on another node (simulated): a task pinned to that node
+    says whether it exited."""
+    actor = _Sleeper.options(num_gpus=0.01).remote()  # the head has no GPUs: another node
+    pid = ray.get(actor.pid.remote(), timeout=60)
+    record = ray._private.state.actors(actor._actor_id.hex())
+    assert record["Address"]["NodeID"] != ray.get_runtime_context().get_node_id()
+    actor.block.remote()
+    ray.kill(actor, no_restart=True)
+    assert await_deaths({"sleeper": actor}, timeout_s=30.0) == {}
+    assert _gone(pid)  # the simulated nodes share this machine: the pid can be checked here
