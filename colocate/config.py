@@ -135,6 +135,12 @@ class EngineConfig:
         max_num_seqs: Concurrent sequences.
         log_level: vLLM's log level inside the engine actor (``VLLM_LOGGING_LEVEL``).
         vllm_kwargs: Other ``vllm.LLM`` keyword arguments, passed through unchanged.
+        rpc_timeout_s: Bound on each call the engine actor makes into its vLLM workers
+            (``collective_rpc``: the CPU sleep's release and re-acquire, the sync's set-up and
+            receive, the warm-up wait; not vLLM's own sleep and wake_up). vLLM
+            applies it where the workers are other processes (TP > 1); an in-process worker
+            (TP 1) runs the call on the actor's own thread, bounded by the call's own waits
+            (every transfer wait by ``SyncConfig.timeout_s``).
     """
 
     model: str
@@ -149,6 +155,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     log_level: str = "WARNING"
     vllm_kwargs: dict[str, Any] = field(default_factory=dict)
+    rpc_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         owner = "EngineConfig"
@@ -164,6 +171,7 @@ class EngineConfig:
             _positive_int(owner, "kv_cache_bytes", self.kv_cache_bytes, 1 << 20)
         _positive_int(owner, "max_num_seqs", self.max_num_seqs)
         _positive_int(owner, "seed", self.seed, 0)
+        _finite(owner, "rpc_timeout_s", self.rpc_timeout_s, 0.0, 86400.0)
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise _err(
                 owner,

@@ -91,14 +91,17 @@ class Timeouts:
         start_s: Creating actors (first use of DeepSpeed compiles its CPU ops: ~100 s).
         step_s: One transition, generate call, train step or sync.
         ping_s: Health check of every actor during recovery.
+        kill_s: Confirming a killed actor dead (Ray reports it DEAD and its process is gone)
+            before anything replaces it.
     """
 
     start_s: float = 600.0
     step_s: float = 300.0
     ping_s: float = 10.0
+    kill_s: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("start_s", "step_s", "ping_s"):
+        for name in ("start_s", "step_s", "ping_s", "kill_s"):
             value = getattr(self, name)
             if (
                 isinstance(value, bool)
@@ -330,6 +333,7 @@ class Coordinator:
             self.trainer_cls,
             self.loss_fn,
             self.roles,
+            self.timeouts.kill_s,
         )
         self._exec.fleet = self.fleet
         self._roles = RoleDriver(
@@ -664,13 +668,15 @@ class Coordinator:
 
         def body() -> None:
             absent: frozenset[ActorId] = frozenset()
+            failed = dict(phase=Phase.FAILED.value, step=self.step)
             if dead_trainers:
-                for a in actors_of(self.plan, _TRAINER):
-                    self.fleet.kill(a)  # survivors are in a broken DeepSpeed group too
+                # Survivors are in a broken DeepSpeed group too: every rank goes.
+                self.fleet.kill(*actors_of(self.plan, _TRAINER), **failed)
                 absent = frozenset(actors_of(self.plan, _TRAINER))
             if dead_engines:
+                # Each replacement starts only once its predecessor is confirmed gone.
+                self.fleet.kill(*dead_engines, **failed)
                 for a in dead_engines:
-                    self.fleet.kill(a)
                     self.fleet.spawn(a)
                 ctx = self._ctx(selected=frozenset(dead_engines), absent=absent)
                 self._exec.run(RESTART_ENGINES, ctx, self.timeouts.start_s)
@@ -760,7 +766,12 @@ class Coordinator:
         return self.sync_config.bucket_bytes or default_bucket_bytes(self.device)
 
     def shutdown(self) -> None:
-        """Stops every actor and releases the GPUs. Idempotent; never raises for dead actors."""
+        """Stops every actor and releases the GPUs. Idempotent; never raises for dead actors.
+
+        Raises:
+            ActorNotDeadError: An actor was not confirmed dead within ``Timeouts.kill_s`` (the
+                GPUs are released all the same).
+        """
         if self._exec.phase is Phase.SHUTDOWN:
             return
         try:

@@ -35,6 +35,7 @@ import os
 
 import torch
 
+from colocate.errors import ActorStateError
 from colocate.page_release import release_pages, storages, touch, trim_heap
 
 __all__ = ["CpuSleepExtension", "RELEASED_TAGS"]
@@ -43,7 +44,7 @@ RELEASED_TAGS = ("kv_cache", "weights")
 
 
 def _released_linear(*args, **kwargs):
-    raise RuntimeError(
+    raise ActorStateError(
         "this engine's linear weights were released by a level-2 sleep; a weight sync must "
         "reload them before it can run"
     )

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from colocate.config import EngineConfig, LoadFormat, Sampling
 from colocate.contract import Completion, EngineCapabilities, EngineTenant, Receipt
-from colocate.errors import InputError
+from colocate.errors import ActorStateError, EngineRpcTimeoutError, InputError
 from colocate.faults import Fault, coerce_fault
 from colocate.memory import process_stats, refresh_children
 from colocate.phases import EngineMemory, PhaseError
@@ -23,6 +23,10 @@ from colocate.sleep import SleepTag, make_sleep_strategy
 from placement import TenantKind
 
 __all__ = ["EngineActor", "Completion", "EngineCapabilities", "PromptTooLongError", "llm_kwargs"]
+
+# The workers' own wait for the warm-up ends before the call's bound, so that what comes back
+# is their message (the compile still running), not a bare expiry.
+_WARM_UP_SHARE = 0.9
 
 
 class PromptTooLongError(InputError):
@@ -181,7 +185,8 @@ class EngineActor(EngineTenant):
             from colocate.engine_extension import EngineWorkerExtension as Ext
 
             with self.span("engine.warm_up_wait") as detail:
-                done = self._on_workers(Ext.ce_warm_up_wait, 600.0)
+                wait_s = _WARM_UP_SHARE * self.config.rpc_timeout_s
+                done = self._on_workers(Ext.ce_warm_up_wait, wait_s)
                 detail["compile_s"] = max((w["seconds"] or 0.0) for w in done)
                 detail["errors"] = [w["error"] for w in done if w["error"]]
             self._warming = False
@@ -256,8 +261,11 @@ class EngineActor(EngineTenant):
 
         The method is named by its own ``__name__`` (collective_rpc dispatches by name on the
         worker, which works for in-process and multi-process executors alike).
+
+        Raises:
+            EngineRpcTimeoutError: The call outlived ``EngineConfig.rpc_timeout_s``.
         """
-        return self._require_llm().collective_rpc(method.__name__, args=args)
+        return self._rpc(method.__name__, method.__name__, args)
 
     def run_on_workers(self, fn: Callable, *args) -> list:
         """Runs ``fn(worker, *args)`` in every vLLM worker of this engine; one result each.
@@ -265,8 +273,27 @@ class EngineActor(EngineTenant):
         An extension point (vLLM's ``collective_rpc`` with a callable) for code that needs
         vLLM's worker objects: custom loading, diagnostics, benchmarks. The coordinator never
         calls it; in multi-process executors ``fn`` and its arguments must pickle.
+
+        Raises:
+            EngineRpcTimeoutError: The call outlived ``EngineConfig.rpc_timeout_s``.
         """
-        return self._require_llm().collective_rpc(fn, args=args)
+        return self._rpc(fn, getattr(fn, "__qualname__", repr(fn)), args)
+
+    def _rpc(self, method, what: str, args: tuple) -> list:
+        """``collective_rpc`` under ``EngineConfig.rpc_timeout_s``; an expiry is typed."""
+        llm = self._require_llm()
+        timeout_s = self.config.rpc_timeout_s
+        try:
+            return llm.collective_rpc(method, timeout=timeout_s, args=args)
+        except TimeoutError as exc:  # vLLM's multi-process and Ray executors raise this
+            raise EngineRpcTimeoutError(
+                f"{self.name}: {what} on its vLLM workers did not finish within "
+                f"{timeout_s:g} s ({type(exc).__name__}: {exc}); fix: look for a hung worker "
+                "or a dead transfer peer, or raise EngineConfig.rpc_timeout_s",
+                engine=self.name,
+                method=what,
+                timeout_s=timeout_s,
+            ) from exc
 
     def reset_prefix_cache(self) -> None:
         """Drops every cached prefix (after weights changed outside a coordinator sync)."""
@@ -389,7 +416,7 @@ class EngineActor(EngineTenant):
 
     def _require_llm(self):
         if self._llm is None:
-            raise RuntimeError(f"{self.name}: the engine is not started")
+            raise ActorStateError(f"{self.name}: the engine is not started")
         return self._llm
 
     def _require_awake(self, action: str):

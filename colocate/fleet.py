@@ -3,10 +3,17 @@
 The fleet decides nothing about order; the coordinator calls it. It owns the Ray handles, the
 per-actor environment (stated here, explicitly, for both device kinds, from the reservation's
 device facts), and the typed calls (:meth:`Fleet.call`).
+
+A kill is complete only once it is confirmed (:func:`await_deaths`): Ray reports the actor
+DEAD *and* its process is gone. Ray marks an actor DEAD as it sends the kill, before the
+process exits (a call on it fails 3 ms after ``ray.kill``, its process lived 25 ms on the build
+machine); a replacement spawned in between could start beside a process still holding the
+bundle's GPU memory.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import ray
@@ -14,11 +21,14 @@ import ray
 from colocate.calls import Call
 from colocate.config import EngineConfig, TrainerConfig
 from colocate.contract import EngineTenant, Tag, TrainerTenant
+from colocate.errors import ActorNotDeadError, ActorStateError
 from colocate.handovers import ActorId, actors_of, lanes_of
 from colocate.timeline import Span
 from placement import DeviceKind, Plan, Reservation, TenantKind
 
-__all__ = ["Fleet"]
+__all__ = ["Fleet", "await_deaths"]
+
+_POLL_S = 0.02  # how often a kill's confirmation is re-read
 
 
 class Fleet:
@@ -34,6 +44,7 @@ class Fleet:
         trainer_cls: The trainer actor class (a :class:`TrainerTenant`).
         loss_fn: The user's loss, shipped to every trainer rank.
         roles: The roles (``colocate.roles.Role``) by name.
+        kill_timeout_s: Bound on confirming a killed actor dead (:meth:`kill`).
     """
 
     def __init__(
@@ -47,6 +58,7 @@ class Fleet:
         trainer_cls: type[TrainerTenant],
         loss_fn: Callable,
         roles: dict | None = None,
+        kill_timeout_s: float = 30.0,
     ):
         self.name = name
         self.plan = plan
@@ -58,6 +70,7 @@ class Fleet:
         self.trainer_cls = trainer_cls
         self.loss_fn = loss_fn
         self.roles = roles or {}
+        self.kill_timeout_s = kill_timeout_s
         # Every planned actor, by id; None while it does not exist (before spawn, after a kill).
         self._handles: dict[ActorId, object] = {
             a: None for kind in TenantKind for a in actors_of(plan, kind)
@@ -125,7 +138,17 @@ class Fleet:
         return {"DS_ACCELERATOR": "cuda", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
     def spawn(self, actor: ActorId) -> None:
-        """Creates ``actor`` on its bundle (its ``start`` builds the model), replacing none."""
+        """Creates ``actor`` on its bundle (its ``start`` builds the model), replacing none.
+
+        Raises:
+            ActorStateError: ``actor`` still has a handle: it was never killed, or its kill was
+                not confirmed (:meth:`kill`); nothing is created beside it.
+        """
+        if self._handles[actor] is not None:
+            raise ActorStateError(
+                f"{actor.name} still exists (not killed, or its death not confirmed); "
+                "kill it before spawning its replacement"
+            )
         if actor.kind is TenantKind.ENGINE:
             self._spawn_engine(actor)
         elif actor.kind is TenantKind.ROLE:
@@ -233,28 +256,141 @@ class Fleet:
 
     # ----- teardown ---------------------------------------------------------------------------
 
-    def kill(self, actor: ActorId) -> None:
-        """Ends ``actor`` (dead or alive) without a restart."""
-        _kill(self._handles[actor])
-        self._handles[actor] = None
+    def kill(self, *actors: ActorId, phase: str, step: int) -> None:
+        """Ends ``actors`` (dead or alive, no restart); returns once each is confirmed dead.
+
+        Every kill is sent first, then all are confirmed against one deadline
+        (``kill_timeout_s``): Ray reports the actor DEAD and its process is gone, so whatever
+        is spawned next on its bundle never starts beside it.
+
+        Args:
+            actors: The actors to end (one not alive is skipped).
+            phase: The phase, for the error.
+            step: The RL step, for the error.
+
+        Raises:
+            ActorNotDeadError: Some actor was not confirmed dead in time; the message names
+                each with what was last seen of it. Its handle is kept (a later kill retries).
+        """
+        handles = {a: self._handles[a] for a in actors if self._handles[a] is not None}
+        for h in handles.values():
+            _kill(h)
+        late = await_deaths({a.name: h for a, h in handles.items()}, self.kill_timeout_s)
+        for a in handles:
+            if a.name not in late:
+                self._handles[a] = None
+        if late:
+            seen = "; ".join(f"{name}: {what}" for name, what in late.items())
+            raise ActorNotDeadError(
+                f"{sorted(late)} not confirmed dead within {self.kill_timeout_s:g} s of "
+                f"ray.kill ({seen}); nothing was started in their place; fix: check the "
+                "node for a hung process, or raise Timeouts.kill_s",
+                actor=next(iter(late)),
+                phase=phase,
+                step=step,
+            )
 
     def shutdown(self) -> None:
-        """Asks every actor to close its groups (all at once, bounded), then kills it."""
-        live = {a: h for a, h in self._handles.items() if h is not None}
-        refs = [h.shutdown.remote() for h in live.values()]
+        """Asks every actor to close its groups (all at once, bounded), then kills it.
+
+        Raises:
+            ActorNotDeadError: Some actor was not confirmed dead (see :meth:`kill`).
+        """
+        live = [a for a, h in self._handles.items() if h is not None]
+        refs = [self._handles[a].shutdown.remote() for a in live]
         if refs:
             ray.wait(refs, num_returns=len(refs), timeout=30)  # best effort before the kill
-        for a, h in live.items():
-            _kill(h)
-            self._handles[a] = None
+        self.kill(*live, phase="shutdown", step=-1)
 
 
 def _kill(handle) -> None:
-    if handle is not None:
-        try:
-            ray.kill(handle, no_restart=True)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+    try:
+        ray.kill(handle, no_restart=True)
+    except Exception:  # noqa: BLE001 - already gone; the confirmation says so or not
+        pass
+
+
+def await_deaths(handles: dict[str, object], timeout_s: float) -> dict[str, str]:
+    """Waits until Ray reports each actor DEAD and its process is gone, within ``timeout_s``.
+
+    Ray's actor table (GCS; no dashboard needed) gives the state, the pid and the node; the
+    process is looked up on this node directly, on another node by a task pinned there.
+
+    Args:
+        handles: Actor handles by name (already killed, or dead).
+        timeout_s: One deadline for them all.
+
+    Returns:
+        For each actor not confirmed dead in time, what was last seen of it (empty: all dead).
+    """
+    deadline = time.monotonic() + timeout_s
+    seen = {name: "not looked at" for name in handles}
+    waiting = dict(handles)
+    while True:
+        for name, handle in list(waiting.items()):
+            gone, seen[name] = _confirmed_dead(handle, deadline)
+            if gone:
+                del waiting[name]
+        if not waiting or time.monotonic() >= deadline:
+            return {name: seen[name] for name in waiting}
+        time.sleep(_POLL_S)
+
+
+def _confirmed_dead(handle, deadline: float) -> tuple[bool, str]:
+    """Whether the actor is DEAD with its process gone; else what was seen."""
+    from ray._private import state  # the GCS actor table: ray.util.state needs the dashboard
+
+    record = state.actors(handle._actor_id.hex())
+    if not record:
+        return True, "unknown to Ray"
+    if record.get("State") != "DEAD":
+        return False, f"Ray reports it {record.get('State')}"
+    pid = int(record.get("Pid") or 0)
+    if pid == 0:  # never had a process (killed before it was placed)
+        return True, "dead, never placed"
+    end_s = float(record.get("EndTime") or 0) / 1000.0
+    node = (record.get("Address") or {}).get("NodeID")
+    if node == ray.get_runtime_context().get_node_id():
+        alive = _process_alive(pid, end_s)
+    else:
+        alive = _process_alive_on(node, pid, end_s, deadline)
+    if alive is None:
+        return False, f"DEAD, but node {node} did not say whether pid {pid} exited"
+    return (not alive), (f"DEAD, pid {pid} still running" if alive else "dead")
+
+
+def _process_alive(pid: int, dead_since_s: float) -> bool:
+    """Whether ``pid`` still runs the actor.
+
+    A zombie has freed its memory; a process created after the actor died reuses the pid.
+    """
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and proc.create_time() <= dead_since_s
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _process_alive_on(node: str, pid: int, dead_since_s: float, deadline: float) -> bool | None:
+    """:func:`_process_alive` on ``node``, answered by a task pinned there (None: no answer)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0)(_process_alive).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+    )
+    ref = task.remote(pid, dead_since_s)
+    ready, _ = ray.wait([ref], timeout=max(0.0, deadline - time.monotonic()))
+    if not ready:
+        ray.cancel(ref, force=True)
+        return None
+    try:
+        return ray.get(ref)
+    except (ray.exceptions.NodeDiedError, ray.exceptions.TaskUnschedulableError):
+        return False  # the node itself is gone: so is the process
+    except ray.exceptions.RayError:
+        return None
 
 
 def _fresh() -> str:

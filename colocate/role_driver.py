@@ -179,8 +179,9 @@ class RoleDriver:
             {a for n in names for a in (self.ranks(n) if self._collective(n) else [])} | set(dead),
             key=lambda a: (a.role, a.index),
         )
+        # Each replacement starts only once its predecessor is confirmed gone.
+        self.fleet.kill(*replaced, phase=Phase.FAILED.value, step=step)
         for a in replaced:
-            self.fleet.kill(a)
             self.fleet.spawn(a)
         tag = self.exec.tag(RESTART_ROLES.name)
         ctx = replace(

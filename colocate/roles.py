@@ -33,6 +33,7 @@ import torch
 
 from colocate.config import ConfigError
 from colocate.contract import RoleTenant
+from colocate.errors import ActorStateError
 from colocate.faults import Fault, coerce_fault
 from colocate.metrics import merge_metrics
 from colocate.phases import Phase, RoleMemory
@@ -206,7 +207,7 @@ class RoleActor(RoleTenant):
     def reload(self) -> RoleMemory:
         """Moves the role's state to its GPU. Idempotent."""
         if not self.started:
-            raise RuntimeError(f"{self.name}: reload before start")
+            raise ActorStateError(f"{self.name}: reload before start")
         if self.memory is RoleMemory.OFFLOADED:
             with self.span("role.reload"):
                 self.acquire()
@@ -229,7 +230,7 @@ class RoleActor(RoleTenant):
     def require_resident(self, action: str) -> None:
         """Raises unless the role is resident (a verb never runs on offloaded state)."""
         if self.memory is not RoleMemory.RESIDENT:
-            raise RuntimeError(
+            raise ActorStateError(
                 f"{self.name}: {action} needs the role resident, it is {self.memory.value}"
             )
 

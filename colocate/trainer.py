@@ -21,6 +21,7 @@ from colocate.batches import batch_rows, shard_batch, weighted_parts
 from colocate.config import TrainerConfig
 from colocate.contract import TrainerTenant
 from colocate.ds_ops import op_environment, prepare_ops
+from colocate.errors import ActorStateError
 from colocate.faults import Fault, coerce_fault
 from colocate.metrics import merge_metrics
 from colocate.micro_batches import plan_step
@@ -240,9 +241,9 @@ class TrainerActor(TrainerTenant):
     def send_weights(self, request):
         """Streams every bucket (see ``weight_sync.sender``); returns this rank's report."""
         if self._sender is None:
-            raise RuntimeError(f"{self.name}: weight sync is not set up")
+            raise ActorStateError(f"{self.name}: weight sync is not set up")
         if self.memory is TrainerMemory.OFFLOADED:
-            raise RuntimeError(f"{self.name}: params are offloaded; reload before a sync")
+            raise ActorStateError(f"{self.name}: params are offloaded; reload before a sync")
         with self.span("trainer.send_weights", version=request.version):
             return self._sender.send(
                 request.version,
@@ -339,9 +340,9 @@ class TrainerActor(TrainerTenant):
 
     def _require(self, memory: TrainerMemory, action: str) -> None:
         if not self.started:
-            raise RuntimeError(f"{self.name}: {action} before start")
+            raise ActorStateError(f"{self.name}: {action} before start")
         if self.memory is not memory:
-            raise RuntimeError(
+            raise ActorStateError(
                 f"{self.name}: {action} needs memory state {memory.value}, "
                 f"it is {self.memory.value}"
             )

@@ -20,7 +20,7 @@ import ray
 import torch
 
 from colocate.contract import Completion, EngineCapabilities, EngineTenant, Receipt, TrainerTenant
-from colocate.errors import InputError
+from colocate.errors import ActorStateError, InputError
 from colocate.faults import Fault, coerce_fault
 from colocate.memory import process_stats
 from colocate.phases import EngineMemory, TrainerMemory
@@ -144,9 +144,11 @@ class FakeEngine(EngineTenant):
 
     def generate(self, prompts: list, sampling, first_index: int = 0) -> list[Completion]:
         if self.memory is not EngineMemory.AWAKE:
-            raise RuntimeError(f"{self.name}: generate needs the engine awake, it is {self.memory}")
+            raise ActorStateError(
+                f"{self.name}: generate needs the engine awake, it is {self.memory}"
+            )
         if self.weight_version < 0:
-            raise RuntimeError(f"{self.name}: dummy weights not synced yet")
+            raise ActorStateError(f"{self.name}: dummy weights not synced yet")
         self._maybe_crash(Fault.CRASH_IN_GENERATE)
         from weight_sync.fingerprint import fingerprint
 
@@ -200,7 +202,7 @@ class FakeEngine(EngineTenant):
         from weight_sync.verify import check_applied
 
         if self.memory is EngineMemory.ASLEEP:
-            raise RuntimeError(f"{self.name}: weights are asleep; wake_weights before a sync")
+            raise ActorStateError(f"{self.name}: weights are asleep; wake_weights before a sync")
         report = ReceiveReport(version=request.version, tp_rank=0)
         faults, self._receive_faults = self._receive_faults, set()
 
@@ -287,7 +289,7 @@ class FakeTrainer(TrainerTenant):
 
     def train_step(self, shard: dict, max_rows: int | None = None) -> dict[str, float]:
         if self.memory is not TrainerMemory.FULL:
-            raise RuntimeError(f"{self.name}: train_step needs memory full, it is {self.memory}")
+            raise ActorStateError(f"{self.name}: train_step needs memory full, it is {self.memory}")
         with self.span("trainer.train_step", rows=len(next(iter(shard.values())))):
             self._maybe_crash(Fault.CRASH_IN_TRAIN_STEP)
             with torch.no_grad():
@@ -341,7 +343,7 @@ class FakeTrainer(TrainerTenant):
 
     def send_weights(self, request):
         if self.memory is TrainerMemory.OFFLOADED:
-            raise RuntimeError(f"{self.name}: params are offloaded; reload before a sync")
+            raise ActorStateError(f"{self.name}: params are offloaded; reload before a sync")
         with self.span("trainer.send_weights", version=request.version):
             return self._sender.send(
                 request.version,

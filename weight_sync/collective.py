@@ -23,13 +23,30 @@ from weight_sync.transport import (
     ReceiverTransport,
     Rendezvous,
     SenderTransport,
+    transport_error,
 )
 
 __all__ = ["CollectiveSender", "CollectiveReceiver", "new_group"]
 
 
 def new_group(rdv: Rendezvous, store, rank: int, device: torch.device):
-    """Creates this member's process group over ``store`` (already under the per-run prefix)."""
+    """Creates this member's process group over ``store`` (already under the per-run prefix).
+
+    Raises:
+        WeightSyncError: The group did not form (a member missing, the store gone); names the
+            peers and the group's address.
+    """
+    try:
+        return _new_group(rdv, store, rank, device)
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - gloo/NCCL raise RuntimeError subclasses
+        raise transport_error(
+            f"joining the group as rank {rank}", exc, rdv.peers_of(rank), bound_s=rdv.timeout_s
+        ) from exc
+
+
+def _new_group(rdv: Rendezvous, store, rank: int, device: torch.device):
     timeout = datetime.timedelta(seconds=rdv.timeout_s)
     group_store = dist.PrefixStore("collective/", store)
     if rdv.backend is Backend.GLOO:
@@ -57,24 +74,36 @@ def _local_host(rdv: Rendezvous) -> str:
 
 
 class _Work(Pending):
-    def __init__(self, work, buffer: torch.Tensor, timeout_s: float, what: str):
-        self._work, self._buffer, self._timeout_s, self._what = work, buffer, timeout_s, what
+    def __init__(self, work, buffer: torch.Tensor, rdv: Rendezvous, rank: int, what: str, bucket):
+        self._work, self._buffer, self._rdv, self._rank = work, buffer, rdv, rank
+        self._what, self._bucket = what, bucket
 
     def wait(self) -> torch.Tensor:
         try:
-            self._work.wait(datetime.timedelta(seconds=self._timeout_s))
+            self._work.wait(datetime.timedelta(seconds=self._rdv.timeout_s))
         except Exception as exc:  # noqa: BLE001 - gloo/NCCL raise RuntimeError subclasses
-            raise WeightSyncError(
-                f"{self._what} failed or timed out after {self._timeout_s:g} s: {exc}"
+            raise transport_error(
+                self._what,
+                exc,
+                self._rdv.peers_of(self._rank),
+                self._bucket,
+                self._rdv.timeout_s,
             ) from exc
         return self._buffer
 
 
-def _broadcast(group, buffer: torch.Tensor, nbytes: int) -> object:
+def _broadcast(
+    group, buffer: torch.Tensor, bucket: Bucket, rdv: Rendezvous, rank: int, what: str
+) -> _Work:
+    """Starts the broadcast of ``bucket`` (root: rank 0); a failure to start it is typed too."""
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
     opts.rootTensor = 0
-    return group.broadcast([buffer[:nbytes]], opts)
+    try:
+        work = group.broadcast([buffer[: bucket.nbytes]], opts)
+    except Exception as exc:  # noqa: BLE001 - gloo/NCCL raise RuntimeError subclasses
+        raise transport_error(what, exc, rdv.peers_of(rank), bucket.index) from exc
+    return _Work(work, buffer, rdv, rank, what, bucket.index)
 
 
 class CollectiveSender(SenderTransport):
@@ -83,12 +112,11 @@ class CollectiveSender(SenderTransport):
     def __init__(self, rdv: Rendezvous, store, device: torch.device | None = None):
         self._rdv = rdv
         self._group = new_group(rdv, store, 0, device or torch.device("cpu"))
-        self.messages, self.timeout_s = store, rdv.timeout_s
+        self.messages, self.timeout_s, self.peer = store, rdv.timeout_s, rdv.peers_of(0)
 
     @override
     def send(self, bucket: Bucket, buffer: torch.Tensor) -> Pending:
-        work = _broadcast(self._group, buffer, bucket.nbytes)
-        return _Work(work, buffer, self._rdv.timeout_s, f"broadcast of bucket {bucket.index}")
+        return _broadcast(self._group, buffer, bucket, self._rdv, 0, "broadcast")
 
     @override
     def close(self) -> None:
@@ -101,10 +129,10 @@ class CollectiveReceiver(ReceiverTransport):
     def __init__(self, rdv: Rendezvous, rank: int, buffer_bytes: int, device: torch.device):
         from weight_sync.store import join_store
 
-        self._rdv = rdv
+        self._rdv, self._rank = rdv, rank
         store = join_store(rdv.host, rdv.port, rdv.world_size, rdv.timeout_s, rdv.key)
         self._group = new_group(rdv, store, rank, device)
-        self.messages, self.timeout_s = store, rdv.timeout_s
+        self.messages, self.timeout_s, self.peer = store, rdv.timeout_s, rdv.peers_of(rank)
         # Written once here so that receiving never page-faults (fresh buffers cost 3-9x the
         # transfer on the build machine).
         self._buffers = [torch.zeros(buffer_bytes, dtype=torch.uint8, device=device) for _ in "ab"]
@@ -115,10 +143,10 @@ class CollectiveReceiver(ReceiverTransport):
         if bucket.nbytes > buffer.numel():
             raise WeightSyncError(
                 f"bucket {bucket.index} has {bucket.nbytes} bytes but the receive buffers hold "
-                f"{buffer.numel()}; re-initialise the sync with the new plan"
+                f"{buffer.numel()}; re-initialise the sync with the new plan",
+                bucket=bucket.index,
             )
-        work = _broadcast(self._group, buffer, bucket.nbytes)
-        return _Work(work, buffer, self._rdv.timeout_s, f"receive of bucket {bucket.index}")
+        return _broadcast(self._group, buffer, bucket, self._rdv, self._rank, "receive")
 
     @override
     def done(self, bucket: Bucket) -> None:

@@ -10,7 +10,6 @@ at most are in flight). Every wait is bounded by the rendezvous timeout. CUDA on
 
 from __future__ import annotations
 
-import datetime
 import pickle
 
 import torch
@@ -19,7 +18,14 @@ from typing_extensions import override
 
 from weight_sync.buckets import Bucket
 from weight_sync.errors import WeightSyncError
-from weight_sync.transport import Pending, ReceiverTransport, Rendezvous, SenderTransport
+from weight_sync.store import wait_get
+from weight_sync.transport import (
+    Pending,
+    ReceiverTransport,
+    Rendezvous,
+    SenderTransport,
+    transport_error,
+)
 
 __all__ = ["IpcSender", "IpcReceiver"]
 
@@ -27,25 +33,40 @@ __all__ = ["IpcSender", "IpcReceiver"]
 _DEVICE_ARG = 6
 
 
-def _wait_key(store, key: str, timeout_s: float, what: str) -> bytes:
+def _store_op(what: str, peer: str, bucket: int | None, op, *args):
+    """``op(*args)`` on the store; a failure becomes a ``WeightSyncError`` naming the peer."""
     try:
-        store.wait([key], datetime.timedelta(seconds=timeout_s))
-        return store.get(key)
+        return op(*args)
     except Exception as exc:  # noqa: BLE001 - the store raises RuntimeError/DistStoreError
-        raise WeightSyncError(f"{what}: no answer within {timeout_s:g} s ({exc})") from exc
+        raise transport_error(what, exc, peer, bucket) from exc
 
 
 class _Acks(Pending):
-    def __init__(self, sender: IpcSender, seq: int, buffer: torch.Tensor):
-        self._sender, self._seq, self._buffer = sender, seq, buffer
+    def __init__(self, sender: IpcSender, seq: int, buffer: torch.Tensor, bucket: int):
+        self._sender, self._seq, self._buffer, self._bucket = sender, seq, buffer, bucket
 
     def wait(self) -> torch.Tensor:
         s = self._sender
         for rank in range(1, s.receivers + 1):
-            _wait_key(s.store, f"ack/{self._seq}/{rank}", s.timeout_s, f"ack of seq {self._seq}")
+            wait_get(
+                s.store,
+                f"ack/{self._seq}/{rank}",
+                s.timeout_s,
+                f"rank {rank}'s ack of bucket {self._bucket} (seq {self._seq})",
+                peer=s.peer,
+                bucket=self._bucket,
+            )
         for rank in range(1, s.receivers + 1):
-            s.store.delete_key(f"ack/{self._seq}/{rank}")
-        s.store.delete_key(f"ready/{self._seq}")
+            _store_op(
+                "clearing an ack",
+                s.peer,
+                self._bucket,
+                s.store.delete_key,
+                f"ack/{self._seq}/{rank}",
+            )
+        _store_op(
+            "clearing a ready", s.peer, self._bucket, s.store.delete_key, f"ready/{self._seq}"
+        )
         return self._buffer
 
 
@@ -60,10 +81,12 @@ class IpcSender(SenderTransport):
         self.store = dist.PrefixStore("ipc/", store)
         self.timeout_s = rdv.timeout_s
         self.messages = store
+        self.peer = rdv.peers_of(0)
         self.receivers = rdv.world_size - 1
         self._buffers = buffers
         self._seq = 0
-        self.store.set("handles", pickle.dumps([reduce_tensor(b) for b in buffers]))
+        handles = pickle.dumps([reduce_tensor(b) for b in buffers])
+        _store_op("posting the IPC handles", self.peer, None, self.store.set, "handles", handles)
 
     @override
     def send(self, bucket: Bucket, buffer: torch.Tensor) -> Pending:
@@ -74,8 +97,9 @@ class IpcSender(SenderTransport):
             raise WeightSyncError("CUDA IPC can only send from the buffers it exported")
         torch.cuda.current_stream(buffer.device).synchronize()  # packing is complete
         seq, self._seq = self._seq, self._seq + 1
-        self.store.set(f"ready/{seq}", pickle.dumps((slot, bucket.index, bucket.nbytes)))
-        return _Acks(self, seq, buffer)
+        ready = pickle.dumps((slot, bucket.index, bucket.nbytes))
+        _store_op("posting", self.peer, bucket.index, self.store.set, f"ready/{seq}", ready)
+        return _Acks(self, seq, buffer, bucket.index)
 
     @override
     def close(self) -> None:
@@ -88,12 +112,21 @@ class _Ready(Pending):
 
     def wait(self) -> torch.Tensor:
         r = self._receiver
-        raw = _wait_key(r.store, f"ready/{self._seq}", r.timeout_s, f"bucket {self._bucket.index}")
+        raw = wait_get(
+            r.store,
+            f"ready/{self._seq}",
+            r.timeout_s,
+            f"bucket {self._bucket.index}",
+            peer=r.peer,
+            bucket=self._bucket.index,
+        )
         slot, index, nbytes = pickle.loads(raw)
         if index != self._bucket.index or nbytes != self._bucket.nbytes:
             raise WeightSyncError(
                 f"CUDA IPC out of step: expected bucket {self._bucket.index} "
-                f"({self._bucket.nbytes} B), sender posted bucket {index} ({nbytes} B)"
+                f"({self._bucket.nbytes} B), {r.peer} posted bucket {index} ({nbytes} B)",
+                peer=r.peer,
+                bucket=self._bucket.index,
             )
         return r.buffers[slot]
 
@@ -108,8 +141,11 @@ class IpcReceiver(ReceiverTransport):
         self.store = dist.PrefixStore("ipc/", store)
         self.timeout_s = rdv.timeout_s
         self.messages = store
+        self.peer = rdv.peers_of(rank)
         self._rank = rank
-        handles = pickle.loads(_wait_key(self.store, "handles", rdv.timeout_s, "IPC handles"))
+        handles = pickle.loads(
+            wait_get(self.store, "handles", rdv.timeout_s, "IPC handles", peer=self.peer)
+        )
         index = torch.device(device).index
         ordinal = torch.cuda.current_device() if index is None else index
         self.buffers = []
@@ -129,7 +165,8 @@ class IpcReceiver(ReceiverTransport):
     @override
     def done(self, bucket: Bucket) -> None:
         torch.cuda.current_stream().synchronize()  # the apply has read the buffer
-        self.store.set(f"ack/{self._seq_of.pop(bucket.index)}/{self._rank}", b"1")
+        key = f"ack/{self._seq_of.pop(bucket.index)}/{self._rank}"
+        _store_op("acknowledging", self.peer, bucket.index, self.store.set, key, b"1")
 
     @override
     def close(self) -> None:

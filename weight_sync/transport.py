@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from weight_sync.buckets import Bucket
+from weight_sync.errors import WeightSyncError
 
 __all__ = [
     "Backend",
@@ -23,6 +24,7 @@ __all__ = [
     "Pending",
     "SenderTransport",
     "ReceiverTransport",
+    "transport_error",
 ]
 
 
@@ -70,6 +72,42 @@ class Rendezvous:
         if not self.key:
             raise ValueError("Rendezvous.key is empty; pass a per-run key (e.g. a uuid)")
 
+    def peers_of(self, rank: int) -> str:
+        """Who member ``rank`` exchanges with, for errors: the receivers, or the sender."""
+        group = f"the {self.backend.value} group at {self.host}:{self.port}"
+        if rank == 0:
+            return f"receivers (ranks 1-{self.world_size - 1}) of {group}"
+        return f"sender (rank 0) of {group}"
+
+
+def transport_error(
+    what: str,
+    exc: BaseException,
+    peer: str,
+    bucket: int | None = None,
+    bound_s: float | None = None,
+) -> WeightSyncError:
+    """``exc`` (a store, gloo or NCCL error) as a :class:`WeightSyncError` naming ``peer``.
+
+    A ``WeightSyncError`` already is one and comes back unchanged.
+
+    Args:
+        what: The operation (``"receive"``, ``"joining the group as rank 1"``).
+        exc: The store's or backend's error (kept as the cause).
+        peer: Who is on the other side (:meth:`Rendezvous.peers_of`).
+        bucket: The bucket being moved, if any.
+        bound_s: The timeout the operation ran under, if any.
+    """
+    if isinstance(exc, WeightSyncError):
+        return exc
+    where = "" if bucket is None else f" of bucket {bucket}"
+    bound = "" if bound_s is None else f" (bound {bound_s:g} s)"
+    return WeightSyncError(
+        f"{what}{where} with the {peer} failed{bound}: {type(exc).__name__}: {exc}",
+        peer=peer,
+        bucket=bucket,
+    )
+
 
 class Pending(ABC):
     """An operation in flight."""
@@ -82,16 +120,25 @@ class Pending(ABC):
 class SenderTransport(ABC):
     """Sending side of a transport.
 
-    Implementations set ``messages`` (a store every member of the group reaches) and
-    ``timeout_s``; small messages (a sync's manifest of fingerprints) travel through it.
+    Implementations set ``messages`` (a store every member of the group reaches),
+    ``timeout_s`` and ``peer`` (who is on the other side, for errors); small messages (a sync's
+    manifest of fingerprints) travel through the store.
     """
 
     messages = None
     timeout_s: float = 60.0
+    peer: str = "receivers"
 
     def publish(self, key: str, payload: bytes) -> None:
-        """Posts a small message every receiver of the group can :meth:`fetch`."""
-        self.messages.set(f"msg/{key}", payload)
+        """Posts a small message every receiver of the group can :meth:`fetch`.
+
+        Raises:
+            WeightSyncError: The store failed (names the peers).
+        """
+        try:
+            self.messages.set(f"msg/{key}", payload)
+        except Exception as exc:  # noqa: BLE001 - the store raises RuntimeError/DistStoreError
+            raise transport_error(f"posting message {key!r}", exc, self.peer) from exc
 
     @abstractmethod
     def send(self, bucket: Bucket, buffer: torch.Tensor) -> Pending:
@@ -103,16 +150,19 @@ class SenderTransport(ABC):
 
 
 class ReceiverTransport(ABC):
-    """Receiving side of a transport (``messages`` and ``timeout_s`` as for the sender)."""
+    """Receiving side of a transport (``messages``, ``timeout_s``, ``peer`` as for the sender)."""
 
     messages = None
     timeout_s: float = 60.0
+    peer: str = "sender"
 
     def fetch(self, key: str) -> bytes:
         """The message the sender posted under ``key`` (bounded wait)."""
         from weight_sync.store import wait_get
 
-        return wait_get(self.messages, f"msg/{key}", self.timeout_s, f"message {key!r}")
+        return wait_get(
+            self.messages, f"msg/{key}", self.timeout_s, f"message {key!r}", peer=self.peer
+        )
 
     @abstractmethod
     def receive(self, bucket: Bucket) -> Pending:

@@ -1,10 +1,19 @@
 """Smoke tests of the real stack together: Ray with logical GPUs, vLLM CPU, DeepSpeed, gloo."""
 
+import time
+
 import pytest
 import ray
 import torch
 
-from colocate import EngineConfig, LoadFormat, Sampling, TrainerConfig, lm_loss
+from colocate import (
+    EngineConfig,
+    EngineRpcTimeoutError,
+    LoadFormat,
+    Sampling,
+    TrainerConfig,
+    lm_loss,
+)
 from colocate.engine import EngineActor
 from colocate.trainer import TrainerActor
 
@@ -42,6 +51,28 @@ def test_dummy_engine_refuses_to_serve_before_a_sync(ray_local, tiny_model_dir):
         ray.get(engine.start.remote(), timeout=300)
         with pytest.raises(ray.exceptions.RayTaskError, match="dummy weights and not synced"):
             ray.get(engine.generate.remote(["kato"], Sampling(max_tokens=4)), timeout=60)
+    finally:
+        ray.kill(engine)
+
+
+def test_tensor_parallel_worker_call_is_bounded(ray_local, tiny_model_dir):
+    """TP 2 (vLLM's multi-process executor): a worker call that outlives
+    ``EngineConfig.rpc_timeout_s`` comes back as a typed error at the bound, not when (or if)
+    the workers finish."""
+    env = {**ENV, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}  # as the fleet sets it for TP on CPU
+    actor = ray.remote(EngineActor).options(num_gpus=1, num_cpus=0.1)
+    config = EngineConfig(model=tiny_model_dir, tensor_parallel_size=2, rpc_timeout_s=5.0)
+    engine = actor.remote(config, "engine0", (0, 1), env)
+    try:
+        ray.get(engine.start.remote(), timeout=300)
+        start = time.monotonic()
+        with pytest.raises(ray.exceptions.RayTaskError) as e:
+            ray.get(engine.run_on_workers.remote(lambda worker: time.sleep(60)), timeout=55)
+        assert 5.0 <= time.monotonic() - start < 55
+        cause = e.value.cause
+        assert isinstance(cause, EngineRpcTimeoutError), repr(cause)
+        assert (cause.engine, cause.timeout_s) == ("engine0", 5.0)
+        assert "did not finish within 5 s" in str(cause)
     finally:
         ray.kill(engine)
 
