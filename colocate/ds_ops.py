@@ -6,7 +6,7 @@ Two things made runs rebuild ops that the set-up had built, and one made a later
   wheel, 1.13). torch's extension builder runs whichever ``ninja`` is first on ``PATH``; a
   process started from ``.venv/bin`` (a Ray worker of ``ray start``) and one started with a
   plain ``PATH`` use different ones, each reads the other's ``.ninja_log`` as a changed
-  command and rebuilds (fused Adam ~60-65 s, shm comm ~35 s on the build machine).
+  command and rebuilds (minutes per op: ``docs/design.md``, section 8a).
 - One cache for every checkout of a user (``~/.cache/torch_extensions``), while the compile
   command embeds the virtual environment's path: two clones rebuild each other's ops.
 - torch's build lock (``<op>/lock``) is a plain file waited on without a bound: a build killed

@@ -6,10 +6,10 @@ mechanism (``colocate.cpu_sleep``). After a sync it checks that every parameter 
 sleep released was rewritten: a released parameter the sync did not cover would serve zeros.
 
 Warm-up: the first generate that asks for log-probs compiles vLLM's ``torch.compile``'d
-logprob gather (``batched_count_greater_than``, via the sampler's ``gather_logprobs``): 4 s on
-the build machine with a warm compiler cache, 12.9 s on a fresh clone, against 0.08 s for a
-later generate. Its batch dimension is symbolic, so compiling it once with a dummy batch of
-the model's vocabulary compiles what every later call uses. ``ce_warm_up`` starts that in a
+logprob gather (``batched_count_greater_than``, via the sampler's ``gather_logprobs``):
+seconds, against a fraction of a second for a later generate (figures: ``docs/design.md``,
+section 8a). Its batch dimension is symbolic, so compiling it once with a dummy batch of the
+model's vocabulary compiles what every later call uses. ``ce_warm_up`` starts that in a
 background thread of each worker right after the engine is built, so it overlaps the rest of
 start-up (the trainers' start, the first sync); the first generate waits for it to finish.
 """

@@ -6,8 +6,8 @@ device facts), and the typed calls (:meth:`Fleet.call`).
 
 A kill is complete only once it is confirmed (:func:`await_deaths`): Ray reports the actor
 DEAD *and* its process is gone. Ray marks an actor DEAD as it sends the kill, before the
-process exits (a call on it fails 3 ms after ``ray.kill``, its process lived 25 ms on the build
-machine); a replacement spawned in between could start beside a process still holding the
+process exits (a call on it can fail while the process still runs: ``docs/design.md``, section
+8a); a replacement spawned in between could start beside a process still holding the
 bundle's GPU memory.
 """
 
@@ -122,8 +122,8 @@ class Fleet:
             env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
         if self.device is DeviceKind.CPU and self.engine_config.enforce_eager is not False:
             # An eager CPU engine compiles one thing: vLLM's torch.compile'd logprob gather, on
-            # the first generate that asks for log-probs (4 s with a warm compiler cache, 15 s
-            # cold, against 0.08 s for a later generate). Eager, it costs nothing measurable.
+            # the first generate that asks for log-probs (seconds, against a fraction of one for
+            # a later generate: docs/design.md, section 8a). Eager, it costs nothing measurable.
             env["TORCHDYNAMO_DISABLE"] = "1"
         return env
 

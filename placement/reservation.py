@@ -93,7 +93,7 @@ def discover_cluster() -> ClusterInfo:
 
 
 # max_calls=0: Ray otherwise ends a GPU task's worker after one call, so every probe would
-# start a fresh Python process (64 bundles: ~23 s on the 2-core build machine).
+# start a fresh Python process (tens of seconds for 64 bundles: docs/design.md, section 8a).
 @ray.remote(num_cpus=_PROBE_SHARE, num_gpus=_PROBE_SHARE, max_calls=0)
 def probe_bundle() -> tuple[str, str, str, Accelerator]:
     """Runs on a bundle: its node id, node address, GPU id and accelerator (read right there).

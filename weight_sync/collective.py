@@ -133,8 +133,8 @@ class CollectiveReceiver(ReceiverTransport):
         store = join_store(rdv.host, rdv.port, rdv.world_size, rdv.timeout_s, rdv.key)
         self._group = new_group(rdv, store, rank, device)
         self.messages, self.timeout_s, self.peer = store, rdv.timeout_s, rdv.peers_of(rank)
-        # Written once here so that receiving never page-faults (fresh buffers cost 3-9x the
-        # transfer on the build machine).
+        # Written once here so that receiving never page-faults (fresh buffers cost several
+        # times the transfer: docs/design.md, section 8a).
         self._buffers = [torch.zeros(buffer_bytes, dtype=torch.uint8, device=device) for _ in "ab"]
 
     @override
