@@ -376,7 +376,11 @@ class RoleFootprint:
 
     @classmethod
     def frozen(
-        cls, shape: ModelShape, dtype_bytes: int = 4, micro_batch: int = 1, outputs=None
+        cls,
+        shape: ModelShape,
+        dtype_bytes: int = 4,
+        micro_batch: int = 1,
+        outputs: int | None = None,
     ) -> RoleFootprint:
         """A frozen, forward-only model (a reference policy, a reward model)."""
         return cls(RoleKind.FROZEN, shape, dtype_bytes, micro_batch, outputs)
