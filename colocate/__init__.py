@@ -68,6 +68,8 @@ _WHERE = {
     "RoleMemory": "colocate.phases",
     "Role": "colocate.roles",
     "RoleActor": "colocate.roles",
+    "RoleFootprint": "colocate.memory_plan",
+    "RoleKind": "colocate.memory_plan",
     "ReferenceActor": "colocate.reference",
     "ReferenceConfig": "colocate.reference",
     "reference_role": "colocate.reference",

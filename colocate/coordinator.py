@@ -136,8 +136,9 @@ class Coordinator:
         probe: The placement probe run on each bundle (default ``placement.probe_bundle``).
         pipeline: SYNC (default) or ASYNC one-step off-policy rollouts (separate pools only).
         check_memory: Plan every phase's memory on the reserved bundles and refuse, before
-            any actor starts, a run that cannot fit (:mod:`colocate.memory_plan`; the roles'
-            memory is not in that plan yet).
+            any actor starts, a run that cannot fit (:mod:`colocate.memory_plan`; each role
+            on its bundles, in its resident phases, from its actor class's
+            ``RoleActor.footprint``).
         roles: Extra tenants (:class:`~colocate.roles.Role`: a reference policy, a reward
             model, a user's actor), placed beside the trainer ranks unless they name their
             own bundles, ordered by the hand-over table like the engines and trainers, and
@@ -318,6 +319,7 @@ class Coordinator:
                     self.plan,
                     self.reservation,
                     self.sleep_level,
+                    tuple(self.roles.values()),
                 )
         except BaseException:
             self.reservation.release()  # nothing started: give the GPUs back now

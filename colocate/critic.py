@@ -23,6 +23,7 @@ import torch
 
 from colocate.batches import weighted_parts
 from colocate.config import ConfigError, TrainerConfig
+from colocate.memory_plan import ModelHead, RoleFootprint, model_shape
 from colocate.micro_batches import plan_step
 from colocate.phases import Phase, RoleMemory
 from colocate.role_checks import check_model_dir, check_same_vocabulary
@@ -106,6 +107,14 @@ class CriticActor(RoleActor):
             raise ConfigError(f"critic config {config!r}: must be a CriticConfig")
         check_model_dir("CriticConfig.trainer.model", config.trainer.model)
         check_same_vocabulary("CriticConfig.trainer.model", config.trainer.model, policy_model)
+
+    @classmethod
+    def footprint(cls, config: CriticConfig) -> RoleFootprint:
+        """Trainer-like: the policy trainer's rows at its own ZeRO stage, dtype and world."""
+        from colocate.memory_check import trainer_footprint
+
+        shape = model_shape(config.trainer.model, ModelHead.TOKEN_SCORE)
+        return trainer_footprint(config.trainer, shape, outputs=1)
 
     def _value_model(self) -> torch.nn.Module:
         from transformers import AutoModelForTokenClassification

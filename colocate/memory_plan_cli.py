@@ -12,6 +12,7 @@ from colocate.memory_plan import (
     MemoryPlanError,
     MemorySettings,
     Pool,
+    RoleLoad,
     check_plan,
     model_shape,
     plan_memory,
@@ -43,8 +44,43 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device-gib", type=float, help="check against GPUs of this size")
     p.add_argument("--cpu", action="store_true", help="plan a CPU run (host memory)")
     p.add_argument("--pool", default="shared", choices=[x.value for x in Pool])
+    p.add_argument(
+        "--ppo",
+        action="store_true",
+        help="add the PPO roles of examples/ppo_colocated.py on every trainer GPU: the "
+        "reference and a reward model (frozen, fp32, the --model's shape, 16 rows per "
+        "forward, resident in score) and the critic (its own ZeRO optimizer at --zero-stage "
+        "and --train-dtype, resident in score and train)",
+    )
     p.add_argument("--json", help="also write the plan here")
     return p
+
+
+def _ppo_roles(args: argparse.Namespace) -> list[RoleLoad]:
+    """The roles of ``examples/ppo_colocated.py``, one rank on each trainer GPU."""
+    from colocate.config import DType, TrainerConfig
+    from colocate.critic import CriticConfig, critic_role
+    from colocate.memory_check import role_loads
+    from colocate.reference import reference_role
+    from colocate.reward_model import reward_model_role
+    from placement import TopologySpec, plan
+
+    dtype = {"bf16": DType.BFLOAT16, "fp16": DType.FLOAT16, "fp32": DType.FLOAT32}
+    critic = TrainerConfig(
+        model=args.model,
+        zero_stage=args.zero_stage,
+        dtype=dtype[args.train_dtype],
+        micro_batch_size=args.micro_batch,
+        activation_checkpointing=args.activation_checkpointing,
+    )
+    roles = [
+        reference_role(args.model),
+        reward_model_role(args.model),  # the example's: the policy's body, a score head
+        critic_role(CriticConfig(critic)),
+    ]
+    g, placed = args.gpus, tuple(r.placement for r in roles)
+    spec = TopologySpec(nodes=1, gpus_per_node=g, trainer_world_size=g, engines=g, roles=placed)
+    return role_loads(roles, plan(spec))
 
 
 def main(argv=None) -> int:
@@ -72,26 +108,33 @@ def main(argv=None) -> int:
             cuda=not args.cpu,
         )
         capacity = int(args.device_gib * GIB) if args.device_gib else None
-        plan = plan_memory(model_shape(args.model), settings, capacity)
+        roles = _ppo_roles(args) if args.ppo else []
+        plan = plan_memory(model_shape(args.model), settings, capacity, roles)
     except MemoryPlanError as exc:
         print(f"does not fit: {exc}")
         return 1
     except (ValueError, OSError) as exc:  # bad settings, or a config.json that won't load
         p.error(str(exc))
     pool = Pool(args.pool)
+    # the roles sit beside the trainer ranks: not on a separate engine pool's GPUs
+    on_gpu = tuple(r.name for r in roles) if pool is not Pool.ENGINE else ()
     print(f"{plan.shape.params / 1e9:.3f}B parameters, {args.gpus} trainer ranks")
-    print(plan.table(pool))
+    print(plan.table(pool, on_gpu))
     if args.json:
+        phases = plan.phases if not on_gpu else (*plan.phases, *plan.gpu(pool, on_gpu))
         rows = [
             {"pool": ph.pool.value, "phase": ph.phase, "total_bytes": ph.total}
+            | {"roles": list(on_gpu) if ph not in plan.phases else []}
             | {"items": [[i.where.value, i.name, i.bytes] for i in ph.items]}
-            for ph in plan.phases
+            for ph in phases
         ]
         Path(args.json).write_text(json.dumps(rows, indent=2))
     if capacity:
         try:
             # One node holds every bundle: on CPU they share its host memory.
-            bundles = [BundleMemory(f"gpu{g}", pool, capacity, "0") for g in range(args.gpus)]
+            bundles = [
+                BundleMemory(f"gpu{g}", pool, capacity, "0", on_gpu) for g in range(args.gpus)
+            ]
             check_plan(plan, bundles)
         except MemoryPlanError as exc:
             print(f"does not fit: {exc}")

@@ -12,6 +12,7 @@ import torch
 
 from colocate.config import ConfigError
 from colocate.losses import token_logprobs
+from colocate.memory_plan import ModelHead, RoleFootprint, model_shape
 from colocate.phases import Phase
 from colocate.role_checks import check_model_dir, check_same_vocabulary
 from colocate.roles import Role, RoleActor
@@ -47,6 +48,12 @@ class ReferenceActor(RoleActor):
         """The model directory exists and has the policy's vocabulary."""
         check_model_dir("ReferenceConfig.model", config.model)
         check_same_vocabulary("ReferenceConfig.model", config.model, policy_model)
+
+    @classmethod
+    def footprint(cls, config: ReferenceConfig) -> RoleFootprint:
+        """Frozen and forward-only: fp32 weights, ``micro_batch_size`` rows' forward."""
+        shape = model_shape(config.model, ModelHead.CAUSAL_LM)
+        return RoleFootprint.frozen(shape, 4, config.micro_batch_size)
 
     def build(self) -> torch.nn.Module:
         """The reference model in host memory, fp32 like the trainer's master weights."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from colocate.config import ConfigError
+from colocate.memory_plan import ModelHead, RoleFootprint, model_shape
 from colocate.phases import Phase
 from colocate.role_checks import check_same_vocabulary, check_single_score_head
 from colocate.roles import Role, RoleActor
@@ -70,6 +71,12 @@ class RewardModelActor(RoleActor):
         """A single-score sequence-classification head and the policy's vocabulary."""
         check_single_score_head("RewardModelConfig.model", config.model)
         check_same_vocabulary("RewardModelConfig.model", config.model, policy_model)
+
+    @classmethod
+    def footprint(cls, config: RewardModelConfig) -> RoleFootprint:
+        """Frozen and forward-only: fp32 weights, ``micro_batch_size`` rows, one score each."""
+        shape = model_shape(config.model, ModelHead.SEQUENCE_SCORE)
+        return RoleFootprint.frozen(shape, 4, config.micro_batch_size, outputs=1)
 
     def build(self) -> torch.nn.Module:
         """The reward model in host memory (fp32)."""

@@ -35,6 +35,7 @@ from colocate.config import ConfigError
 from colocate.contract import RoleTenant
 from colocate.errors import ActorStateError
 from colocate.faults import Fault, coerce_fault
+from colocate.memory_plan import RoleFootprint
 from colocate.metrics import merge_metrics
 from colocate.phases import Phase, RoleMemory
 from placement import RoleSpec, TenantKind, TopologyError
@@ -148,6 +149,22 @@ class RoleActor(RoleTenant):
             config: The role's config.
             policy_model: The policy's local model directory (to compare vocabularies).
         """
+
+    @classmethod
+    def footprint(cls, config: Any) -> RoleFootprint:
+        """What one rank holds on its GPU, for the memory plan (in the driver, no actor).
+
+        Override it in a role of your own: :meth:`RoleFootprint.frozen` for a frozen,
+        forward-only model (``colocate.memory_plan.model_shape(dir)`` reads its shape from
+        the ``config.json`` without loading weights), :meth:`RoleFootprint.trainer` for one
+        with its own ZeRO optimizer, or :meth:`RoleFootprint.declared` with a byte figure.
+        Default: unknown; the plan counts only the rank's process and says the model is not
+        counted.
+
+        Args:
+            config: The role's :attr:`Role.config`.
+        """
+        return RoleFootprint.unknown()
 
     def build(self) -> torch.nn.Module | None:
         """The role's model, in host memory (called once, by :meth:`start`). Default: None."""

@@ -25,6 +25,7 @@ from colocate import (
     Phase,
     Role,
     RoleActor,
+    RoleFootprint,
     Sampling,
     TrainerConfig,
     build_tiny_model,
@@ -56,6 +57,14 @@ class ShortJudge(RoleActor):
     A real judge would hold a model: ``build`` returns it (in host memory) and the base class
     moves it between host and GPU when the coordinator says so.
     """
+
+    @classmethod
+    def footprint(cls, config) -> RoleFootprint:
+        """For the memory plan: its stand-in model, Linear(1, 1) in fp32, 8 bytes resident.
+
+        A judge holding a real model would return ``RoleFootprint.frozen(model_shape(dir))``.
+        """
+        return RoleFootprint.declared(resident_bytes=8)
 
     def build(self):
         """The judge's model, in host memory (a stand-in here)."""

@@ -18,7 +18,7 @@ import pytest
 
 from colocate import Coordinator, EngineConfig, LoadFormat, TrainerConfig, grpo_loss
 from colocate.config import ConfigError, DType, SyncConfig, ZeroStage
-from colocate.memory_check import settings_for
+from colocate.memory_check import bundles_of, role_loads, settings_for
 from colocate.memory_plan import (
     FIXED,
     GIB,
@@ -28,6 +28,9 @@ from colocate.memory_plan import (
     MemorySettings,
     ModelShape,
     Pool,
+    RoleFootprint,
+    RoleKind,
+    RoleLoad,
     check_plan,
     model_shape,
     plan_memory,
@@ -348,4 +351,309 @@ def test_coordinator_refuses_a_model_that_cannot_fit_before_any_actor(
         time.sleep(0.2)
     with pytest.raises(PhaseError, match="nothing to recover; fix: create a new Coordinator"):
         coord.recover()  # FAILED, but no actor ever existed
+    coord.shutdown()
+
+
+# ----- roles: the tenants of an RLHF pipeline beside the trainer and the engines ---------------
+
+
+def _role_settings(cuda: bool, **kw) -> MemorySettings:
+    return MemorySettings(
+        trainer_ranks=2, kv_cache_bytes=1 << 20, bucket_bytes=1 << 20, cuda=cuda, **kw
+    )
+
+
+def _frozen(name="reference", phases=("score",), shape=SHAPE, **kw) -> RoleLoad:
+    return RoleLoad(name, RoleFootprint.frozen(shape, **kw), frozenset(phases), 2)
+
+
+def test_a_plan_without_roles_is_unchanged_and_roles_leave_the_pools_alone():
+    for cuda in (True, False):
+        s = _role_settings(cuda)
+        alone = plan_memory(SHAPE, s)
+        for pool in Pool:
+            assert alone.gpu(pool) == alone.of(pool)
+        assert alone.roles == () and alone.role_base == () and alone.not_counted == ()
+        with_roles = plan_memory(SHAPE, s, roles=[_frozen()])
+        assert with_roles.phases == alone.phases  # a GPU without roles plans as before
+        assert with_roles.of(Pool.TRAINER) == with_roles.gpu(Pool.TRAINER)
+        with pytest.raises(ValueError, match=r"roles \['critic'\] are not in this plan"):
+            with_roles.gpu(Pool.SHARED, ["critic"])
+
+
+def test_a_frozen_role_holds_its_weights_and_one_forward_only_where_resident():
+    memory = plan_memory(SHAPE, _role_settings(True), roles=[_frozen(micro_batch=16)])
+    gpu = {p.phase: _items(p) for p in memory.gpu(Pool.SHARED, ["reference"])}
+    assert list(gpu) == ["rollout", "score", "train", "sync"]
+    t, b, h, v = 512, 16, SHAPE.hidden, SHAPE.vocab
+    score = gpu["score"]
+    assert score[("role", "reference weights")] == 4 * P  # fp32, forward-only
+    # one layer's 34 s b h at 16 bits (twice in fp32), the residual stream, fp32 logits
+    acts = 68 * t * b * h + 4 * t * b * h + 8 * t * b * v
+    assert score[("role", "reference forward activations (estimate)")] == acts
+    fixed = FIXED[(True, "role")]
+    for phase in ("rollout", "train", "sync"):  # offloaded on CUDA: its process only
+        assert {k: n for k, n in gpu[phase].items() if k[0] == "role"} == {
+            ("role", "reference fixed per process"): fixed
+        }
+    # SCORE: engines asleep, trainers offloaded (only their processes and the graphs)
+    assert {k for k in score if k[0] != "role"} == {
+        ("engine", "CUDA graphs"),
+        ("engine", "fixed per process"),
+        ("trainer", "fixed per process"),
+    }
+    # the other GPUs' phases are the pools' own plus SCORE; the roles add to them
+    plain = {p.phase: p.total for p in memory.gpu(Pool.SHARED)}
+    assert gpu["train"] == {
+        **_phase(memory, "train"),
+        ("role", "reference fixed per process"): fixed,
+    }
+    assert sum(gpu["score"].values()) == plain["score"] + 4 * P + acts + fixed
+
+
+def test_on_cpu_an_offloaded_role_keeps_its_weights_in_host_memory():
+    memory = plan_memory(SHAPE, _role_settings(False), roles=[_frozen()])
+    for p in memory.gpu(Pool.SHARED, ["reference"]):
+        items = _items(p)
+        assert items[("role", "reference weights")] == 4 * P
+        assert items[("role", "reference fixed per process")] == FIXED[(False, "role")]
+        acts = ("role", "reference forward activations (estimate)") in items
+        assert acts is (p.phase == "score")
+
+
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_a_trainer_like_role_has_the_trainers_rows_at_its_stage_and_world(stage):
+    # A critic with the policy's shape, stage, dtype and world: its TRAIN rows are the
+    # trainer's rows, byte for byte.
+    s = _role_settings(True, zero_stage=stage, train_dtype_bytes=2)
+    critic = RoleFootprint.trainer(SHAPE, zero_stage=stage, dtype_bytes=2)
+    load = RoleLoad("critic", critic, frozenset({"score", "train"}), ranks=2)
+    memory = plan_memory(SHAPE, s, roles=[load])
+    gpu = {p.phase: _items(p) for p in memory.gpu(Pool.SHARED, ["critic"])}
+    trainer_rows = {k[1]: n for k, n in _phase(memory, "train").items() if k[0] == "trainer"}
+    critic_rows = {
+        k[1].removeprefix("critic "): n for k, n in gpu["train"].items() if k[0] == "role"
+    }
+    assert critic_rows == trainer_rows
+    assert critic_rows["fixed per process"] == FIXED[(True, "trainer")]
+    # SCORE (its values, no step): its state, a forward, no step copies
+    score = {k[1].removeprefix("critic "): n for k, n in gpu["score"].items() if k[0] == "role"}
+    assert score["params"] == trainer_rows["params"]
+    assert score["optimizer states"] == trainer_rows["optimizer states"]
+    assert "grads, copies in the step" not in score and "activations (estimate)" not in score
+    assert score["forward activations (estimate)"] > 0
+    assert ("reduce bucket" in score) is (stage == 3)  # ZeRO 1-2: backward only
+    # offloaded on CUDA: nothing but the process
+    assert [k for k in gpu["rollout"] if k[0] == "role"] == [("role", "critic fixed per process")]
+    # its ZeRO shards over its own ranks
+    four = plan_memory(SHAPE, s, roles=[replace(load, ranks=4)])
+    opt = ("role", "critic optimizer states")
+    (train4,) = [_items(p) for p in four.gpu(Pool.SHARED, ["critic"]) if p.phase == "train"]
+    assert train4[opt] == (gpu["train"][opt] // 2 if stage else gpu["train"][opt])
+
+
+def test_a_trainer_like_role_on_cpu_keeps_its_state_in_every_phase():
+    critic = RoleFootprint.trainer(SHAPE, zero_stage=3, dtype_bytes=4, outputs=1)
+    load = RoleLoad("critic", critic, frozenset({"score", "train"}), ranks=2)
+    memory = plan_memory(SHAPE, _role_settings(False), roles=[load])
+    for p in memory.gpu(Pool.SHARED, ["critic"]):
+        assert _items(p)[("role", "critic optimizer states")] == 12 * P // 2
+    # a value head: its activations count one output per token, not the vocabulary
+    (train,) = [p for p in memory.gpu(Pool.SHARED, ["critic"]) if p.phase == "train"]
+    acts = _items(train)[("role", "critic activations (estimate)")]
+    assert acts == 68 * 512 * SHAPE.hidden * SHAPE.layers + 8 * 512
+
+
+def test_declared_and_unknown_roles():
+    judge = RoleLoad("judge", RoleFootprint.declared(3 * GIB, GIB), frozenset({"score"}), 1)
+    user = RoleLoad("user", RoleFootprint.unknown(), frozenset({"train"}), 1)
+    memory = plan_memory(SHAPE, _role_settings(True), roles=[judge, user])
+    gpu = {p.phase: _items(p) for p in memory.gpu(Pool.SHARED, ["judge", "user"])}
+    assert gpu["score"][("role", "judge declared while resident")] == 3 * GIB
+    assert gpu["train"][("role", "judge declared while offloaded")] == GIB
+    # unknown: its process is counted, its model is not, and the table says so
+    assert gpu["train"][("role", "user fixed per process")] == FIXED[(True, "role")]
+    assert [k for k in gpu["train"] if k[1].startswith("user")] == [
+        ("role", "user fixed per process")
+    ]
+    assert memory.not_counted == ("user",)
+    table = memory.table(Pool.SHARED, ["judge", "user"])
+    assert "role: user: its model is NOT COUNTED (size unknown" in table
+    assert "NOT COUNTED" not in memory.table(Pool.SHARED, ["judge"])
+    on_cpu = plan_memory(SHAPE, _role_settings(False), roles=[judge])
+    for p in on_cpu.gpu(Pool.SHARED, ["judge"]):  # on CPU nothing leaves host memory
+        assert _items(p)[("role", "judge declared while resident")] == 3 * GIB
+
+
+def test_role_footprints_are_validated():
+    with pytest.raises(ConfigError, match=r"RoleFootprint.shape=None: a frozen role needs"):
+        RoleFootprint(RoleKind.FROZEN)
+    with pytest.raises(ConfigError, match=r"offloaded_bytes=2 > resident_bytes=1.*fix"):
+        RoleFootprint.declared(1, 2)
+    with pytest.raises(ConfigError, match=r"RoleFootprint.micro_batch=0: must be an int >= 1"):
+        RoleFootprint.frozen(SHAPE, micro_batch=0)
+    with pytest.raises(ConfigError, match=r"RoleLoad\('x'\).phases=.*fix"):
+        RoleLoad("x", RoleFootprint.unknown(), frozenset({"boot"}))
+    with pytest.raises(ConfigError, match=r"a name twice"):
+        plan_memory(SHAPE, MemorySettings(), roles=[_frozen(), _frozen()])
+
+
+def test_a_role_that_cannot_fit_is_refused_naming_phase_gpu_and_its_items():
+    seven_b = replace_params(SHAPE, 7 * 10**9)
+    s = MemorySettings(trainer_ranks=2, train_dtype_bytes=2, kv_cache_bytes=GIB, cuda=True)
+    big = replace_params(SHAPE, 40 * 10**9)  # 160 GB of fp32 weights
+    memory = plan_memory(seven_b, s, roles=[_frozen(shape=big)])
+    free = [BundleMemory(f"bundle {i} (H200)", Pool.SHARED, 141 * GIB) for i in range(2)]
+    check_plan(memory, free)  # without the role on them these GPUs fit (as before)
+    with_role = [replace(b, roles=("reference",)) for b in free]
+    with pytest.raises(MemoryPlanError) as err:
+        check_plan(memory, with_role)
+    msg = str(err.value)
+    assert "phase 'score'" in msg and "bundle 0 (H200)" in msg
+    assert "largest items per GPU: role reference weights 149.01 GiB" in msg
+    assert "fewer roles on that GPU" in msg
+    # On CPU the role's weights are in host memory in every phase, summed per node.
+    cpu = plan_memory(seven_b, replace(s, cuda=False), roles=[_frozen(shape=big)])
+    node = [BundleMemory(f"b{i}", Pool.SHARED, 400 * GIB, "n1", ("reference",)) for i in (0, 1)]
+    with pytest.raises(MemoryPlanError, match=r"phase 'rollout' .* node n1 .*role reference"):
+        check_plan(cpu, node)
+
+
+def test_a_separate_trainer_gpu_with_a_role_moves_like_a_shared_one():
+    s = _role_settings(True)
+    memory = plan_memory(SHAPE, s, roles=[_frozen()])
+    gpu = {p.phase: _items(p) for p in memory.gpu(Pool.TRAINER, ["reference"])}
+    assert list(gpu) == ["rollout", "score", "train", "sync"]
+    assert not [k for p in gpu.values() for k in p if k[0] == "engine"]
+    assert ("trainer", "optimizer states") not in gpu["score"]  # offloaded for the role
+    assert gpu["sync"][("trainer", "send buffers")] == 2 * s.bucket_bytes
+    engine = {p.phase: _items(p) for p in memory.gpu(Pool.ENGINE, ["reference"])}
+    assert engine["sync"][("engine", "receive buffers")] == 2 * s.bucket_bytes  # not IPC
+
+
+def test_bundles_of_keeps_the_pool_of_a_gpu_with_roles():
+    from placement import Accelerator, BundleLocation, RoleSpec
+
+    spec = TopologySpec(
+        nodes=1, gpus_per_node=2, trainer_world_size=2, engines=2, roles=(RoleSpec("judge"),)
+    )
+
+    class Located:  # what bundles_of reads of a reservation: each bundle's location
+        def location(self, index):
+            acc = Accelerator(DeviceKind.CUDA, "NVIDIA H200", 141 << 30)
+            return BundleLocation(None, index, "node", "10.0.0.5", str(index), acc)
+
+    got = bundles_of(plan(spec), Located())
+    assert [(b.pool, b.roles) for b in got] == [(Pool.SHARED, ("judge",))] * 2
+
+
+def test_the_ppo_topology_is_planned_from_the_role_classes(tiny_model_dir, tmp_path):
+    from colocate import (
+        CriticConfig,
+        critic_role,
+        init_reward_model,
+        reference_role,
+        reward_model_role,
+    )
+    from colocate.roles import attach_roles
+
+    rm = str(init_reward_model(tiny_model_dir, tmp_path / "rm"))
+    critic = TrainerConfig(model=tiny_model_dir, dtype=DType.BFLOAT16)
+    roles = [
+        reference_role(tiny_model_dir),
+        reward_model_role(rm),
+        critic_role(CriticConfig(critic)),
+    ]
+    spec = TopologySpec(nodes=1, gpus_per_node=2, trainer_world_size=2, engines=2)
+    placed = plan(attach_roles(spec, roles, tiny_model_dir))
+    loads = {r.name: r for r in role_loads(roles, placed)}
+    assert {n: (r.footprint.kind, r.phases, r.ranks) for n, r in loads.items()} == {
+        "reference": (RoleKind.FROZEN, frozenset({"score"}), 2),
+        "reward": (RoleKind.FROZEN, frozenset({"score"}), 2),
+        "critic": (RoleKind.TRAINER, frozenset({"score", "train"}), 2),
+    }
+    policy = model_shape(tiny_model_dir)
+    assert loads["reference"].footprint.shape == policy
+    assert loads["reward"].footprint.outputs == 1
+    critic_fp = loads["critic"].footprint
+    assert (critic_fp.zero_stage, critic_fp.dtype_bytes, critic_fp.outputs) == (3, 2, 1)
+    # the models the role actors build, counted
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    value = AutoModelForTokenClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    assert critic_fp.shape.params == sum(p.numel() for p in value.parameters())
+    scorer = AutoModelForSequenceClassification.from_pretrained(rm)
+    assert loads["reward"].footprint.shape.params == sum(p.numel() for p in scorer.parameters())
+    s = settings_for(
+        EngineConfig(model=tiny_model_dir), critic, SyncConfig(), placed, DeviceKind.CPU, 1
+    )
+    memory = plan_memory(policy, s, roles=list(loads.values()))
+    (score,) = [p for p in memory.gpu(Pool.SHARED, list(loads)) if p.phase == "score"]
+    items = _items(score)
+    assert items[("role", "reference weights")] == 4 * policy.params
+    assert items[("role", "critic optimizer states")] == 12 * critic_fp.shape.params // 2
+
+
+def test_cli_plans_the_ppo_roles(tiny_model_dir, capsys):
+    assert plan_cli(["--model", tiny_model_dir, "--ppo", "--device-gib", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "role: reference weights" in out and "role: critic optimizer states" in out
+    assert "score" in out.splitlines()[1] and "with roles reference, reward, critic" in out
+    assert (
+        plan_cli(["--model", tiny_model_dir, "--ppo", "--device-gib", "4", "--kv-cache-gib", "1"])
+        == 1
+    )
+    assert "role critic fixed per process" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(300)
+def test_coordinator_refuses_roles_that_cannot_fit_before_any_actor(
+    ray_local, tiny_model_dir, tmp_path
+):
+    # The policy is tiny and fits; its reference is a ~100B-parameter config (fp32 weights
+    # ~400 GB per rank, past any host's memory): the roles' plan alone refuses the run.
+    import ray
+    from ray._private.state import actors
+    from ray.util.placement_group import placement_group_table
+
+    from colocate import reference_role
+
+    def live() -> tuple[set, set]:
+        return (
+            {a for a, info in actors().items() if info["State"] != "DEAD"},
+            {g for g, info in placement_group_table().items() if info["state"] != "REMOVED"},
+        )
+
+    huge = tmp_path / "huge-reference"
+    shutil.copytree(tiny_model_dir, huge)
+    config = json.loads((huge / "config.json").read_text())
+    config.update(hidden_size=12288, intermediate_size=49152, num_hidden_layers=56)
+    config.update(num_attention_heads=192, num_key_value_heads=8, head_dim=64)
+    (huge / "config.json").write_text(json.dumps(config))
+    spec = TopologySpec(nodes=1, gpus_per_node=2, trainer_world_size=2, engines=2)
+    coord = Coordinator(
+        spec,
+        EngineConfig(model=tiny_model_dir),
+        TrainerConfig(model=tiny_model_dir),
+        grpo_loss,
+        roles=[reference_role(str(huge))],
+        name="huge-role",
+    )
+    actors_before, groups_before = live()
+    t0 = time.monotonic()
+    with pytest.raises(MemoryPlanError) as err:
+        coord.start()
+    assert time.monotonic() - t0 < 60
+    msg = str(err.value)
+    # on CPU the role's weights stay in host memory in every phase: the first one refuses
+    assert "phase 'rollout' needs" in msg and "host memory (CPU run)" in msg
+    assert "largest items per GPU: role reference weights" in msg and "fewer roles" in msg
+    assert coord.fleet is None and coord.reservation is None
+    actors_after, groups_after = live()
+    assert actors_after - actors_before == set()  # no actor was created
+    assert groups_after - groups_before == set()  # the reservation was given back
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("GPU", 0) < ray.cluster_resources()["GPU"]:
+        assert time.monotonic() < deadline, "the refused run's GPUs were not given back"
+        time.sleep(0.2)
     coord.shutdown()
