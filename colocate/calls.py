@@ -5,7 +5,8 @@ arguments are checked against the method's signature on the driver before anythi
 :func:`wait_all` turns a dead or slow actor into a typed error naming the actor, phase and step;
 :class:`Chain` submits calls together, each waiting on the actors for those it depends on;
 :meth:`Chain.add_handover` adds one transition, with every release on a GPU finished before
-any acquisition on that GPU starts, GPUs proceeding independently.
+any acquisition on that GPU starts, GPUs proceeding independently, and memory-free
+preparations waiting for nothing.
 """
 
 from __future__ import annotations
@@ -216,8 +217,14 @@ class Chain:
         self._after.append(deps)
         return len(self.calls) - 1
 
-    def add_handover(self, releases: Sequence[Call], acquires: Sequence[Call]) -> list[int]:
-        """Adds one transition: each acquisition waits for the releases on its GPUs."""
+    def add_handover(
+        self, releases: Sequence[Call], acquires: Sequence[Call], prepares: Sequence[Call] = ()
+    ) -> list[int]:
+        """Adds one transition: each acquisition waits for the releases on its GPUs.
+
+        ``prepares`` (memory-free) wait for nothing. Returns the steps of the releases, the
+        acquisitions and the preparations, in that order.
+        """
         steps = [self.add(c) for c in releases]
         by_lane: dict[int, list[int]] = {}
         for step, c in zip(steps, releases, strict=True):
@@ -227,7 +234,7 @@ class Chain:
             steps.append(
                 self.add(c, sorted({s for lane in c.lanes for s in by_lane.get(lane, [])}))
             )
-        return steps
+        return steps + [self.add(c) for c in prepares]
 
     def programs(self) -> list[list[int]]:
         """The chain's steps grouped into one Ray call per group, in submission order.

@@ -45,9 +45,9 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 _Remote = ray.remote(num_cpus=0.05)(_Tenant)
 
 
-def _handover(releases, acquires):
+def _handover(releases, acquires, prepares=()):
     chain = Chain()
-    chain.add_handover(releases, acquires)
+    chain.add_handover(releases, acquires, prepares)
     return chain.run(30)
 
 
@@ -65,6 +65,19 @@ def test_releases_precede_acquisitions_per_gpu_and_gpus_run_in_parallel(ray_loca
     # GPU 0's acquisition waited for GPU 0's slow release; GPU 1's did not wait for it.
     assert acq0_start - t0 >= 1.4
     assert acq1_start - t0 < 1.0
+
+
+def test_a_preparation_waits_for_no_release_on_its_gpu(ray_local):
+    a = [_Remote.remote() for _ in range(3)]
+    ray.get([x.work.remote(0) for x in a], timeout=60)
+    t0 = time.time()
+    _, (acq_start, _), (prep_start, _) = _handover(
+        [_call("release", a[0], 1.5, (0,))],
+        [_call("acquire", a[1], 0.1, (0,))],
+        [_call("prepare", a[2], 0.1, (0,))],
+    )
+    assert acq_start - t0 >= 1.4  # the acquisition waited for the release on GPU 0
+    assert prep_start - t0 < 1.0  # the preparation there did not
 
 
 def test_multi_gpu_acquisition_waits_for_all_its_gpus(ray_local):

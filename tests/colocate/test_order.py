@@ -103,6 +103,12 @@ def test_every_row_of_the_loop_in_order(ray_local, model_dir):
         timeline = coord.timeline
     _check_order(timeline)
     assert {"start", "init", "train", "sync", "rollout", "skip-sync"} <= _rows(timeline)
+    # The trainer's start is split: prepared beside the engines' start, started after their
+    # sleep (ordered by the init row, checked above), each once per rank.
+    for rank in ("trainer0", "trainer1"):
+        (prep,) = [s for s in timeline.spans if s.actor == rank and s.name == "trainer.prepare"]
+        (start,) = [s for s in timeline.spans if s.actor == rank and s.name == "trainer.start"]
+        assert (prep.phase, start.phase) == ("start", "init") and prep.end <= start.start
     coordinator = {s.name for s in timeline.spans if s.actor == "coordinator"}
     assert {"reserve", "handover", "generate", "train", "sync", "skip_sync"} <= coordinator
 
