@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from colocate.calls import Call, wait_all
 from colocate.config import (
@@ -274,14 +274,14 @@ class Coordinator:
         """Reserves GPUs, creates the actors in memory order, and runs the first sync.
 
         Order: reserve (the probe reports each bundle's device; device-specific config checks
-        and the memory plan run now, before any actor starts); every actor is created and
-        trainer rank 0 hosts the trainer group's store; the ``start`` row builds the engines
-        (vLLM sizes itself from the free memory) while the trainer ranks prepare (imports,
-        ops, trainer group: no device memory); the ``init`` row, in the same driver wait, puts
-        the engines to sleep on shared GPUs and only then has the trainer rank there take its
-        memory (model and optimizer); the first sync then gives every engine the trainer's
-        weights (an engine started with dummy weights never serves before it), and the
-        pipeline enters ROLLOUT.
+        and the memory plan run now, before any actor starts); every actor is created; the
+        ``start`` row builds the engines (vLLM sizes itself from the free memory) while trainer
+        rank 0 hosts the trainer group's store; the ``init`` row, in the same driver wait, has
+        the trainer ranks prepare at once (imports, ops, trainer group: no device memory),
+        puts the engines to sleep on shared GPUs and only then has the trainer rank there
+        take its memory (model and optimizer); the first sync then gives every engine the
+        trainer's weights (an engine started with dummy weights never serves before it), and
+        the pipeline enters ROLLOUT.
 
         Raises:
             PhaseError: Called twice, or after shutdown.
@@ -356,17 +356,21 @@ class Coordinator:
         for kind in (_ENGINE, _ROLE, _TRAINER):
             for a in actors_of(self.plan, kind):
                 self.fleet.spawn(a)
+        # One chain, one wait for both start-up rows. ``start`` goes first: the engines build
+        # while trainer rank 0 hosts the group's store (``init`` needs its address); then
+        # ``init``: its trainer ``prepare`` waits for nothing, and per GPU the engines sleep
+        # (after their start: same actor) before the trainer rank there takes its memory.
+        chain, pending = self._exec.pending()
+        self._exec.add_row(chain, START, self._ctx(), pending)
+        chain.submit()
         tag = self._exec.tag(INIT.name)
         master = self._trainer_group(tag)
         level = 2 if self.engine_config.load_format is LoadFormat.DUMMY else self.sleep_level
-        ctx = replace(self._ctx(), master=master)
-        init_ctx = replace(ctx, sleep_level=level, role_groups=self._roles.groups(self.roles, tag))
-        # One chain, one driver wait: ``start`` (engines start while the trainer ranks
-        # prepare) and ``init`` (per GPU, the engines sleep, then the trainer rank there takes
-        # its memory). Each row had this bound on its own before they ran together.
-        chain, pending = self._exec.pending()
-        self._exec.add_row(chain, START, ctx, pending)
-        self._exec.add_row(chain, INIT, init_ctx, pending)
+        ctx = self._ctx(
+            sleep_level=level, master=master, role_groups=self._roles.groups(self.roles, tag)
+        )
+        self._exec.add_row(chain, INIT, ctx, pending)
+        # Each row had this bound on its own before they ran together.
         self._exec.run_chain(chain, pending, "start", 2 * self.timeouts.start_s)
         self._sync.setup(self._exec.tag(INIT.name))
         self._sync_chain()

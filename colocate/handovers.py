@@ -12,11 +12,12 @@ protocol.
 Rows (name = the timeline tag of their spans), as ``from -> to: releases | acquisitions``
 (``+ preparations``):
 
-- ``start``: INIT -> BOOT: none | every engine ``start`` + every trainer ``prepare`` (process,
-  imports, ops, trainer group: no device memory, so it need not wait for the engines).
+- ``start``: INIT -> BOOT: none | every engine ``start``.
 - ``init``: BOOT -> TRAIN: shared engines ``sleep(level)`` | every trainer ``start`` (the
   acquiring part: model and optimizer on the device), every role ``start``, then the roles
-  resident in TRAIN ``reload``.
+  resident in TRAIN ``reload`` + every trainer ``prepare`` (imports, ops, trainer group: no
+  device memory, so it waits for no engine; the coordinator submits this row while the
+  engines still start).
 - ``train``: ROLLOUT -> TRAIN: shared engines ``sleep(level)`` | shared trainers ``reload``.
 - ``sync``: TRAIN -> SYNC: shared trainers ``offload(keep_params=True)`` | shared engines
   ``wake_weights``.
@@ -251,15 +252,17 @@ def _role_groups(c: Context) -> tuple:
     return (c.role_groups,)
 
 
-# The trainer's start is split: its memory-free part runs beside the engines' start, its
-# acquiring part (model and optimizer on the device) after the engines on its GPU slept.
-START = Row("start", frozenset({Phase.INIT}), Phase.BOOT, (), (_ENGINE_START,), (_TRAINER_PREPARE,))
+START = Row("start", frozenset({Phase.INIT}), Phase.BOOT, (), (_ENGINE_START,))
+# The trainer's start is split: its memory-free part waits for nothing (so it runs while the
+# engines start and sleep), its acquiring part (model and optimizer on the device) for the
+# engines on its GPU to have slept.
 INIT = Row(
     "init",
     frozenset({Phase.BOOT}),
     Phase.TRAIN,
     (_SLEEP,),
     (_TRAINER_START, Move(_R, RoleTenant.start, _role_groups), _ROLE_IN),
+    (_TRAINER_PREPARE,),
 )
 SCORE = Row("score", frozenset({Phase.ROLLOUT}), Phase.SCORE, (_SLEEP, _ROLE_OUT), (_ROLE_IN,))
 TRAIN = Row(

@@ -80,6 +80,26 @@ def test_a_preparation_waits_for_no_release_on_its_gpu(ray_local):
     assert prep_start - t0 < 1.0  # the preparation there did not
 
 
+def test_calls_submitted_early_run_while_the_driver_adds_the_next_row(ray_local):
+    """What the start-up does: the engines' row starts, the driver learns an argument of the
+    next row meanwhile, adds it to the same chain; one wait; the order per actor and GPU holds."""
+    a = [_Remote.remote() for _ in range(2)]
+    ray.get([x.work.remote(0) for x in a], timeout=60)
+    chain = Chain()
+    t0 = time.time()
+    first = chain.add(_call("engine0", a[0], 0.5, (0,), ("start", 0)))
+    chain.submit()
+    time.sleep(0.3)  # the driver's own wait (in the start-up: the trainer group's store)
+    steps = chain.add_handover(
+        [_call("engine0", a[0], 0.2, (0,), ("init", 0))], [_call("trainer0", a[1], 0, (0,))]
+    )
+    results = chain.run(30)
+    (start0, end0), (sleep0, sleep_end), (acq, _) = (results[first], *(results[s] for s in steps))
+    assert start0 - t0 < 0.3  # it ran before the next row was added
+    assert sleep0 >= end0 and acq >= sleep_end  # same actor in order; release before acquisition
+    assert len(chain.refs) == 3
+
+
 def test_multi_gpu_acquisition_waits_for_all_its_gpus(ray_local):
     a = [_Remote.remote() for _ in range(3)]
     ray.get([x.work.remote(0) for x in a], timeout=60)

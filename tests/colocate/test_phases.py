@@ -106,7 +106,7 @@ def test_startup_span_sum_adds_the_slowest_engine_and_the_slowest_trainer_rank()
 
 
 def test_the_trainer_start_is_split_over_the_start_up_rows():
-    """Preparations in ``start`` beside the engines' start; the acquiring part in ``init``."""
+    """``init`` holds both parts: the preparation waits for nothing, the start for the sleep."""
     from colocate.contract import EngineTenant, TrainerTenant
     from colocate.handovers import INIT, RESTART_TRAINERS, START, Context, plan_handover
     from placement import TopologySpec, plan
@@ -114,18 +114,19 @@ def test_the_trainer_start_is_split_over_the_start_up_rows():
     p = plan(TopologySpec(nodes=1, gpus_per_node=2, trainer_world_size=2, engines=2))
     ctx = Context(master=("127.0.0.1", 1), collective_timeout_s=9.0)
     start, init = plan_handover(START, p, ctx), plan_handover(INIT, p, ctx)
-    assert [(c.actor.name, c.verb) for c in start.prepares] == [
+    assert [(c.actor.name, c.verb) for c in init.prepares] == [
         ("trainer0", TrainerTenant.prepare),
         ("trainer1", TrainerTenant.prepare),
     ]
-    assert all(c.args == (("127.0.0.1", 1), 9.0) for c in start.prepares)
-    assert {c.verb for c in start.acquires} == {EngineTenant.start} and not start.releases
+    assert all(c.args == (("127.0.0.1", 1), 9.0) for c in init.prepares)
     assert {c.verb for c in init.releases} == {EngineTenant.sleep}
-    assert {c.verb for c in init.acquires} == {TrainerTenant.start} and not init.prepares
+    assert {c.verb for c in init.acquires} == {TrainerTenant.start}
+    assert {c.verb for c in start.acquires} == {EngineTenant.start}
+    assert not start.releases and not start.prepares
     restart = plan_handover(RESTART_TRAINERS, p, ctx)
     assert {c.verb for c in restart.prepares} == {TrainerTenant.prepare}
     with pytest.raises(ValueError, match="needs Context.master"):
-        plan_handover(START, p, Context())
+        plan_handover(INIT, p, Context())
 
 
 def test_chrome_trace_and_png(tmp_path):
