@@ -229,19 +229,23 @@ class Chain:
     ) -> list[int]:
         """Adds one transition: each acquisition waits for the releases on its GPUs.
 
-        ``prepares`` (memory-free) wait for nothing. Returns the steps of the releases, the
-        acquisitions and the preparations, in that order.
+        ``prepares`` (memory-free) wait for nothing, and are added first: an actor runs its
+        calls in the order they were added, so its own acquisition in this transition runs
+        after its preparation, never before it. Returns the steps of the preparations, the
+        releases and the acquisitions, in that order.
         """
-        steps = [self.add(c) for c in releases]
+        steps = [self.add(c) for c in prepares]
+        released = [self.add(c) for c in releases]
         by_lane: dict[int, list[int]] = {}
-        for step, c in zip(steps, releases, strict=True):
+        for step, c in zip(released, releases, strict=True):
             for lane in c.lanes:
                 by_lane.setdefault(lane, []).append(step)
+        steps += released
         for c in acquires:
             steps.append(
                 self.add(c, sorted({s for lane in c.lanes for s in by_lane.get(lane, [])}))
             )
-        return steps + [self.add(c) for c in prepares]
+        return steps
 
     def programs(self, first: int = 0) -> list[list[int]]:
         """The steps from ``first`` on grouped into one Ray call per group, in submission order.

@@ -288,11 +288,12 @@ class TrainerTenant(Tenant):
     def prepare(self, master: tuple[str, int], timeout_s: float) -> dict:
         """The part of :meth:`start` that takes no device memory; returns what it did.
 
-        The coordinator runs it while the engines on the rank's GPU start (row ``start``),
-        before they sleep: it may import, load built ops and join the trainer group, but must
-        allocate nothing on the device (the process's own fixed cost aside, which the memory
-        plan counts in every phase). :meth:`start` (row ``init``, after the engines slept)
-        then does the rest, and does the preparation itself if it has not run. Idempotent.
+        The coordinator runs it waiting for nothing (row ``init``, submitted while the engines
+        on the rank's GPU still start, before they sleep): it may import, load built ops and
+        join the trainer group, but must allocate nothing on the device (the process's own
+        fixed cost aside, which the memory plan counts in every phase). :meth:`start` (same
+        row, after the engines there slept) then does the rest, and does the preparation
+        itself if it has not run. Idempotent.
 
         The default prepares nothing: a trainer that does not split its start does it all in
         :meth:`start`.

@@ -97,7 +97,7 @@ class Executor:
         steps = chain.add_handover(
             calls(planned.releases), calls(planned.acquires), calls(planned.prepares)
         )
-        pending.rows.append((row, [*planned.releases, *planned.acquires, *planned.prepares], steps))
+        pending.rows.append((row, [*planned.prepares, *planned.releases, *planned.acquires], steps))
         pending.phase = row.target
 
     def wait(self, calls, timeout_s: float | None = None) -> list:
@@ -144,7 +144,7 @@ class Executor:
         """Executes one row of the hand-over table on its own (start-up and recovery).
 
         Returns:
-            The releases' results, then the acquisitions', then the preparations'.
+            The preparations' results, then the releases', then the acquisitions'.
         """
         chain, pending = Chain(), Pending(self.phase)
         self.add_row(chain, row, ctx, pending)

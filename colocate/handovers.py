@@ -195,8 +195,8 @@ class Row:
     releases: tuple[Move, ...] = ()
     acquires: tuple[Move, ...] = ()
     #: Memory-free calls (no device memory taken or given back): they wait for nothing and
-    #: are never ordered against the row's releases; an acquisition of the same actor in a
-    #: later row still runs after them (an actor runs its calls in order).
+    #: are never ordered against the row's releases; an acquisition of the same actor runs
+    #: after them (they are added first, and an actor runs its calls in order).
     prepares: tuple[Move, ...] = ()
 
 

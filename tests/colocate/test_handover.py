@@ -68,16 +68,18 @@ def test_releases_precede_acquisitions_per_gpu_and_gpus_run_in_parallel(ray_loca
 
 
 def test_a_preparation_waits_for_no_release_on_its_gpu(ray_local):
-    a = [_Remote.remote() for _ in range(3)]
+    """A trainer's preparation runs at once, its acquisition (same actor) after the release."""
+    a = [_Remote.remote() for _ in range(2)]
     ray.get([x.work.remote(0) for x in a], timeout=60)
     t0 = time.time()
-    _, (acq_start, _), (prep_start, _) = _handover(
-        [_call("release", a[0], 1.5, (0,))],
-        [_call("acquire", a[1], 0.1, (0,))],
-        [_call("prepare", a[2], 0.1, (0,))],
+    (prep_start, prep_end), _, (acq_start, _) = _handover(
+        [_call("engine0", a[0], 1.5, (0,))],
+        [_call("trainer0", a[1], 0.1, (0,))],
+        [_call("trainer0", a[1], 0.1, (0,))],
     )
-    assert acq_start - t0 >= 1.4  # the acquisition waited for the release on GPU 0
-    assert prep_start - t0 < 1.0  # the preparation there did not
+    assert prep_start - t0 < 1.0  # the preparation did not wait for the release on GPU 0
+    assert acq_start - t0 >= 1.4  # the acquisition did
+    assert acq_start >= prep_end  # and ran after its own actor's preparation
 
 
 def test_calls_submitted_early_run_while_the_driver_adds_the_next_row(ray_local):
