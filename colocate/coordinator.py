@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from colocate.calls import Call, wait_all
 from colocate.config import (
@@ -366,8 +366,9 @@ class Coordinator:
         tag = self._exec.tag(INIT.name)
         master = self._trainer_group(tag)
         level = 2 if self.engine_config.load_format is LoadFormat.DUMMY else self.sleep_level
-        ctx = self._ctx(
-            sleep_level=level, master=master, role_groups=self._roles.groups(self.roles, tag)
+        ctx = replace(
+            self._ctx(master=master, role_groups=self._roles.groups(self.roles, tag)),
+            sleep_level=level,
         )
         self._exec.add_row(chain, INIT, ctx, pending)
         # Each row had this bound on its own before they ran together.
