@@ -5,7 +5,8 @@ arguments are checked against the method's signature on the driver before anythi
 :func:`wait_all` turns a dead or slow actor into a typed error naming the actor, phase and step;
 :class:`Chain` submits calls together, each waiting on the actors for those it depends on;
 :meth:`Chain.add_handover` adds one transition, with every release on a GPU finished before
-any acquisition on that GPU starts, GPUs proceeding independently.
+any acquisition on that GPU starts, GPUs proceeding independently, and memory-free
+preparations waiting for nothing.
 """
 
 from __future__ import annotations
@@ -199,13 +200,20 @@ class Chain:
     A call waits (as Ray arguments, with no driver round trip) for the calls named in its
     ``after``; calls on one actor also run in the order they were added (Ray runs an actor's
     tasks from one caller in submission order). So a whole step - a hand-over, the work after
-    it, the next hand-over - costs the driver one wait.
+    it, the next hand-over - costs the driver one wait. The calls added so far may be started
+    early (:meth:`submit`: e.g. the engines' start while the driver still learns an argument of
+    the next row); :meth:`run` starts the rest and waits for all.
     """
 
     def __init__(self) -> None:
         self.calls: list[Call] = []
         self.refs: list = []  # one result reference per call once run() submitted them
         self._after: list[tuple[int, ...]] = []
+        self._sent = 0  # calls submitted so far
+        self._step_refs: dict[int, object] = {}  # step -> the Ray reference that answers it
+        self._groups: list[list[int]] = []  # the programs submitted, in order
+        self._units: list = []  # their Call or _Program
+        self._unit_refs: list = []  # their Ray references
 
     def add(self, call: Call, after: Sequence[int] = ()) -> int:
         """Adds ``call`` (waiting for chain steps ``after``); returns its step index."""
@@ -216,21 +224,31 @@ class Chain:
         self._after.append(deps)
         return len(self.calls) - 1
 
-    def add_handover(self, releases: Sequence[Call], acquires: Sequence[Call]) -> list[int]:
-        """Adds one transition: each acquisition waits for the releases on its GPUs."""
-        steps = [self.add(c) for c in releases]
+    def add_handover(
+        self, releases: Sequence[Call], acquires: Sequence[Call], prepares: Sequence[Call] = ()
+    ) -> list[int]:
+        """Adds one transition: each acquisition waits for the releases on its GPUs.
+
+        ``prepares`` (memory-free) wait for nothing, and are added first: an actor runs its
+        calls in the order they were added, so its own acquisition in this transition runs
+        after its preparation, never before it. Returns the steps of the preparations, the
+        releases and the acquisitions, in that order.
+        """
+        steps = [self.add(c) for c in prepares]
+        released = [self.add(c) for c in releases]
         by_lane: dict[int, list[int]] = {}
-        for step, c in zip(steps, releases, strict=True):
+        for step, c in zip(released, releases, strict=True):
             for lane in c.lanes:
                 by_lane.setdefault(lane, []).append(step)
+        steps += released
         for c in acquires:
             steps.append(
                 self.add(c, sorted({s for lane in c.lanes for s in by_lane.get(lane, [])}))
             )
         return steps
 
-    def programs(self) -> list[list[int]]:
-        """The chain's steps grouped into one Ray call per group, in submission order.
+    def programs(self, first: int = 0) -> list[list[int]]:
+        """The steps from ``first`` on grouped into one Ray call per group, in submission order.
 
         Consecutive steps on one actor join a group when the new step waits for nothing
         beyond what the group's first step waits for (or the group itself), and no other step
@@ -243,7 +261,8 @@ class Chain:
                 dependents.setdefault(d, set()).add(step)
         groups: list[list[int]] = []
         open_group: dict[str, list[int]] = {}  # actor -> its last group
-        for step, call in enumerate(self.calls):
+        for step in range(first, len(self.calls)):
+            call = self.calls[step]
             group = open_group.get(call.actor)
             if group is not None:
                 allowed = set(self._after[group[0]]) | set(group)
@@ -255,28 +274,37 @@ class Chain:
             open_group[call.actor] = group
         return groups
 
-    def run(self, timeout_s: float, spans: list | None = None) -> list:
-        """Submits every call at once; returns every result, in step order (bounded wait).
+    def submit(self) -> None:
+        """Starts every call added since the last submit (each still waits for its steps).
 
-        The steps of a group (:meth:`programs`) go to their actor as one program. The spans
-        the calls' actors recorded go to ``spans`` (see :func:`wait_all`).
+        Nothing is waited for here; :meth:`run` waits for every call. A call added later runs
+        after the submitted calls of its actor; one that depends on a step submitted inside a
+        program waits for that whole program (later, never earlier, than the step).
         """
-        refs: dict[int, object] = {}  # step -> the Ray reference that answers it
-        units, unit_refs = [], []
-        groups = self.programs()
-        for group in groups:
+        for group in self.programs(self._sent):
             deps = tuple(dict.fromkeys(d for s in group for d in self._after[s] if d not in group))
             members = [self.calls[s] for s in group]
             unit = members[0] if len(members) == 1 else _Program(tuple(members))
-            ref = unit.start(*(refs[d] for d in deps))
-            units.append(unit)
-            unit_refs.append(ref)
+            ref = unit.start(*(self._step_refs[d] for d in deps))
+            self._groups.append(group)
+            self._units.append(unit)
+            self._unit_refs.append(ref)
             for s in group:
-                refs[s] = ref
-        self.refs = [refs[s] for s in range(len(self.calls))]
-        answers = wait_all(units, timeout_s, refs=unit_refs, spans=spans)
+                self._step_refs[s] = ref
+        self._sent = len(self.calls)
+
+    def run(self, timeout_s: float, spans: list | None = None) -> list:
+        """Submits every call not yet submitted; returns every result, in step order.
+
+        One bounded wait for all of them. The steps of a group (:meth:`programs`) go to their
+        actor as one program. The spans the calls' actors recorded go to ``spans`` (see
+        :func:`wait_all`).
+        """
+        self.submit()
+        self.refs = [self._step_refs[s] for s in range(len(self.calls))]
+        answers = wait_all(self._units, timeout_s, refs=self._unit_refs, spans=spans)
         results: list = [None] * len(self.calls)
-        for group, answer in zip(groups, answers, strict=True):
+        for group, answer in zip(self._groups, answers, strict=True):
             for s, value in zip(group, answer if len(group) > 1 else [answer], strict=True):
                 results[s] = value
         return results

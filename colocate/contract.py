@@ -277,7 +277,7 @@ EngineTenant.verbs = verbs_of(EngineTenant)
 class TrainerTenant(Tenant):
     """One trainer rank: training, offload/reload, and the sending side of a sync.
 
-    Collective methods (``start``, ``train_step``, ``send_weights`` under ZeRO-3,
+    Collective methods (``prepare``, ``start``, ``train_step``, ``send_weights`` under ZeRO-3,
     ``param_fingerprints``, ``save``, ``load``, ``export_hf``) are called on every rank at once.
     """
 
@@ -285,9 +285,27 @@ class TrainerTenant(Tenant):
     def host_group_store(self, multi_node: bool, timeout_s: float) -> tuple[str, int]:
         """Rank 0 only: starts the trainer group's store; returns its (host, port)."""
 
+    def prepare(self, master: tuple[str, int], timeout_s: float) -> dict:
+        """The part of :meth:`start` that takes no device memory; returns what it did.
+
+        The coordinator runs it waiting for nothing (row ``init``, submitted while the engines
+        on the rank's GPU still start, before they sleep): it may import, load built ops and
+        join the trainer group, but must allocate nothing on the device (the process's own
+        fixed cost aside, which the memory plan counts in every phase). :meth:`start` (same
+        row, after the engines there slept) then does the rest, and does the preparation
+        itself if it has not run. Idempotent.
+
+        The default prepares nothing: a trainer that does not split its start does it all in
+        :meth:`start`.
+        """
+        return {}
+
     @abstractmethod
     def start(self, master: tuple[str, int], timeout_s: float) -> dict:
-        """Joins the trainer group, builds model and optimizer (holds everything). Idempotent."""
+        """Joins the trainer group, builds model and optimizer (holds everything). Idempotent.
+
+        Runs :meth:`prepare` first if it has not run (same ``master``).
+        """
 
     @abstractmethod
     def train_step(self, shard: dict, max_rows: int | None = None) -> dict[str, float]:

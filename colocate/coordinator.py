@@ -60,7 +60,6 @@ from colocate.handovers import (
     TRAIN,
     ActorId,
     Context,
-    Row,
     actors_of,
 )
 from colocate.memory_check import check_run
@@ -279,11 +278,14 @@ class Coordinator:
         """Reserves GPUs, creates the actors in memory order, and runs the first sync.
 
         Order: reserve (the probe reports each bundle's device; device-specific config checks
-        and the memory plan run now, before any actor starts); the ``start`` row creates the
-        engines (vLLM sizes itself from the free memory); the ``init`` row puts them to sleep
-        on shared GPUs and only then creates the trainer ranks there; the first sync then gives
-        every engine the trainer's weights (an engine started with dummy weights never serves
-        before it), and the pipeline enters ROLLOUT.
+        and the memory plan run now, before any actor starts); every actor is created; the
+        ``start`` row builds the engines (vLLM sizes itself from the free memory) while trainer
+        rank 0 hosts the trainer group's store; the ``init`` row, in the same driver wait, has
+        the trainer ranks prepare at once (imports, ops, trainer group: no device memory),
+        puts the engines to sleep on shared GPUs and only then has the trainer rank there
+        take its memory (model and optimizer); the first sync then gives every engine the
+        trainer's weights (an engine started with dummy weights never serves before it), and
+        the pipeline enters ROLLOUT.
 
         Raises:
             PhaseError: Called twice, or after shutdown.
@@ -355,25 +357,33 @@ class Coordinator:
             self.name,
             self.timeline.extend,
         )
-        for a in [*actors_of(self.plan, _ENGINE), *actors_of(self.plan, _ROLE)]:
-            self.fleet.spawn(a)
-        self._exec.run(START, self._ctx(), self.timeouts.start_s)
+        # Every actor is created at once: creating one (a process, its imports) takes no
+        # device memory; what does is ordered by the rows below.
+        for kind in (_ENGINE, _ROLE, _TRAINER):
+            for a in actors_of(self.plan, kind):
+                self.fleet.spawn(a)
+        # One chain, one wait for both start-up rows. ``start`` goes first: the engines build
+        # while trainer rank 0 hosts the group's store (``init`` needs its address); then
+        # ``init``: its trainer ``prepare`` waits for nothing, and per GPU the engines sleep
+        # (after their start: same actor) before the trainer rank there takes its memory.
+        chain, pending = self._exec.pending()
+        self._exec.add_row(chain, START, self._ctx(), pending)
+        chain.submit()
+        tag = self._exec.tag(INIT.name)
+        master = self._trainer_group(tag)
         level = 2 if self.engine_config.load_format is LoadFormat.DUMMY else self.sleep_level
-        self._start_trainers(INIT, replace(self._ctx(), sleep_level=level))
-        self._sync.setup(self._exec.tag("init"))
+        ctx = replace(
+            self._ctx(master=master, role_groups=self._roles.groups(self.roles, tag)),
+            sleep_level=level,
+        )
+        self._exec.add_row(chain, INIT, ctx, pending)
+        # Each row had this bound on its own before they ran together.
+        self._exec.run_chain(chain, pending, "start", 2 * self.timeouts.start_s)
+        self._sync.setup(self._exec.tag(INIT.name))
         self._sync_chain()
 
-    def _start_trainers(self, row: Row, ctx: Context) -> None:
-        """Creates every trainer rank and runs ``row`` (engines sleep, then trainers start).
-
-        In ``init`` the roles start too: rank 0 of each collective role hosts its group's
-        store first.
-        """
-        for a in actors_of(self.plan, _TRAINER):
-            self.fleet.spawn(a)
-        tag = self._exec.tag(row.name)
-        if row is INIT:
-            ctx = replace(ctx, role_groups=self._roles.groups(self.roles, tag))
+    def _trainer_group(self, tag: Tag) -> tuple[str, int]:
+        """Trainer rank 0 hosts the trainer group's store; returns its (host, port)."""
         (master,) = self._exec.wait(
             [
                 self.fleet.trainer_call(
@@ -386,7 +396,19 @@ class Coordinator:
             ],
             self.timeouts.step_s,
         )
-        self._exec.run(row, replace(ctx, master=master), self.timeouts.start_s)
+        return master
+
+    def _restart_trainers(self) -> None:
+        """Creates every trainer rank and runs ``restart-trainers``.
+
+        Per GPU the engines sleep, then the trainer rank there starts; the ranks prepare
+        meanwhile.
+        """
+        for a in actors_of(self.plan, _TRAINER):
+            self.fleet.spawn(a)
+        master = self._trainer_group(self._exec.tag(RESTART_TRAINERS.name))
+        ctx = self._ctx(master=master)
+        self._exec.run(RESTART_TRAINERS, ctx, self.timeouts.start_s)
 
     # ----- the RL loop ------------------------------------------------------------------------
 
@@ -687,7 +709,7 @@ class Coordinator:
                     dead_roles, checkpoint, absent, self.timeouts.start_s, self.step
                 )
             if dead_trainers:
-                self._start_trainers(RESTART_TRAINERS, self._ctx())
+                self._restart_trainers()
                 tag = self._exec.tag(RESTART_TRAINERS.name)
                 steps = self._exec.wait(
                     [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -67,7 +68,16 @@ class DeepSpeedBackend(TrainerBackend):
     _ds_config: dict | None = None
 
     @override
-    def start(self, store: Any, master: tuple[str, int], timeout_s: float) -> None:
+    def prepare(self, store: Any, master: tuple[str, int], timeout_s: float) -> dict[str, float]:
+        """Imports DeepSpeed and the model's module and joins the trainer group.
+
+        No device memory: the group's communicator (NCCL) is created lazily, by the first
+        collective, and is counted in the memory plan's fixed cost per process anyway.
+        """
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            return {}
         os.environ.update(
             MASTER_ADDR=master[0],
             MASTER_PORT=str(master[1]),
@@ -75,9 +85,12 @@ class DeepSpeedBackend(TrainerBackend):
             WORLD_SIZE=str(self.world_size),
             LOCAL_RANK=str(0),
         )
+        t0 = time.perf_counter()
         import deepspeed
-        import torch.distributed as dist
 
+        spent = super().prepare(store, master, timeout_s)
+        spent["imports_s"] = time.perf_counter() - t0  # DeepSpeed's included
+        t0 = time.perf_counter()
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
         # Our store (bound to one address) and our timeout, which bounds every trainer
@@ -86,8 +99,16 @@ class DeepSpeedBackend(TrainerBackend):
             backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timeout
         )
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
-        ds_config = deepspeed_config(self.config)
-        self._ds_config = ds_config
+        self._ds_config = deepspeed_config(self.config)
+        spent["group_s"] = time.perf_counter() - t0
+        return spent
+
+    @override
+    def start(self, store: Any, master: tuple[str, int], timeout_s: float) -> None:
+        import deepspeed
+
+        self.prepare(store, master, timeout_s)
+        ds_config = self._ds_config
         model = self.build_model()
         self._engine, self._optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=ds_config

@@ -84,7 +84,8 @@ class Executor:
         """Plans ``row`` into ``chain`` from the phase the chain has reached (pure, no Ray).
 
         The row must start from that phase (already in its target with no row looping there:
-        nothing to add). Each acquisition waits for the releases on its GPUs.
+        nothing to add). Each acquisition waits for the releases on its GPUs; each preparation
+        waits for nothing.
         """
         if pending.phase not in row.sources:
             if pending.phase is row.target:
@@ -101,8 +102,10 @@ class Executor:
         def calls(items) -> list[Call]:
             return [self.fleet.call(c.actor, c.verb, *c.args, tag=tag) for c in items]
 
-        steps = chain.add_handover(calls(planned.releases), calls(planned.acquires))
-        pending.rows.append((row, [*planned.releases, *planned.acquires], steps))
+        steps = chain.add_handover(
+            calls(planned.releases), calls(planned.acquires), calls(planned.prepares)
+        )
+        pending.rows.append((row, [*planned.prepares, *planned.releases, *planned.acquires], steps))
         pending.phase = row.target
 
     def wait(self, calls, timeout_s: float | None = None) -> list:
@@ -149,7 +152,7 @@ class Executor:
         """Executes one row of the hand-over table on its own (start-up and recovery).
 
         Returns:
-            The releases' results, then the acquisitions'.
+            The preparations' results, then the releases', then the acquisitions'.
         """
         chain, pending = Chain(), Pending(self.phase)
         self.add_row(chain, row, ctx, pending)

@@ -1,18 +1,23 @@
 """The hand-over table: every transition the coordinator makes, as data, and its pure planner.
 
 A :class:`Row` says, for one transition, from which phases it may start, which phase it
-reaches, which tenants release what and which acquire what. :func:`plan_handover` turns a row
-into the concrete calls for one topology (pure: no Ray); the coordinator's one executor plans
-them into a chain (:meth:`colocate.calls.Chain.add_handover`), in which on every GPU every
-release finishes before any acquisition starts. The legal phase transitions
+reaches, which tenants release what and which acquire what, and which prepare (memory-free
+work that waits for nothing). :func:`plan_handover` turns a row into the concrete calls for
+one topology (pure: no Ray); the coordinator's one executor plans them into a chain
+(:meth:`colocate.calls.Chain.add_handover`), in which on every GPU every release finishes
+before any acquisition starts, and every preparation starts at once. The legal phase transitions
 (:data:`TRANSITIONS`) are derived from the rows, so the table is the only statement of the
 protocol.
 
-Rows (name = the timeline tag of their spans), as ``from -> to: releases | acquisitions``:
+Rows (name = the timeline tag of their spans), as ``from -> to: releases | acquisitions``
+(``+ preparations``):
 
 - ``start``: INIT -> BOOT: none | every engine ``start``.
-- ``init``: BOOT -> TRAIN: shared engines ``sleep(level)`` | every trainer ``start``, every
-  role ``start``, then the roles resident in TRAIN ``reload``.
+- ``init``: BOOT -> TRAIN: shared engines ``sleep(level)`` | every trainer ``start`` (the
+  acquiring part: model and optimizer on the device), every role ``start``, then the roles
+  resident in TRAIN ``reload`` + every trainer ``prepare`` (imports, ops, trainer group: no
+  device memory, so it waits for no engine; the coordinator submits this row while the
+  engines still start).
 - ``train``: ROLLOUT -> TRAIN: shared engines ``sleep(level)`` | shared trainers ``reload``.
 - ``sync``: TRAIN -> SYNC: shared trainers ``offload(keep_params=True)`` | shared engines
   ``wake_weights``.
@@ -24,7 +29,7 @@ Rows (name = the timeline tag of their spans), as ``from -> to: releases | acqui
 - ``restart-engines``: FAILED -> FAILED: the trainers beside the replaced engines
   ``offload(False)`` | the replaced engines ``start``.
 - ``restart-trainers``: FAILED -> FAILED: shared engines ``sleep(level)`` | every trainer
-  ``start``.
+  ``start`` + every trainer ``prepare``.
 
 - ``score``: ROLLOUT -> SCORE: shared engines ``sleep(level)`` | the roles resident in SCORE
   ``reload`` (the forward-only roles: reference, reward model).
@@ -189,6 +194,10 @@ class Row:
     target: Phase
     releases: tuple[Move, ...] = ()
     acquires: tuple[Move, ...] = ()
+    #: Memory-free calls (no device memory taken or given back): they wait for nothing and
+    #: are never ordered against the row's releases; an acquisition of the same actor runs
+    #: after them (they are added first, and an actor runs its calls in order).
+    prepares: tuple[Move, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -213,6 +222,7 @@ class Handover:
     row: Row
     releases: tuple[PlannedCall, ...] = field(default_factory=tuple)
     acquires: tuple[PlannedCall, ...] = field(default_factory=tuple)
+    prepares: tuple[PlannedCall, ...] = field(default_factory=tuple)
 
 
 _E, _T, _R = TenantKind.ENGINE, TenantKind.TRAINER, TenantKind.ROLE
@@ -231,6 +241,7 @@ def _trainer_start(c: Context) -> tuple:
 _SLEEP = Move(_E, EngineTenant.sleep, _level, Scope.SHARED)
 _ENGINE_START = Move(_E, EngineTenant.start)
 _TRAINER_START = Move(_T, TrainerTenant.start, _trainer_start)
+_TRAINER_PREPARE = Move(_T, TrainerTenant.prepare, _trainer_start)
 _RELOAD = Move(_T, TrainerTenant.reload, scope=Scope.SHARED)
 _OFFLOAD_ALL = Move(_T, TrainerTenant.offload, lambda c: (False,), Scope.SHARED)
 _ROLE_OUT = Move(_R, RoleTenant.offload, scope=Scope.LEAVING)
@@ -242,12 +253,16 @@ def _role_groups(c: Context) -> tuple:
 
 
 START = Row("start", frozenset({Phase.INIT}), Phase.BOOT, (), (_ENGINE_START,))
+# The trainer's start is split: its memory-free part waits for nothing (so it runs while the
+# engines start and sleep), its acquiring part (model and optimizer on the device) for the
+# engines on its GPU to have slept.
 INIT = Row(
     "init",
     frozenset({Phase.BOOT}),
     Phase.TRAIN,
     (_SLEEP,),
     (_TRAINER_START, Move(_R, RoleTenant.start, _role_groups), _ROLE_IN),
+    (_TRAINER_PREPARE,),
 )
 SCORE = Row("score", frozenset({Phase.ROLLOUT}), Phase.SCORE, (_SLEEP, _ROLE_OUT), (_ROLE_IN,))
 TRAIN = Row(
@@ -301,6 +316,7 @@ RESTART_TRAINERS = Row(
     Phase.FAILED,
     (_SLEEP, Move(_R, RoleTenant.offload, scope=Scope.SHARED)),
     (_TRAINER_START,),
+    (_TRAINER_PREPARE,),
 )
 RESTART_ROLES = Row(
     "restart-roles",
@@ -427,12 +443,13 @@ def plan_handover(row: Row, plan: Plan, ctx: Context, source: Phase | None = Non
 
     Pure, so cached: a loop step plans the same few rows every time.
 
-    Order of the result: releases, then acquisitions, each in move order and then actor
-    order. The executor starts every release at once and each acquisition as soon as the
-    releases on its GPUs are done.
+    Order of the result: releases, then acquisitions, then preparations, each in move order
+    and then actor order. The executor starts every release and every preparation at once and
+    each acquisition as soon as the releases on its GPUs are done.
     """
     return Handover(
         row,
         _expand(row.releases, plan, ctx, row, source),
         _expand(row.acquires, plan, ctx, row, source),
+        _expand(row.prepares, plan, ctx, row, source),
     )

@@ -31,7 +31,8 @@ class Phase(enum.Enum):
     """Where the whole pipeline is; every GPU moves through the same sequence.
 
     INIT: configured; no actor exists yet.
-    BOOT: engines started (awake); trainer ranks not created yet.
+    BOOT: engines started (awake); trainer ranks created (preparing, which takes no device
+        memory), holding nothing yet.
     ROLLOUT: engines awake (weights + KV cache) and generating; trainers offloaded.
     SCORE: engines asleep, trainers offloaded; the forward-only roles (reference, reward model)
         score the rollout.
@@ -81,7 +82,7 @@ class RoleMemory(enum.Enum):
 # hand-over against this table. On every GPU the sum of what the tenants hold is at most one
 # side's full working set plus the weights being transferred.
 RESIDENT: dict[Phase, dict[TenantKind, enum.Enum]] = {
-    Phase.BOOT: {TenantKind.ENGINE: EngineMemory.AWAKE},  # trainers not created yet
+    Phase.BOOT: {TenantKind.ENGINE: EngineMemory.AWAKE},  # trainers hold nothing yet
     Phase.ROLLOUT: {
         TenantKind.ENGINE: EngineMemory.AWAKE,
         TenantKind.TRAINER: TrainerMemory.OFFLOADED,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from colocate.memory import MemoryReading, read_memory
 
-__all__ = ["Span", "Recorder", "Timeline", "RELEASE_STEPS", "ACQUIRE_STEPS"]
+__all__ = ["Span", "Recorder", "Timeline", "RELEASE_STEPS", "ACQUIRE_STEPS", "PREPARE_STEPS"]
 
 # Steps that give memory back and steps that take it, as named in spans; the ordering checks
 # (and the tests) use these to verify "every release before every acquisition" per GPU.
@@ -35,6 +35,13 @@ ACQUIRE_STEPS = frozenset(
         "role.start",
     }
 )
+
+# Steps that neither take nor give back device memory, run beside the hand-overs (the trainer's
+# memory-free start-up part): never an acquisition, so never an ordering violation.
+PREPARE_STEPS = frozenset({"trainer.prepare"})
+
+#: The rows of the start-up (``colocate.handovers.START`` and ``INIT``).
+_STARTUP_ROWS = ("start", "init")
 
 
 @dataclass(frozen=True)
@@ -146,7 +153,9 @@ class Timeline:
 
         A hand-over is one transition: the spans tagged with its row, step and sequence number.
         (SYNC -> ROLLOUT holds the trainer's params offload and the engine's KV wake-up;
-        start-up is ``start`` (engine created) then ``init`` (engine sleeps, trainer created).)
+        start-up is ``start`` (engine created, trainer prepared) then ``init`` (engine sleeps,
+        trainer takes its memory).) Preparations (:data:`PREPARE_STEPS`) are neither releases
+        nor acquisitions.
         Returns human-readable descriptions; empty means every release ended before any
         acquisition began, on every GPU.
         """
@@ -166,6 +175,30 @@ class Timeline:
                                 f"{r.end - a.start:.4f} s before {r.actor} {r.name} ended"
                             )
         return problems
+
+    def busiest(self, names: frozenset[str], phases: tuple[str, ...]) -> float:
+        """Seconds the busiest actor spent in spans named ``names`` tagged with ``phases``.
+
+        Per actor the durations add up (e.g. a trainer rank's ``trainer.prepare`` and
+        ``trainer.start``); the largest actor's sum is returned (0 if none).
+        """
+        per_actor: dict[str, float] = {}
+        for s in self.spans:
+            if s.name in names and s.phase in phases:
+                per_actor[s.actor] = per_actor.get(s.actor, 0.0) + s.seconds
+        return max(per_actor.values(), default=0.0)
+
+    def startup_span_sum(self) -> float:
+        """Engine start plus trainer start, as if one ran after the other (seconds).
+
+        The slowest engine's ``engine.start`` plus the slowest trainer rank's start-up
+        (``trainer.prepare`` and ``trainer.start``), in the start-up rows: what the start-up
+        costs when the trainers wait for the engines, to compare its wall time with.
+        """
+        trainer = frozenset({"trainer.start", *PREPARE_STEPS})
+        return self.busiest(frozenset({"engine.start"}), _STARTUP_ROWS) + self.busiest(
+            trainer, _STARTUP_ROWS
+        )
 
     def to_chrome_trace(self, path: str | Path) -> Path:
         """Writes a Chrome trace JSON (one process per GPU lane, one thread per actor)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -78,6 +79,8 @@ class TrainerActor(TrainerTenant):
         self.memory = TrainerMemory.FULL
         self.backend: TrainerBackend = make_backend(config, rank, world_size, self.load_model)
         self.started = False
+        self._prepared: dict | None = None  # what prepare() did, once it has
+        self._store = None  # this rank's handle on the trainer group's store (prepare)
         self.steps = 0
         self._sender = None
         self._group_store: tuple | None = None
@@ -106,15 +109,40 @@ class TrainerActor(TrainerTenant):
         self._group_store = (store, sock)
         return host, port
 
+    def prepare(self, master: tuple[str, int], timeout_s: float) -> dict:
+        """The memory-free part of :meth:`start` (all ranks at once). Idempotent.
+
+        Loads DeepSpeed's ops (built by the set-up; loaded, never hung, here), imports what
+        the model build needs and joins the trainer group (``TrainerBackend.prepare``):
+        nothing on the device, so the coordinator runs it while the engines start.
+
+        Returns:
+            Seconds each part took (``ops_s``, ``imports_s``, ``group_s``), as recorded in
+            the ``trainer.prepare`` span.
+        """
+        if self._prepared is not None:
+            return self._prepared
+        with self.span("trainer.prepare") as detail:
+            t0 = time.perf_counter()
+            if self.config.deepspeed:
+                prepare_ops(timeout_s)
+            detail["ops_s"] = time.perf_counter() - t0
+            self._store = self._trainer_group_store(master, timeout_s)
+            detail.update(self.backend.prepare(self._store, master, timeout_s))
+        self._prepared = dict(detail)
+        return self._prepared
+
     def start(self, master: tuple[str, int], timeout_s: float) -> dict:
-        """Joins the trainer group and builds the model and optimizer (all ranks at once)."""
+        """Builds the model and optimizer on the device (all ranks at once). Idempotent.
+
+        Prepares first (:meth:`prepare`) if the coordinator has not had it done already.
+        """
         if self.started:
             return self.describe()
+        self.prepare(master, timeout_s)
         with self.span("trainer.start"):
-            if self.config.deepspeed:  # built by the set-up; loaded (never hung) here
-                prepare_ops(timeout_s)
             torch.manual_seed(self.config.seed)
-            self.backend.start(self._trainer_group_store(master, timeout_s), master, timeout_s)
+            self.backend.start(self._store, master, timeout_s)
             # DeepSpeed's offload_states ends in gc.collect(), which walks every object the
             # imports and the model created (~0.3 s each time on the build machine): move them
             # out of the collector's way once they exist.
@@ -337,6 +365,8 @@ class TrainerActor(TrainerTenant):
             self._group_store = None
         self.backend.shutdown()
         self.started = False
+        self._prepared = None
+        self._store = None
 
     def _require(self, memory: TrainerMemory, action: str) -> None:
         if not self.started:

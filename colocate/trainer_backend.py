@@ -8,6 +8,7 @@ moves of their tensors.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -116,9 +117,33 @@ class TrainerBackend(ABC):
         """``config.model`` in full on this rank (:func:`load_model`)."""
         return load_model(self.config)
 
+    def prepare(self, store: Any, master: tuple[str, int], timeout_s: float) -> dict[str, float]:
+        """The start-up work that takes no device memory; :meth:`start` does the rest.
+
+        Here: the imports the model build needs (transformers and the model's own module). A
+        backend with a process group joins it here too. Idempotent.
+
+        Returns:
+            Seconds per part (``imports_s``; ``group_s`` where a group is joined).
+        """
+        t0 = time.perf_counter()
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        try:
+            # Resolving the class imports its modeling module (transformers imports lazily).
+            MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(self.config.model))]
+        except (OSError, ValueError, KeyError):
+            pass  # only a warm-up: the model build reports what is wrong with the model
+        return {"imports_s": time.perf_counter() - t0}
+
     @abstractmethod
     def start(self, store: Any, master: tuple[str, int], timeout_s: float) -> None:
-        """Joins the trainer group over ``store`` at ``master`` and builds model and optimizer."""
+        """Builds model and optimizer on the device.
+
+        Runs :meth:`prepare` first if it has not run (joining the trainer group over ``store``
+        at ``master``).
+        """
 
     @property
     @abstractmethod

@@ -290,7 +290,9 @@ def main(argv=None) -> dict:
     log = RunLog(out, state.history if state else [], args.tensorboard, args.wandb_project)
     sampling = cfg["sampling"]
     phase_seconds = {"rollout": 0.0, "score": 0.0, "train": 0.0, "sync": 0.0}
+    t_start = time.time()
     with coord:
+        startup_s = time.time() - t_start  # Coordinator.start(): reserve to ready (ROLLOUT)
         if state:  # the engines get the resumed weights by a verified sync before serving
             coord.resume(state.trainer, state.weight_version)
         setup_s = time.time() - started
@@ -367,6 +369,7 @@ def main(argv=None) -> dict:
         coord.timeline.to_chrome_trace(out / "timeline.json")
         coord.timeline.to_png(out / "timeline.png", title="GRPO: one lane per GPU")
         violations = coord.timeline.ordering_violations()
+        startup_span_sum = coord.timeline.startup_span_sum()
         weight_version = coord.weight_version
         hardware = coord.hardware()
         memory = coord.memory_plan
@@ -387,6 +390,10 @@ def main(argv=None) -> dict:
         "resumed_from": first if state else None,
         "phase_seconds": phase_seconds,
         "setup_seconds": setup_s,
+        # start() from call to ready, beside the engine-start plus trainer-start spans (what a
+        # start-up that ran them one after the other would at least take)
+        "startup_seconds": startup_s,
+        "startup_span_sum_seconds": startup_span_sum,
         "total_seconds": time.time() - started,
         "weight_version": weight_version,
         "ordering_violations": violations,

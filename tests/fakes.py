@@ -270,9 +270,17 @@ class FakeTrainer(TrainerTenant):
         self.steps = 0
         self._stores: dict = {}
         self._sender = None
+        self._prepared = False
 
     def host_group_store(self, multi_node: bool, timeout_s: float) -> tuple[str, int]:
         return ("127.0.0.1", 1)  # the fake ranks need no group of their own
+
+    def prepare(self, master, timeout_s: float) -> dict:
+        if not self._prepared:
+            with self.span("trainer.prepare"):
+                pass
+            self._prepared = True
+        return {}
 
     def start(self, master, timeout_s: float) -> dict:
         if self.module is None:

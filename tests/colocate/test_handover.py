@@ -45,9 +45,9 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 _Remote = ray.remote(num_cpus=0.05)(_Tenant)
 
 
-def _handover(releases, acquires):
+def _handover(releases, acquires, prepares=()):
     chain = Chain()
-    chain.add_handover(releases, acquires)
+    chain.add_handover(releases, acquires, prepares)
     return chain.run(30)
 
 
@@ -65,6 +65,41 @@ def test_releases_precede_acquisitions_per_gpu_and_gpus_run_in_parallel(ray_loca
     # GPU 0's acquisition waited for GPU 0's slow release; GPU 1's did not wait for it.
     assert acq0_start - t0 >= 1.4
     assert acq1_start - t0 < 1.0
+
+
+def test_a_preparation_waits_for_no_release_on_its_gpu(ray_local):
+    """A trainer's preparation runs at once, its acquisition (same actor) after the release."""
+    a = [_Remote.remote() for _ in range(2)]
+    ray.get([x.work.remote(0) for x in a], timeout=60)
+    t0 = time.time()
+    (prep_start, prep_end), _, (acq_start, _) = _handover(
+        [_call("engine0", a[0], 1.5, (0,))],
+        [_call("trainer0", a[1], 0.1, (0,))],
+        [_call("trainer0", a[1], 0.1, (0,))],
+    )
+    assert prep_start - t0 < 1.0  # the preparation did not wait for the release on GPU 0
+    assert acq_start - t0 >= 1.4  # the acquisition did
+    assert acq_start >= prep_end  # and ran after its own actor's preparation
+
+
+def test_calls_submitted_early_run_while_the_driver_adds_the_next_row(ray_local):
+    """What the start-up does: the engines' row starts, the driver learns an argument of the
+    next row meanwhile, adds it to the same chain; one wait; the order per actor and GPU holds."""
+    a = [_Remote.remote() for _ in range(2)]
+    ray.get([x.work.remote(0) for x in a], timeout=60)
+    chain = Chain()
+    t0 = time.time()
+    first = chain.add(_call("engine0", a[0], 0.5, (0,), ("start", 0)))
+    chain.submit()
+    time.sleep(0.3)  # the driver's own wait (in the start-up: the trainer group's store)
+    steps = chain.add_handover(
+        [_call("engine0", a[0], 0.2, (0,), ("init", 0))], [_call("trainer0", a[1], 0, (0,))]
+    )
+    results = chain.run(30)
+    (start0, end0), (sleep0, sleep_end), (acq, _) = (results[first], *(results[s] for s in steps))
+    assert start0 - t0 < 0.3  # it ran before the next row was added
+    assert sleep0 >= end0 and acq >= sleep_end  # same actor in order; release before acquisition
+    assert len(chain.refs) == 3
 
 
 def test_multi_gpu_acquisition_waits_for_all_its_gpus(ray_local):

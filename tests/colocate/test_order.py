@@ -103,8 +103,14 @@ def test_every_row_of_the_loop_in_order(ray_local, model_dir):
         timeline = coord.timeline
     _check_order(timeline)
     assert {"start", "init", "train", "sync", "rollout", "skip-sync"} <= _rows(timeline)
+    # The trainer's start is split in the init row: prepared (waiting for nothing), started
+    # after the engines' sleep on its GPU (checked above), each once per rank.
+    for rank in ("trainer0", "trainer1"):
+        (prep,) = [s for s in timeline.spans if s.actor == rank and s.name == "trainer.prepare"]
+        (start,) = [s for s in timeline.spans if s.actor == rank and s.name == "trainer.start"]
+        assert (prep.phase, start.phase) == ("init", "init") and prep.end <= start.start
     coordinator = {s.name for s in timeline.spans if s.actor == "coordinator"}
-    assert {"reserve", "handover", "generate", "train", "sync", "skip_sync"} <= coordinator
+    assert {"reserve", "start", "generate", "train", "sync", "skip_sync"} <= coordinator
 
 
 def test_dummy_start_sleeps_at_level_2_and_serves_only_after_the_first_sync(ray_local, model_dir):

@@ -64,6 +64,71 @@ def test_ordering_check_finds_an_early_acquisition():
     assert other.ordering_violations() == []
 
 
+def test_a_preparation_is_no_acquisition_but_the_trainer_start_is():
+    """The trainer's memory-free preparation may overlap an engine's sleep; its start may not."""
+    prepared = Timeline()
+    prepared.extend(
+        [
+            _span("engine0", 0, "engine.sleep", 0.0, 3.0, phase="init"),
+            _span("trainer0", 0, "trainer.prepare", 1.0, 2.0, phase="init"),
+            _span("trainer0", 0, "trainer.start", 3.0, 4.0, phase="init"),
+        ]
+    )
+    assert prepared.ordering_violations() == []
+    early = Timeline()
+    early.extend(
+        [
+            _span("engine0", 0, "engine.sleep", 0.0, 3.0, phase="init"),
+            _span("trainer0", 0, "trainer.start", 2.5, 4.0, phase="init"),
+        ]
+    )
+    (problem,) = early.ordering_violations()
+    assert "trainer0 trainer.start started 0.5000 s before engine0 engine.sleep" in problem
+
+
+def test_startup_span_sum_adds_the_slowest_engine_and_the_slowest_trainer_rank():
+    tl = Timeline()
+    tl.extend(
+        [
+            _span("engine0", 0, "engine.start", 0.0, 30.0, phase="start"),
+            _span("engine1", 1, "engine.start", 0.0, 31.0, phase="start"),
+            # a rank's preparation and start add up: 4 + 9 = 13 s for trainer1
+            _span("trainer0", 0, "trainer.prepare", 0.0, 5.0, phase="start"),
+            _span("trainer0", 0, "trainer.start", 31.0, 38.0, phase="init"),
+            _span("trainer1", 1, "trainer.prepare", 0.0, 4.0, phase="start"),
+            _span("trainer1", 1, "trainer.start", 31.0, 40.0, phase="init"),
+            # a restart's spans are not start-up
+            _span("engine0", 0, "engine.start", 50.0, 90.0, phase="restart-engines"),
+        ]
+    )
+    assert tl.startup_span_sum() == pytest.approx(31.0 + 13.0)
+    assert Timeline().startup_span_sum() == 0.0
+
+
+def test_the_trainer_start_is_split_over_the_start_up_rows():
+    """``init`` holds both parts: the preparation waits for nothing, the start for the sleep."""
+    from colocate.contract import EngineTenant, TrainerTenant
+    from colocate.handovers import INIT, RESTART_TRAINERS, START, Context, plan_handover
+    from placement import TopologySpec, plan
+
+    p = plan(TopologySpec(nodes=1, gpus_per_node=2, trainer_world_size=2, engines=2))
+    ctx = Context(master=("127.0.0.1", 1), collective_timeout_s=9.0)
+    start, init = plan_handover(START, p, ctx), plan_handover(INIT, p, ctx)
+    assert [(c.actor.name, c.verb) for c in init.prepares] == [
+        ("trainer0", TrainerTenant.prepare),
+        ("trainer1", TrainerTenant.prepare),
+    ]
+    assert all(c.args == (("127.0.0.1", 1), 9.0) for c in init.prepares)
+    assert {c.verb for c in init.releases} == {EngineTenant.sleep}
+    assert {c.verb for c in init.acquires} == {TrainerTenant.start}
+    assert {c.verb for c in start.acquires} == {EngineTenant.start}
+    assert not start.releases and not start.prepares
+    restart = plan_handover(RESTART_TRAINERS, p, ctx)
+    assert {c.verb for c in restart.prepares} == {TrainerTenant.prepare}
+    with pytest.raises(ValueError, match="needs Context.master"):
+        plan_handover(INIT, p, Context())
+
+
 def test_chrome_trace_and_png(tmp_path):
     tl = Timeline()
     tl.extend(

@@ -40,6 +40,9 @@ def test_reward_rises_through_the_sync(synced):
     assert late > 4 * synced["initial_reward"] and late > 0.05, rewards
     assert synced["weight_version"] == STEPS + 1
     assert synced["ordering_violations"] == []
+    # start-up measured from start() to ready, beside the engine plus trainer start-up spans
+    assert 0 < synced["startup_seconds"] < synced["total_seconds"]
+    assert synced["startup_span_sum_seconds"] > 0
     out = Path(synced["out"])
     for name in ("metrics.jsonl", "timeline.json", "timeline.png", "reward_curve.png"):
         assert (out / name).stat().st_size > 0, name
