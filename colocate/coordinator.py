@@ -87,7 +87,7 @@ class Timeouts:
     """Bounds on actor work, in seconds.
 
     Attributes:
-        start_s: Creating actors (first use of DeepSpeed compiles its CPU ops: ~100 s).
+        start_s: Creating actors (first use of DeepSpeed compiles its CPU ops: minutes).
         step_s: One transition, generate call, train step or sync.
         ping_s: Health check of every actor during recovery.
         kill_s: Confirming a killed actor dead (Ray reports it DEAD and its process is gone)

@@ -144,8 +144,8 @@ class TrainerActor(TrainerTenant):
             torch.manual_seed(self.config.seed)
             self.backend.start(self._store, master, timeout_s)
             # DeepSpeed's offload_states ends in gc.collect(), which walks every object the
-            # imports and the model created (~0.3 s each time on the build machine): move them
-            # out of the collector's way once they exist.
+            # imports and the model created (a large share of a step on CPU: docs/design.md,
+            # section 8a): move them out of the collector's way once they exist.
             gc.freeze()
         self.started = True
         self.memory = TrainerMemory.FULL
