@@ -1,14 +1,17 @@
 """Static checks of the code base: public names import, no verb named by a string, no driver
-setting DeepSpeed or vLLM variables for its workers."""
+setting DeepSpeed or vLLM variables for its workers, no two test modules sharing a basename."""
 
 import ast
 import importlib
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("colocate", "placement", "weight_sync")
+
+pytestmark = pytest.mark.fast
 
 
 @pytest.mark.parametrize("package", PACKAGES)
@@ -99,3 +102,30 @@ def test_no_driver_sets_deepspeed_or_vllm_variables_for_its_workers():
             if (env_write or runtime_env) and (name := _sets_worker_variable(node)):
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {name}")
     assert found == []
+
+
+def _basename_collisions(tests: Path) -> dict[str, list[str]]:
+    """Module basenames that more than one file under ``tests`` carries, with those files.
+
+    The test folders are not packages (the conftests import ``raysupport`` and the tests
+    ``fakes`` by their bare names), so pytest imports every module by its basename: two
+    ``test_ppo.py`` break collection, and a second ``fakes.py`` would silently shadow the
+    first. ``conftest.py`` is the exception pytest itself keeps apart.
+    """
+    where = defaultdict(list)
+    for path in sorted(tests.rglob("*.py")):
+        if path.name != "conftest.py":
+            where[path.name].append(str(path.relative_to(tests)))
+    return {name: paths for name, paths in where.items() if len(paths) > 1}
+
+
+def test_no_two_modules_under_tests_share_a_basename():
+    assert _basename_collisions(ROOT / "tests") == {}
+
+
+def test_the_basename_check_would_see_a_collision(tmp_path):
+    """The check above is not vacuous: two ``test_ppo.py`` in different folders are found."""
+    for rel in ("conftest.py", "a/conftest.py", "a/test_ppo.py", "b/test_ppo.py", "b/x.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("")
+    assert _basename_collisions(tmp_path) == {"test_ppo.py": ["a/test_ppo.py", "b/test_ppo.py"]}

@@ -21,7 +21,7 @@ from colocate import (
 )
 from placement import TopologySpec
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.fast, pytest.mark.timeout(120)]
 
 SEPARATE = TopologySpec(nodes=1, gpus_per_node=2, trainer_world_size=1, engines=1, colocate=False)
 SAMPLING = Sampling(n=2, max_tokens=4)

@@ -24,6 +24,7 @@ def _snapshot() -> dict:
     }
 
 
+@pytest.mark.fast
 def test_every_op_loading_process_uses_this_environments_ninja_and_cache():
     env = op_environment()
     assert env["PATH"].split(":")[0] == f"{sys.prefix}/bin"  # the venv's ninja, always
@@ -51,6 +52,7 @@ def test_a_stale_lock_is_cleared_and_a_trainer_starts_without_rebuilding(ray_loc
     assert _snapshot() == before  # nothing was compiled
 
 
+@pytest.mark.fast
 def test_a_live_holder_of_the_build_lock_is_named_within_the_bound(tmp_path):
     lock = extensions_dir() / ".colocate-build.lock"
     holder = subprocess.Popen(

@@ -7,6 +7,8 @@ import torch
 from colocate.export import weight_chunks
 from weight_sync import TensorMeta
 
+pytestmark = pytest.mark.fast
+
 
 def _metas(*sizes):
     return [TensorMeta(f"t{i}", (n,), torch.float32) for i, n in enumerate(sizes)]

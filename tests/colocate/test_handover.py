@@ -11,7 +11,7 @@ from colocate.calls import Call, Chain, wait_all
 from colocate.contract import Tenant
 from colocate.errors import ActorFailedError, ActorTimeoutError
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.fast, pytest.mark.timeout(120)]
 
 
 class _Tenant(Tenant):

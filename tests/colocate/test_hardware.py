@@ -12,7 +12,11 @@ from colocate.syncing import SyncDriver
 from placement import DeviceKind, TopologySpec, plan, reserve
 from weight_sync import Backend
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leftover_placement_groups")]
+pytestmark = [
+    pytest.mark.fast,
+    pytest.mark.timeout(120),
+    pytest.mark.usefixtures("no_leftover_placement_groups"),
+]
 
 
 def _driver(spec, model, probe=None):

@@ -61,6 +61,7 @@ def _phase(memory, name, pool=Pool.SHARED):
     return _items(found)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "stage,params,grads,optim,step_grads,bucket",
     [
@@ -81,6 +82,7 @@ def test_fp32_trainer_state_per_zero_stage(stage, params, grads, optim, step_gra
     assert (("trainer", "ZeRO-3 gathered layers") in train) is (stage == 3)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "stage,state_bytes_per_param,step_bytes_per_param",
     [(0, 2 + 6 + 12, 0), (3, (2 + 2 + 12) / 4, 6 / 4)],
@@ -95,6 +97,7 @@ def test_bf16_keeps_fp32_master_weights_and_grads(
     assert train.get(("trainer", "grads, copies in the step"), 0) == step_bytes_per_param * P
 
 
+@pytest.mark.fast
 def test_zero3_bucket_and_sub_group_are_the_backends():
     # One number each, in the DeepSpeed config the backend builds and in the plan's settings.
     from colocate.deepspeed_backend import deepspeed_config
@@ -114,6 +117,7 @@ def test_zero3_bucket_and_sub_group_are_the_backends():
     assert train[("trainer", "grads, copies in the step")] == 6 * (P // 10)
 
 
+@pytest.mark.fast
 def test_activations_are_34sbh_per_layer_in_16_bit_and_twice_that_in_fp32():
     logits = 8 * 512 * SHAPE.vocab
     for w, per_layer in ((2, 34 * 512 * 256), (4, 68 * 512 * 256)):
@@ -125,6 +129,7 @@ def test_activations_are_34sbh_per_layer_in_16_bit_and_twice_that_in_fp32():
         assert acts == w * 512 * 256 * SHAPE.layers + per_layer + logits
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("kv", [0, -1, 1.5, True])
 def test_a_kv_cache_size_that_is_not_a_positive_int_is_refused(kv):
     with pytest.raises(ConfigError, match=r"MemorySettings.kv_cache_bytes=.*fix"):
@@ -215,6 +220,7 @@ def test_two_sizes_fit_the_per_parameter_and_fixed_terms_and_refute_20p(zero3_me
     assert abs(m2 / p2 * p1 - m1) / m1 > 0.10
 
 
+@pytest.mark.fast
 def test_trainer_state_is_near_the_h200_measurement():
     # Secondary, from an earlier commit (docs/gpu-results.md): the trainer actor's ZeRO-3
     # engine (bf16, FusedAdam, one rank, DeepSpeed's default reduce bucket of 5e8 elements) on
@@ -231,6 +237,7 @@ def replace_params(shape, params):
     return replace(shape, params=params)
 
 
+@pytest.mark.fast
 def test_cuda_phases_keep_only_what_each_needs():
     s = MemorySettings(
         trainer_ranks=2, zero_stage=3, kv_cache_bytes=1 << 20, bucket_bytes=1 << 20, cuda=True
@@ -247,6 +254,7 @@ def test_cuda_phases_keep_only_what_each_needs():
     assert memory.peak().phase == "train"
 
 
+@pytest.mark.fast
 def test_cpu_phases_count_what_never_leaves_host_memory():
     level1 = MemorySettings(kv_cache_bytes=64 << 20, cuda=False, sleep_level=1)
     level2 = MemorySettings(kv_cache_bytes=64 << 20, cuda=False, sleep_level=2)
@@ -258,6 +266,7 @@ def test_cpu_phases_count_what_never_leaves_host_memory():
     assert rollout[("engine", "fixed per process")] == FIXED[(False, "engine")]
 
 
+@pytest.mark.fast
 def test_kv_cache_from_gpu_memory_utilization():
     s = MemorySettings(gpu_memory_utilization=0.5, kv_cache_bytes=None, cuda=True)
     rollout = _phase(plan_memory(SHAPE, s, capacity=80 * GIB), "rollout")
@@ -267,6 +276,7 @@ def test_kv_cache_from_gpu_memory_utilization():
         plan_memory(big, s, capacity=80 * GIB)
 
 
+@pytest.mark.fast
 def test_check_names_phase_gpu_and_largest_items():
     seven_b = replace_params(SHAPE, 7 * 10**9)
     s = MemorySettings(trainer_ranks=2, train_dtype_bytes=2, kv_cache_bytes=GIB, cuda=True)
@@ -283,6 +293,7 @@ def test_check_names_phase_gpu_and_largest_items():
     check_plan(memory, [BundleMemory("engine gpu", Pool.ENGINE, 20 * GIB)])
 
 
+@pytest.mark.fast
 def test_cpu_bundles_of_a_node_share_its_host_memory():
     s = MemorySettings(trainer_ranks=4, kv_cache_bytes=GIB, cuda=False)
     memory = plan_memory(SHAPE, s)
@@ -293,6 +304,7 @@ def test_cpu_bundles_of_a_node_share_its_host_memory():
     check_plan(memory, [*node[:2], *[BundleMemory("b", Pool.SHARED, 4 * one, "n2")] * 2])
 
 
+@pytest.mark.fast
 def test_settings_come_from_the_run_configs(tiny_model_dir):
     spec = TopologySpec(nodes=1, gpus_per_node=2, trainer_world_size=2, engines=1, engine_tp=2)
     engine = EngineConfig(model=tiny_model_dir, tensor_parallel_size=2, max_model_len=256)
@@ -303,6 +315,7 @@ def test_settings_come_from_the_run_configs(tiny_model_dir):
     assert s.sleep_level == 2 and s.enforce_eager and s.kv_cache_bytes == engine.kv_cache_bytes
 
 
+@pytest.mark.fast
 def test_model_shape_counts_the_real_model(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
@@ -312,6 +325,7 @@ def test_model_shape_counts_the_real_model(tiny_model_dir):
     assert shape.layers == model.config.num_hidden_layers
 
 
+@pytest.mark.fast
 def test_cli_prints_the_table_and_refuses_what_cannot_fit(tiny_model_dir, capsys):
     assert plan_cli(["--model", tiny_model_dir, "--gpus", "2", "--device-gib", "80"]) == 0
     out = capsys.readouterr().out
@@ -323,6 +337,7 @@ def test_cli_prints_the_table_and_refuses_what_cannot_fit(tiny_model_dir, capsys
     assert exit_.value.code == 2
 
 
+@pytest.mark.fast  # refused before any actor: no vLLM, no DeepSpeed
 @pytest.mark.timeout(300)
 def test_coordinator_refuses_a_model_that_cannot_fit_before_any_actor(
     ray_local, tiny_model_dir, tmp_path

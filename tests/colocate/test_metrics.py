@@ -8,6 +8,8 @@ import torch
 from colocate.metrics import merge_metrics
 from colocate.trainer_backend import accumulate
 
+pytestmark = pytest.mark.fast
+
 
 def test_max_metrics_take_the_maximum_and_others_the_weighted_mean():
     rows = [{"ratio_max": 1.5, "loss": 2.0}, {"ratio_max": 3.0, "loss": 4.0}]

@@ -13,6 +13,7 @@ from colocate.micro_batches import plan_step, token_weights
 from colocate.trainer import TrainerActor, shard_batch
 
 
+@pytest.mark.fast
 @given(
     rows=st.integers(1, 40),
     minis=st.integers(1, 4),
@@ -35,12 +36,14 @@ def test_plan_covers_every_row_once_with_equal_counts_on_every_rank(rows, minis,
         assert all(mb.stop - mb.start <= mbs for step in mine for mb in step)
 
 
+@pytest.mark.fast
 def test_fillers_only_where_a_rank_has_fewer_rows_than_micro_batches():
     (step,) = plan_step(3, 4, 1, 1)
     assert [mb.empty for mb in step].count(True) == 1 and len(step) == 4
     assert not any(mb.empty for mb in plan_step(4, 4, 1, 1)[0])
 
 
+@pytest.mark.fast
 def test_token_weights():
     assert token_weights([3.0, 1.0, 0.0]) == [0.75, 0.25, 0.0]
     assert token_weights([0.0, 0.0]) == [0.0, 0.0]

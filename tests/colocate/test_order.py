@@ -27,7 +27,7 @@ from colocate.phases import RESIDENT
 from placement import TenantKind, TopologySpec
 from weight_sync import Backend, WeightSyncError
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.fast, pytest.mark.timeout(60)]
 
 SAMPLING = Sampling(n=2, max_tokens=4)
 PROMPTS = ["a", "b", "c", "d"]

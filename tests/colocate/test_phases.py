@@ -7,6 +7,8 @@ from colocate.memory import MemoryReading
 from colocate.phases import Phase, PhaseError, require
 from colocate.timeline import Span, Timeline
 
+pytestmark = pytest.mark.fast
+
 
 def test_legal_transitions_and_idempotence():
     assert check_transition(Phase.ROLLOUT, Phase.TRAIN) is True

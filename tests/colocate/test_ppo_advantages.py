@@ -2,9 +2,12 @@
 
 import random
 
+import pytest
 import torch
 
 from colocate.ppo import gae, ppo_advantages, token_rewards
+
+pytestmark = pytest.mark.fast
 
 
 def _loop_gae(rewards, values, gamma, lam):

@@ -16,7 +16,7 @@ from colocate import (
     Sampling,
 )
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.fast, pytest.mark.timeout(60)]
 
 SAMPLING = Sampling(n=2, max_tokens=4)
 PROMPTS = ["a", "b", "c", "d"]

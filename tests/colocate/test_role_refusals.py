@@ -23,6 +23,8 @@ from colocate import (
 )
 from placement import TopologyError, TopologySpec
 
+pytestmark = pytest.mark.fast
+
 SPEC = TopologySpec(nodes=1, gpus_per_node=2, trainer_world_size=2, engines=2)
 
 

@@ -6,6 +6,8 @@ RESIDENT exactly in the phases it names, on a shared GPU; and no row makes a cal
 
 import itertools
 
+import pytest
+
 from colocate.contract import RoleTenant
 from colocate.handovers import (
     INIT,
@@ -22,6 +24,8 @@ from colocate.handovers import (
 from colocate.phases import Phase
 from colocate.roles import RESIDENT_PHASES
 from placement import RoleSpec, TenantKind, TopologySpec, plan
+
+pytestmark = pytest.mark.fast
 
 _PATHS = [
     (SCORE, TRAIN, SYNC, ROLLOUT),  # the PPO / GRPO-with-KL loop

@@ -9,6 +9,8 @@ import pytest
 
 from colocate.run_state import RESUME_FILE, RunState, capture_rng, load_run, save_run
 
+pytestmark = pytest.mark.fast
+
 
 def _trainers(directory: Path) -> dict:
     (directory / "trainer").mkdir()

@@ -8,6 +8,8 @@ import pytest
 from colocate import TinyModelSpec, build_tiny_model
 from colocate.config import CPU_HEAD_SIZES, EngineConfig, check_engine_model
 
+pytestmark = pytest.mark.fast
+
 
 def _digest(path):
     return {

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from placement import TenantKind, TopologyError, TopologySpec, plan
 from placement.spec import ClusterInfo, NodeInfo
 
+pytestmark = pytest.mark.fast
+
 
 def test_issue_example():
     spec = TopologySpec(nodes=2, gpus_per_node=4, trainer_world_size=8, engines=4, engine_tp=2)

@@ -16,7 +16,11 @@ from placement import (
     reserve,
 )
 
-pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("no_leftover_placement_groups")]
+pytestmark = [
+    pytest.mark.fast,
+    pytest.mark.timeout(240),
+    pytest.mark.usefixtures("no_leftover_placement_groups"),
+]
 
 
 @ray.remote
@@ -68,33 +72,6 @@ def test_more_nodes_than_cluster_raises_before_reserving(ray_local):
     assert discover_cluster().nodes[0].gpus == 4
 
 
-def test_multi_node_tp_never_spans_nodes_and_order_is_stable(ray_cluster):
-    spec = TopologySpec(nodes=3, gpus_per_node=4, trainer_world_size=12, engines=6, engine_tp=2)
-    p = plan(spec)
-    layouts = []
-    for _ in range(2):
-        # The probe reports CUDA bundles: the TP > 1 launch path for vLLM's Ray executor.
-        with reserve(p, timeout_s=60, probe=fake_cuda_probe()) as res:
-            assert res.device is DeviceKind.CUDA
-            locs = [res.location(b) for b in range(12)]
-            for e in range(spec.engines):
-                nodes = {locs[b].node_id for b in p.engine_bundles(e)}
-                assert len(nodes) == 1
-                launch = res.engine_launch(e)
-                assert launch.executor_env["VLLM_RAY_BUNDLE_INDICES"] == ",".join(
-                    str(locs[b].index_in_group) for b in p.engine_bundles(e)
-                )
-                assert launch.actor_options["num_gpus"] == 0
-            # Ordered by (node, GPU id): 4 bundles per node, GPU ids ascending within a node.
-            for node in range(3):
-                group = [locs[b] for b in p.bundles_of_node(node)]
-                assert len({g.node_id for g in group}) == 1
-                assert [int(g.gpu_id) for g in group] == sorted(int(g.gpu_id) for g in group)
-            assert len({loc.node_id for loc in locs}) == 3
-            layouts.append([(loc.node_id, loc.gpu_id) for loc in locs])
-    assert layouts[0] == layouts[1]
-
-
 def test_probe_reports_each_bundles_device_from_its_node(ray_local):
     spec = TopologySpec(nodes=1, gpus_per_node=2, trainer_world_size=2, engines=2)
     with reserve(plan(spec), timeout_s=60) as res:
@@ -135,3 +112,32 @@ def test_bundles_of_mixed_device_kinds_are_refused_and_released(ray_local):
     with pytest.raises(TopologyError, match=r"mix device kinds \(bundle 0 .* is (cuda|cpu)"):
         reserve(plan(spec), timeout_s=60, probe=half_cuda)
     ray.kill(counter)  # and no placement group is left reserved (the fixture checks)
+
+
+# Last in the module: the simulated cluster replaces the local Ray the tests above share, and
+# nothing after it here needs the local one back (a restart costs seconds).
+def test_multi_node_tp_never_spans_nodes_and_order_is_stable(ray_cluster):
+    spec = TopologySpec(nodes=3, gpus_per_node=4, trainer_world_size=12, engines=6, engine_tp=2)
+    p = plan(spec)
+    layouts = []
+    for _ in range(2):
+        # The probe reports CUDA bundles: the TP > 1 launch path for vLLM's Ray executor.
+        with reserve(p, timeout_s=60, probe=fake_cuda_probe()) as res:
+            assert res.device is DeviceKind.CUDA
+            locs = [res.location(b) for b in range(12)]
+            for e in range(spec.engines):
+                nodes = {locs[b].node_id for b in p.engine_bundles(e)}
+                assert len(nodes) == 1
+                launch = res.engine_launch(e)
+                assert launch.executor_env["VLLM_RAY_BUNDLE_INDICES"] == ",".join(
+                    str(locs[b].index_in_group) for b in p.engine_bundles(e)
+                )
+                assert launch.actor_options["num_gpus"] == 0
+            # Ordered by (node, GPU id): 4 bundles per node, GPU ids ascending within a node.
+            for node in range(3):
+                group = [locs[b] for b in p.bundles_of_node(node)]
+                assert len({g.node_id for g in group}) == 1
+                assert [int(g.gpu_id) for g in group] == sorted(int(g.gpu_id) for g in group)
+            assert len({loc.node_id for loc in locs}) == 3
+            layouts.append([(loc.node_id, loc.gpu_id) for loc in locs])
+    assert layouts[0] == layouts[1]

@@ -6,6 +6,8 @@ from hypothesis import strategies as st
 
 from placement import RoleSpec, TenantKind, TopologyError, TopologySpec, plan
 
+pytestmark = pytest.mark.fast
+
 
 def _spec(**kw):
     base = dict(nodes=1, gpus_per_node=2, trainer_world_size=2, engines=2)

@@ -10,7 +10,7 @@ import pytest
 import ray
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.fast, pytest.mark.timeout(300)]
 
 
 def _example(name: str):

@@ -350,6 +350,7 @@ def _after_shutdown(model):
     coord.generate(["x"], Sampling())
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("case", CATALOG, ids=[c[0] for c in CATALOG])
 def test_bad_input_is_refused_clearly(case, tmp_path, tiny_model_dir, report):
     name, fn, exc_type, words = case

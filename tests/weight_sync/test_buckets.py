@@ -24,6 +24,8 @@ from weight_sync.buckets import TensorSlot
 from weight_sync.groups import Receiver
 from weight_sync.verify import check_applied
 
+pytestmark = pytest.mark.fast
+
 
 def llama_metas(layers=2, hidden=128, inter=256, vocab=1024, dtype=torch.bfloat16):
     kv = hidden // 2
