@@ -13,6 +13,7 @@ from colocate.amx import cpu_has_amx
 pytestmark = pytest.mark.timeout(300)
 
 
+@pytest.mark.fast
 def test_cpu_has_amx_reads_the_flags_line():
     assert cpu_has_amx("processor : 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n")
     assert not cpu_has_amx("processor : 0\nflags\t\t: fpu avx512f avx512_bf16\n")

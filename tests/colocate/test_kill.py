@@ -41,6 +41,7 @@ def _gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.fast
 def test_kill_is_confirmed_only_once_the_process_is_gone(ray_local):
     actor = _Sleeper.remote()
     pid = ray.get(actor.pid.remote(), timeout=60)
@@ -52,6 +53,7 @@ def test_kill_is_confirmed_only_once_the_process_is_gone(ray_local):
     assert _gone(pid)
 
 
+@pytest.mark.fast
 def test_a_live_actor_is_not_confirmed_dead_within_the_bound(ray_local):
     actor = _Sleeper.remote()
     ray.get(actor.pid.remote(), timeout=60)
@@ -61,6 +63,7 @@ def test_a_live_actor_is_not_confirmed_dead_within_the_bound(ray_local):
     ray.kill(actor, no_restart=True)
 
 
+@pytest.mark.fast
 def test_unconfirmed_kill_raises_and_nothing_is_spawned_beside_it(ray_local, tmp_path, monkeypatch):
     """A kill Ray never carries out (the ray.kill is dropped): named, bounded, no replacement."""
     with fake_coordinator(fake_model_dir(tmp_path / "m")) as coord:

@@ -23,6 +23,8 @@ from colocate.calls import Call, _raise_for
 from colocate.coordinator import Timeouts
 from colocate.engine import EngineActor
 
+pytestmark = pytest.mark.fast
+
 
 class _Workers:
     """Stands in for ``vllm.LLM``: records each ``collective_rpc`` and its timeout."""

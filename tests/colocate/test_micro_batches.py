@@ -4,7 +4,7 @@ DeepSpeed ZeRO-3 step over two ranks (Ray actors, gloo)."""
 import pytest
 import ray
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
@@ -14,6 +14,7 @@ from colocate.trainer import TrainerActor, shard_batch
 
 
 @pytest.mark.fast
+@settings(deadline=None)  # a busy 2-core machine: timing is not what this asserts
 @given(
     rows=st.integers(1, 40),
     minis=st.integers(1, 4),

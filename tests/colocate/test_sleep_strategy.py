@@ -11,6 +11,8 @@ from colocate.sleep import SleepMechanism, SleepResult, SleepTag, choose_sleep, 
 from colocate.sleep.cpu_pages import CpuPageRelease
 from colocate.sleep.vllm_mode import VllmSleepMode
 
+pytestmark = pytest.mark.fast
+
 
 def _caps(device_type: str, sleep_supported: bool) -> EngineCapabilities:
     return EngineCapabilities("SomePlatform", device_type, sleep_supported, 1)

@@ -1,7 +1,7 @@
 """Roles in the pure planner: where their ranks go, the GPU shares, and the refusals."""
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from placement import RoleSpec, TenantKind, TopologyError, TopologySpec, plan
@@ -87,6 +87,7 @@ def test_bad_role_specs(kw, needle):
     assert needle in str(err.value)
 
 
+@settings(deadline=None)  # a busy 2-core machine: timing is not what this asserts
 @given(
     gpus=st.integers(1, 4),
     fractions=st.lists(st.sampled_from([0.05, 0.1, 0.2]), min_size=0, max_size=3),

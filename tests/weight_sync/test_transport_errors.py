@@ -21,7 +21,7 @@ from weight_sync.buckets import Bucket
 from weight_sync.collective import CollectiveReceiver, CollectiveSender
 from weight_sync.store import host_store, join_store
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.fast, pytest.mark.timeout(60)]
 
 TIMEOUT_S = 1.0
 
