@@ -337,6 +337,17 @@ def test_cli_prints_the_table_and_refuses_what_cannot_fit(tiny_model_dir, capsys
     assert exit_.value.code == 2
 
 
+def _huge_model(tiny_model_dir, path: Path) -> str:
+    """The tiny model's directory with a ~100B-parameter config: fp32 ZeRO-3 state ~800 GB per
+    rank pair, past any host's memory (the weights stay the tiny ones: nothing loads them)."""
+    shutil.copytree(tiny_model_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(hidden_size=12288, intermediate_size=49152, num_hidden_layers=56)
+    config.update(num_attention_heads=192, num_key_value_heads=8, head_dim=64)
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
 @pytest.mark.fast  # refused before any actor: no vLLM, no DeepSpeed
 @pytest.mark.timeout(300)
 def test_coordinator_refuses_a_model_that_cannot_fit_before_any_actor(
@@ -344,16 +355,10 @@ def test_coordinator_refuses_a_model_that_cannot_fit_before_any_actor(
 ):
     import ray
 
-    huge = tmp_path / "huge"
-    shutil.copytree(tiny_model_dir, huge)
-    config = json.loads((huge / "config.json").read_text())
-    # ~100B parameters: fp32 ZeRO-3 state is ~800 GB per rank pair, past any host's memory.
-    config.update(hidden_size=12288, intermediate_size=49152, num_hidden_layers=56)
-    config.update(num_attention_heads=192, num_key_value_heads=8, head_dim=64)
-    (huge / "config.json").write_text(json.dumps(config))
+    huge = _huge_model(tiny_model_dir, tmp_path / "huge")
     spec = TopologySpec(nodes=1, gpus_per_node=2, trainer_world_size=2, engines=2)
-    engine = EngineConfig(model=str(huge), load_format=LoadFormat.DUMMY)
-    coord = Coordinator(spec, engine, TrainerConfig(model=str(huge)), grpo_loss, name="huge")
+    engine = EngineConfig(model=huge, load_format=LoadFormat.DUMMY)
+    coord = Coordinator(spec, engine, TrainerConfig(model=huge), grpo_loss, name="huge")
     t0 = time.monotonic()
     with pytest.raises(MemoryPlanError, match=r"phase '.*' needs .* host memory \(CPU run\)"):
         coord.start()
@@ -639,19 +644,14 @@ def test_coordinator_refuses_roles_that_cannot_fit_before_any_actor(
             {g for g, info in placement_group_table().items() if info["state"] != "REMOVED"},
         )
 
-    huge = tmp_path / "huge-reference"
-    shutil.copytree(tiny_model_dir, huge)
-    config = json.loads((huge / "config.json").read_text())
-    config.update(hidden_size=12288, intermediate_size=49152, num_hidden_layers=56)
-    config.update(num_attention_heads=192, num_key_value_heads=8, head_dim=64)
-    (huge / "config.json").write_text(json.dumps(config))
+    huge = _huge_model(tiny_model_dir, tmp_path / "huge-reference")
     spec = TopologySpec(nodes=1, gpus_per_node=2, trainer_world_size=2, engines=2)
     coord = Coordinator(
         spec,
         EngineConfig(model=tiny_model_dir),
         TrainerConfig(model=tiny_model_dir),
         grpo_loss,
-        roles=[reference_role(str(huge))],
+        roles=[reference_role(huge)],
         name="huge-role",
     )
     actors_before, groups_before = live()
