@@ -1,7 +1,7 @@
 """Async (one-step off-policy) vs sync rollouts, on separate pools: steps per second, side by side.
 
 One trainer rank (DeepSpeed ZeRO-1) on logical GPU 0 and one vLLM engine on GPU 1, the GRPO
-task of the examples (``colocate.toy_task``), one coordinator with
+task of the examples (``colocate.testing.toy_task``), one coordinator with
 ``PipelineConfig(mode=ASYNC)`` for both loops, so both use the same processes:
 
 - sync: ``generate`` -> ``train`` -> ``sync``, in turns;
@@ -42,8 +42,8 @@ from colocate import (
     grpo_loss,
     make_grpo_batch,
 )
-from colocate.cluster import connect
-from colocate.toy_task import TargetTokens
+from colocate.operations.cluster import connect
+from colocate.testing.toy_task import TargetTokens
 from placement import TopologySpec
 
 TARGET_SPEEDUP = 1.4

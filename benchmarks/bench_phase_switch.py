@@ -2,8 +2,8 @@
 
 A colocated topology (1 node, 2 logical GPUs, 2 DeepSpeed ZeRO-3 trainer ranks, 2 in-process
 vLLM engines, each GPU shared by one rank and one engine) runs the GRPO loop of
-``examples/grpo_colocated.py`` on the tiny Llama (same task, ``colocate.toy_task``) through the
-public API: ``--warmup`` steps, then ``--steps`` measured.
+``examples/grpo_colocated.py`` on the tiny Llama (same task, ``colocate.testing.toy_task``) through
+the public API: ``--warmup`` steps, then ``--steps`` measured.
 
 Overhead, defined from the timeline only (nothing is patched): the actors' work is their
 timeline spans; a step's wall time is the driver's time inside ``generate``, ``train`` and
@@ -21,7 +21,7 @@ memory (a release or an acquisition), the work does not.
 Keys: ``overhead_fraction`` (median over measured steps of overhead / step time, target <=
 0.05: the memory moves count as actor work here, so it says what the coordinator's ordering
 adds, not what colocation costs); ``handover_fraction`` (median over measured steps of the
-union of every release and acquisition span, ``colocate.timeline.RELEASE_STEPS`` and
+union of every release and acquisition span, ``colocate.operations.timeline.RELEASE_STEPS`` and
 ``ACQUIRE_STEPS``: engine sleep, wake_weights, wake_kv, trainer offload, offload_params,
 reload, role offload/reload, over the step's wall time: what the hand-overs cost, no target);
 ``max_transition_overhead_s`` (max over measured steps and transitions, the ROLLOUT -> TRAIN
@@ -63,10 +63,10 @@ from colocate import (
     grpo_loss,
     make_grpo_batch,
 )
-from colocate.cluster import connect
-from colocate.engine import llm_kwargs
-from colocate.timeline import ACQUIRE_STEPS, RELEASE_STEPS
-from colocate.toy_task import TargetTokens
+from colocate.actors.engine import llm_kwargs
+from colocate.operations.cluster import connect
+from colocate.operations.timeline import ACQUIRE_STEPS, RELEASE_STEPS
+from colocate.testing.toy_task import TargetTokens
 from placement import DeviceKind, TenantKind, TopologySpec
 
 TARGETS = {

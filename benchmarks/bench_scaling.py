@@ -65,8 +65,8 @@ from colocate import (
     build_tiny_model,
     lm_loss,
 )
-from colocate.cluster import connect
-from colocate.trainer import TrainerActor
+from colocate.actors.trainer import TrainerActor
+from colocate.operations.cluster import connect
 from placement import TenantKind, TopologySpec
 from weight_sync import Backend, Rendezvous
 

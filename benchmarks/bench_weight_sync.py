@@ -1,7 +1,8 @@
 """Weight-sync benchmark on CPU (gloo): our bucketed sync vs the transport limit and the naive way.
 
 A synthetic Llama-shaped model (309 tensors, ~216 MB in bf16, a real HF directory built by
-``colocate.tiny_model``) is sent from a sender actor into a real vLLM CPU engine in a Ray actor
+``colocate.testing.tiny_model``) is sent from a sender actor into a real vLLM CPU engine in a Ray
+actor
 (``EngineActor``, subclassed here only to add the baselines' receiving ends). The sender is the
 library's ``TrainerActor`` in its default configuration (DeepSpeed ZeRO-3, world size 1, fp32
 master weights; subclassed only to add the baselines' sending ends): our sync gathers every
@@ -73,7 +74,7 @@ from colocate import (
     build_tiny_model,
     lm_loss,
 )
-from colocate.cluster import connect
+from colocate.operations.cluster import connect
 from placement import DeviceKind
 from weight_sync import (
     Backend,

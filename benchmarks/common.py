@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from colocate.tiny_model import WEIGHTS_216MB
+from colocate.testing.tiny_model import WEIGHTS_216MB
 from weight_sync import Rendezvous
 from weight_sync.collective import new_group
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The weight-sync benchmark model: 309 tensors, ~216 MB in bf16 (colocate.tiny_model).
+# The weight-sync benchmark model: 309 tensors, ~216 MB in bf16 (colocate.testing.tiny_model).
 MODEL_SPEC = WEIGHTS_216MB
 
 

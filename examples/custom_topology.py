@@ -32,8 +32,8 @@ from colocate import (
     make_grpo_batch,
     token_logprobs,
 )
-from colocate.cli import Checker
-from colocate.cluster import connect
+from colocate.operations.cli import Checker
+from colocate.operations.cluster import connect
 from placement import TopologySpec
 
 

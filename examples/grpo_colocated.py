@@ -24,8 +24,8 @@ from pathlib import Path
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parses and checks every flag (before anything starts); exits 2 on bad usage."""
-    from colocate.cli import Checker
-    from colocate.run_log import tensorboard_available
+    from colocate.operations.cli import Checker
+    from colocate.operations.run_log import tensorboard_available
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="local HF model directory (default: build the tiny model)")
@@ -136,7 +136,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     check.existing_dir("--model", must_hold="config.json")
     args.state = None
     if args.resume:
-        from colocate.run_state import load_run
+        from colocate.operations.run_state import load_run
 
         check.existing_dir("--resume")
         try:
@@ -232,7 +232,7 @@ def check_prompts_fit(check, args) -> None:
     """The longest prompt of the task plus ``--max-tokens`` must fit the engines' context."""
     from transformers import AutoTokenizer
 
-    from colocate.toy_task import TargetTokens
+    from colocate.testing.toy_task import TargetTokens
 
     tokenizer = AutoTokenizer.from_pretrained(args.configs["model"])
     args.tokenizer = tokenizer
@@ -261,9 +261,9 @@ def main(argv=None) -> dict:
         make_grpo_batch,
         reference_role,
     )
-    from colocate.cluster import connect
-    from colocate.run_log import RunLog
-    from colocate.run_state import RunState, capture_rng, save_run
+    from colocate.operations.cluster import connect
+    from colocate.operations.run_log import RunLog
+    from colocate.operations.run_state import RunState, capture_rng, save_run
 
     started = time.time()
     cfg, task, tokenizer = args.configs, args.task, args.tokenizer

@@ -33,7 +33,7 @@ from pathlib import Path
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parses and checks every flag (before anything starts); exits 2 on bad usage."""
-    from colocate.cli import Checker
+    from colocate.operations.cli import Checker
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="local HF model directory (default: build the tiny model)")
@@ -123,9 +123,9 @@ def main(argv=None) -> dict:
         reference_role,
         reward_model_role,
     )
-    from colocate.cluster import connect
-    from colocate.run_log import RunLog
-    from colocate.toy_task import TargetTokens
+    from colocate.operations.cluster import connect
+    from colocate.operations.run_log import RunLog
+    from colocate.testing.toy_task import TargetTokens
     from placement import TopologySpec
 
     started = time.time()

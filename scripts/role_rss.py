@@ -17,8 +17,8 @@ import ray
 import torch
 
 from colocate import build_tiny_model, init_reward_model
-from colocate.reference import ReferenceActor, ReferenceConfig
-from colocate.reward_model import RewardModelActor, RewardModelConfig
+from colocate.roles.reference import ReferenceActor, ReferenceConfig
+from colocate.roles.reward_model import RewardModelActor, RewardModelConfig
 
 
 def main() -> dict:

@@ -1,6 +1,7 @@
-"""Builds DeepSpeed's CPU C++ ops once, into this environment's own cache (colocate.ds_ops).
+"""Builds DeepSpeed's CPU C++ ops once, into this environment's own cache.
 
-First use compiles them (shm comm ~35 s, fused Adam ~65 s on the 2-core build machine), which
+The build itself is ``colocate.actors.cpu.ds_ops``. First use compiles them (shm comm ~35 s,
+fused Adam ~65 s on the 2-core build machine), which
 would eat into a test's or the demo's time budget; the set-up script runs this instead, with
 the same ninja and cache directory every trainer actor uses, so no run rebuilds them. On CUDA
 machines the CUDA ops are built by the first trainer the same way (under the same lock).
@@ -16,7 +17,7 @@ if __name__ == "__main__":
 
     if torch.cuda.is_available():
         raise SystemExit(0)
-    from colocate.ds_ops import extensions_dir, prepare_ops
+    from colocate.actors.cpu.ds_ops import extensions_dir, prepare_ops
 
     start = time.time()
     for name, seconds in prepare_ops().items():

@@ -92,6 +92,6 @@ def _assert_no_leftover_placement_groups(ray) -> None:
 @pytest.fixture(scope="session")
 def tiny_model_dir():
     """The tiny Llama's directory (built once per content key, cached across runs)."""
-    from colocate.tiny_model import build_tiny_model
+    from colocate.testing.tiny_model import build_tiny_model
 
     return str(build_tiny_model())

@@ -1,6 +1,6 @@
 """A fake fleet of tiny real Ray actors that keep the tenant contract without vLLM or DeepSpeed.
 
-``FakeEngine`` and ``FakeTrainer`` implement ``colocate.contract.EngineTenant`` and
+``FakeEngine`` and ``FakeTrainer`` implement ``colocate.core.contract.EngineTenant`` and
 ``TrainerTenant`` over a few small tensors: the coordinator, the hand-over table, the sync
 driver and the real weight_sync machinery (stores, gloo groups, the streaming loops,
 fingerprints, verification) all run as they do on the full stack. Each fake checks its own
@@ -19,12 +19,18 @@ from pathlib import Path
 import ray
 import torch
 
-from colocate.contract import Completion, EngineCapabilities, EngineTenant, Receipt, TrainerTenant
-from colocate.errors import ActorStateError, InputError
-from colocate.faults import Fault, coerce_fault
-from colocate.memory import process_stats
-from colocate.phases import EngineMemory, TrainerMemory
-from colocate.roles import RoleActor
+from colocate.core.contract import (
+    Completion,
+    EngineCapabilities,
+    EngineTenant,
+    Receipt,
+    TrainerTenant,
+)
+from colocate.core.errors import ActorStateError, InputError
+from colocate.core.faults import Fault, coerce_fault
+from colocate.core.phases import EngineMemory, TrainerMemory
+from colocate.operations.memory import process_stats
+from colocate.roles.base import RoleActor
 
 # Ray workers cannot import test modules: ship this module's classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -424,7 +430,7 @@ def fake_coordinator(model_dir: str, spec=None, *, engine=None, trainer_cls=None
         **kw: Other ``Coordinator`` arguments (``pipeline``, ``probe``, ...).
     """
     from colocate import Coordinator, EngineConfig, SyncConfig, TrainerConfig
-    from colocate.coordinator import Timeouts
+    from colocate.core.coordinator import Timeouts
     from placement import TopologySpec
 
     return Coordinator(
@@ -460,6 +466,6 @@ class FakeRole(RoleActor):
 
 def fake_role(name: str, phases, bundles=None):
     """A :class:`FakeRole` role named ``name``, resident in ``phases``."""
-    from colocate.roles import Role
+    from colocate.roles.base import Role
 
     return Role(name, FakeRole, None, frozenset(phases), bundles)

@@ -28,7 +28,7 @@ def _python_files(*dirs):
 
 
 def _verbs() -> set[str]:
-    from colocate.contract import EngineTenant, TrainerTenant, verbs_of
+    from colocate.core.contract import EngineTenant, TrainerTenant, verbs_of
     from weight_sync.receiver import WeightSyncWorkerExtension
 
     ext = {n for n in vars(WeightSyncWorkerExtension) if n.startswith("ws_")}
@@ -129,3 +129,82 @@ def test_the_basename_check_would_see_a_collision(tmp_path):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("")
     assert _basename_collisions(tmp_path) == {"test_ppo.py": ["a/test_ppo.py", "b/test_ppo.py"]}
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the project's modules it imports, at module level or inside a function."""
+    modules = {}
+    for path in _python_files(*PACKAGES):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+
+    def resolve(target: str) -> str:
+        while target and target not in modules:
+            target = target.rpartition(".")[0]
+        return target
+
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            for t in targets:
+                if t.split(".")[0] in PACKAGES and (m := resolve(t)) and m != name:
+                    graph[name].add(m)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle_module_level_or_lazy():
+    """No two modules import each other, directly or round a circle, even inside a function."""
+    assert _cycles(_import_graph()) == []
+
+
+def test_the_cycle_check_would_see_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycles(graph) == [["a", "b", "c"]]
+
+
+def test_every_subpackage_says_what_it_holds_in_one_sentence():
+    """A newcomer finds a concept's module from the package names and their docstrings."""
+    for init in sorted((ROOT / "colocate").glob("*/**/__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text()))
+        assert doc, init
+        summary = doc.split("\n\n")[0]
+        assert ". " not in summary and summary.endswith("."), (init, summary)

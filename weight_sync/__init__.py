@@ -12,9 +12,9 @@ from weight_sync.buckets import (
     plan_buckets,
 )
 from weight_sync.errors import BucketPlanError, PackingError, VerificationError, WeightSyncError
-from weight_sync.factory import choose_backend, make_receiver, make_sender
+from weight_sync.factory import make_receiver, make_sender
 from weight_sync.fingerprint import Fingerprint, compare, fingerprint
-from weight_sync.groups import Receiver, TransferGroup, plan_transfer_groups
+from weight_sync.groups import Receiver, TransferGroup, choose_backend, plan_transfer_groups
 from weight_sync.packing import LLAMA_PACKING, EngineWeights, Packing, packing_of_vllm_model
 from weight_sync.receiver import EXTENSION_QUALNAME, ReceiveFaults, ReceiverSetup, SyncRequest
 from weight_sync.sender import SendReport, WeightSender

@@ -1,4 +1,4 @@
-"""The factory: which transport a sender/receiver pair uses, and building either side of it.
+"""The factory: building either side of a transport (which one a pair uses: ``groups``).
 
 The interfaces live in ``weight_sync.transport``; each implementation in its own module
 (``collective``: gloo/NCCL, ``cuda_ipc``); only this module knows all of them.
@@ -8,24 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from placement.hardware import DeviceKind
 from weight_sync.collective import CollectiveReceiver, CollectiveSender
 from weight_sync.cuda_ipc import IpcReceiver, IpcSender
 from weight_sync.transport import Backend, ReceiverTransport, Rendezvous, SenderTransport
 
-__all__ = ["choose_backend", "make_sender", "make_receiver"]
-
-
-def choose_backend(sender_bundle: int, receiver_bundle: int, device: DeviceKind) -> Backend:
-    """Picks the transport for one sender/receiver pair from the placement.
-
-    Same GPU on CUDA: CUDA IPC (NCCL refuses two ranks on one GPU). Different GPUs on CUDA:
-    NCCL. Off CUDA: gloo, whatever the placement. ``device`` is what the placement probe
-    found on the bundles, never the driver's own view.
-    """
-    if DeviceKind(device) is not DeviceKind.CUDA:
-        return Backend.GLOO
-    return Backend.CUDA_IPC if sender_bundle == receiver_bundle else Backend.NCCL
+__all__ = ["make_sender", "make_receiver"]
 
 
 def make_sender(

@@ -11,10 +11,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from placement import DeviceKind, Plan, TenantKind
-from weight_sync.factory import choose_backend
 from weight_sync.transport import Backend
 
-__all__ = ["Receiver", "TransferGroup", "plan_transfer_groups"]
+__all__ = ["Receiver", "TransferGroup", "choose_backend", "plan_transfer_groups"]
+
+
+def choose_backend(sender_bundle: int, receiver_bundle: int, device: DeviceKind) -> Backend:
+    """Picks the transport for one sender/receiver pair from the placement.
+
+    Same GPU on CUDA: CUDA IPC (NCCL refuses two ranks on one GPU). Different GPUs on CUDA:
+    NCCL. Off CUDA: gloo, whatever the placement. ``device`` is what the placement probe
+    found on the bundles, never the driver's own view.
+    """
+    if DeviceKind(device) is not DeviceKind.CUDA:
+        return Backend.GLOO
+    return Backend.CUDA_IPC if sender_bundle == receiver_bundle else Backend.NCCL
 
 
 @dataclass(frozen=True, order=True)

@@ -86,7 +86,7 @@ class SyncRequest:
 
 @dataclass(frozen=True)
 class ReceiveFaults:
-    """Faults a test arms in a worker's receiver (``colocate.faults.Fault`` maps onto these).
+    """Faults a test arms in a worker's receiver (``colocate.core.faults.Fault`` maps onto these).
 
     Attributes:
         corrupt_next_bucket: Flip bytes of the next bucket received, as a bad link would.

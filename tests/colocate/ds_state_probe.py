@@ -7,7 +7,7 @@ group and its allocations stay out of the caller)::
         '{"spec": {...}, "zero_stage": 3, "dtype": "bfloat16", "env": {"DS_ACCELERATOR": "cpu"}}'
 
 It builds the tiny Llama of ``spec`` (``colocate.build_tiny_model``), starts one trainer rank
-through the project's own backend (``colocate.deepspeed_backend.DeepSpeedBackend.start``: the
+through the project's own backend (``colocate.actors.deepspeed_backend.DeepSpeedBackend.start``: the
 config the trainer actor uses, the partitioned ZeRO-3 load, DeepSpeed's fused AdamW) at world
 size 1 on gloo, runs a warm-up step of ``lm_loss`` through ``DeepSpeedBackend.step`` (FusedAdam
 creates its states in it), then a second step as that method makes it, split in two measured
@@ -222,9 +222,9 @@ def measure(spec: dict, zero_stage: int, dtype: str, env: dict, seq_len: int = 3
     import torch.distributed as dist
 
     from colocate import TinyModelSpec, TrainerConfig, build_tiny_model, lm_loss
-    from colocate.config import DType, ZeroStage
-    from colocate.deepspeed_backend import DeepSpeedBackend, deepspeed_config
-    from colocate.ds_ops import prepare_ops
+    from colocate.actors.cpu.ds_ops import prepare_ops
+    from colocate.actors.deepspeed_backend import DeepSpeedBackend, deepspeed_config
+    from colocate.core.config import DType, ZeroStage
 
     t0 = time.monotonic()
     model_dir = str(build_tiny_model(TinyModelSpec(**spec)))

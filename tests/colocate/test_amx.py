@@ -1,4 +1,5 @@
-"""The AMX tile request (colocate.amx): flag parsing, and a bf16 engine that generates on one
+"""The AMX tile request (colocate.actors.cpu.amx): flag parsing, and a bf16 engine that generates
+on one
 OpenMP thread, where vLLM's AMX attention trapped (SIGILL) before the request was made."""
 
 import os
@@ -8,7 +9,7 @@ import textwrap
 
 import pytest
 
-from colocate.amx import cpu_has_amx
+from colocate.actors.cpu.amx import cpu_has_amx
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -28,9 +29,9 @@ def test_bf16_engine_generates_on_one_thread(tiny_model_dir):
         """
         import sys
         from vllm import LLM, SamplingParams
-        from colocate.config import EngineConfig
-        from colocate.engine import llm_kwargs
-        from colocate.engine_extension import EXTENSION_QUALNAME
+        from colocate.core.config import EngineConfig
+        from colocate.actors.engine import llm_kwargs
+        from colocate.actors.engine_extension import EXTENSION_QUALNAME
 
         kwargs = llm_kwargs(EngineConfig(model=sys.argv[1]), cuda=False)
         llm = LLM(**kwargs, worker_extension_cls=EXTENSION_QUALNAME)

@@ -23,9 +23,9 @@ from colocate import (
     build_tiny_model,
     lm_loss,
 )
-from colocate.cpu_sleep import CpuSleepExtension
-from colocate.phases import EngineMemory
-from colocate.tiny_model import WEIGHTS_216MB
+from colocate.actors.cpu.cpu_sleep import CpuSleepExtension
+from colocate.core.phases import EngineMemory
+from colocate.testing.tiny_model import WEIGHTS_216MB
 from placement import TopologySpec
 
 pytestmark = pytest.mark.timeout(900)

@@ -21,7 +21,7 @@ from colocate import (
     TrainerConfig,
     grpo_loss,
 )
-from colocate.critic import CriticActor, CriticConfig, critic_role
+from colocate.roles.critic import CriticActor, CriticConfig, critic_role
 from placement import TopologySpec
 
 pytestmark = pytest.mark.timeout(900)

@@ -9,8 +9,8 @@ import pytest
 import ray
 
 from colocate import TrainerConfig, lm_loss
-from colocate.ds_ops import extensions_dir, op_environment
-from colocate.trainer import TrainerActor
+from colocate.actors.cpu.ds_ops import extensions_dir, op_environment
+from colocate.actors.trainer import TrainerActor
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -72,7 +72,7 @@ def test_a_live_holder_of_the_build_lock_is_named_within_the_bound(tmp_path):
             [
                 sys.executable,
                 "-c",
-                "from colocate.ds_ops import prepare_ops; prepare_ops(timeout_s=2)",
+                "from colocate.actors.cpu.ds_ops import prepare_ops; prepare_ops(timeout_s=2)",
             ],
             capture_output=True,
             text=True,

@@ -4,7 +4,7 @@ tests/colocate/test_micro_batches.py and tests/weight_sync/test_families.py)."""
 import pytest
 import torch
 
-from colocate.export import weight_chunks
+from colocate.actors.export import weight_chunks
 from weight_sync import TensorMeta
 
 pytestmark = pytest.mark.fast

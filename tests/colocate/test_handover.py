@@ -7,9 +7,9 @@ import time
 import pytest
 import ray
 
-from colocate.calls import Call, Chain, wait_all
-from colocate.contract import Tenant
-from colocate.errors import ActorFailedError, ActorTimeoutError
+from colocate.core.calls import Call, Chain, wait_all
+from colocate.core.contract import Tenant
+from colocate.core.errors import ActorFailedError, ActorTimeoutError
 
 pytestmark = [pytest.mark.fast, pytest.mark.timeout(120)]
 

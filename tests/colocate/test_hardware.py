@@ -6,9 +6,9 @@ import pytest
 from raysupport import fake_cuda_probe
 
 from colocate import EngineActor, EngineConfig, SyncConfig, TrainerActor, TrainerConfig, grpo_loss
-from colocate.config import ConfigError, check_engine_model
-from colocate.fleet import Fleet
-from colocate.syncing import SyncDriver
+from colocate.core.config import ConfigError, check_engine_model
+from colocate.core.fleet import Fleet
+from colocate.core.syncing import SyncDriver
 from placement import DeviceKind, TopologySpec, plan, reserve
 from weight_sync import Backend
 

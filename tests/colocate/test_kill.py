@@ -17,9 +17,9 @@ import ray
 from fakes import fake_coordinator, fake_model_dir
 
 from colocate import ActorNotDeadError, ActorStateError
-from colocate import fleet as fleet_module
-from colocate.fleet import await_deaths
-from colocate.handovers import ActorId
+from colocate.core import fleet as fleet_module
+from colocate.core.fleet import await_deaths
+from colocate.core.handovers import ActorId
 from placement import TenantKind
 
 pytestmark = pytest.mark.timeout(120)

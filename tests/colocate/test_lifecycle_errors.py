@@ -19,9 +19,9 @@ from colocate import (
     EngineRpcTimeoutError,
     EngineTenant,
 )
-from colocate.calls import Call, _raise_for
-from colocate.coordinator import Timeouts
-from colocate.engine import EngineActor
+from colocate.actors.engine import EngineActor
+from colocate.core.calls import Call, _raise_for
+from colocate.core.coordinator import Timeouts
 
 pytestmark = pytest.mark.fast
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from colocate import Coordinator, EngineConfig, LoadFormat, TrainerConfig, grpo_loss
-from colocate.config import ConfigError, DType, SyncConfig, ZeroStage
-from colocate.memory_check import bundles_of, role_loads, settings_for
-from colocate.memory_plan import (
+from colocate.core.config import ConfigError, DType, SyncConfig, ZeroStage
+from colocate.core.phases import PhaseError
+from colocate.operations.memory_check import bundles_of, role_loads, settings_for
+from colocate.operations.memory_plan import (
     FIXED,
     GIB,
     REDUCE_BUCKET_ELEMENTS,
@@ -35,8 +36,7 @@ from colocate.memory_plan import (
     model_shape,
     plan_memory,
 )
-from colocate.memory_plan_cli import main as plan_cli
-from colocate.phases import PhaseError
+from colocate.operations.memory_plan_cli import main as plan_cli
 from placement import DeviceKind, TopologySpec, plan
 
 P = 1_000_000
@@ -100,8 +100,8 @@ def test_bf16_keeps_fp32_master_weights_and_grads(
 @pytest.mark.fast
 def test_zero3_bucket_and_sub_group_are_the_backends():
     # One number each, in the DeepSpeed config the backend builds and in the plan's settings.
-    from colocate.deepspeed_backend import deepspeed_config
-    from colocate.memory_plan import SUB_GROUP_ELEMENTS
+    from colocate.actors.deepspeed_backend import deepspeed_config
+    from colocate.operations.memory_plan import SUB_GROUP_ELEMENTS
 
     zero = deepspeed_config(TrainerConfig(model="unused"))["zero_optimization"]
     assert zero["reduce_bucket_size"] == MemorySettings().reduce_bucket_elements
@@ -575,7 +575,7 @@ def test_the_ppo_topology_is_planned_from_the_role_classes(tiny_model_dir, tmp_p
         reference_role,
         reward_model_role,
     )
-    from colocate.roles import attach_roles
+    from colocate.roles.base import attach_roles
 
     rm = str(init_reward_model(tiny_model_dir, tmp_path / "rm"))
     critic = TrainerConfig(model=tiny_model_dir, dtype=DType.BFLOAT16)

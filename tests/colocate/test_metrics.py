@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from colocate.metrics import merge_metrics
-from colocate.trainer_backend import accumulate
+from colocate.actors.trainer_backend import accumulate
+from colocate.algorithms.metrics import merge_metrics
 
 pytestmark = pytest.mark.fast
 

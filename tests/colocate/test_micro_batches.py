@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from colocate import TrainerConfig, lm_loss
-from colocate.micro_batches import plan_step, token_weights
-from colocate.trainer import TrainerActor, shard_batch
+from colocate.actors.trainer import TrainerActor, shard_batch
+from colocate.algorithms.micro_batches import plan_step, token_weights
 
 
 @pytest.mark.fast

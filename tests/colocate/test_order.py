@@ -22,8 +22,8 @@ from colocate import (
     PhaseError,
     Sampling,
 )
-from colocate.handovers import TABLE
-from colocate.phases import RESIDENT
+from colocate.core.handovers import TABLE
+from colocate.core.phases import RESIDENT
 from placement import TenantKind, TopologySpec
 from weight_sync import Backend, WeightSyncError
 
@@ -57,7 +57,7 @@ def _rows(timeline) -> set[str]:
 def _check_order(timeline):
     assert timeline.ordering_violations() == []
     # Not vacuous: hand-overs with both a release and an acquisition on one GPU exist.
-    from colocate.timeline import ACQUIRE_STEPS, RELEASE_STEPS
+    from colocate.operations.timeline import ACQUIRE_STEPS, RELEASE_STEPS
 
     pairs = {}
     for s in timeline.spans:

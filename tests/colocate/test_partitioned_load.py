@@ -5,7 +5,7 @@ import ray
 from safetensors.torch import load_file
 
 from colocate import TrainerConfig, lm_loss
-from colocate.trainer import TrainerActor
+from colocate.actors.trainer import TrainerActor
 from weight_sync.fingerprint import fingerprint
 
 pytestmark = pytest.mark.timeout(600)
@@ -43,7 +43,7 @@ def test_partitioned_start_holds_exactly_the_checkpoint(ray_local, tiny_model_di
 def test_a_load_model_override_is_honoured(ray_local, tiny_model_dir):
     class GivenModel(TrainerActor):  # local: shipped to the worker by value
         def load_model(self):
-            from colocate.trainer_backend import load_model
+            from colocate.actors.trainer_backend import load_model
 
             return load_model(self.config)
 

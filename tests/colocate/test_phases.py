@@ -2,10 +2,10 @@
 
 import pytest
 
-from colocate.handovers import TRANSITIONS, check_transition
-from colocate.memory import MemoryReading
-from colocate.phases import Phase, PhaseError, require
-from colocate.timeline import Span, Timeline
+from colocate.core.handovers import TRANSITIONS, check_transition
+from colocate.core.phases import Phase, PhaseError, require
+from colocate.operations.memory import MemoryReading
+from colocate.operations.timeline import Span, Timeline
 
 pytestmark = pytest.mark.fast
 
@@ -109,8 +109,8 @@ def test_startup_span_sum_adds_the_slowest_engine_and_the_slowest_trainer_rank()
 
 def test_the_trainer_start_is_split_over_the_start_up_rows():
     """``init`` holds both parts: the preparation waits for nothing, the start for the sleep."""
-    from colocate.contract import EngineTenant, TrainerTenant
-    from colocate.handovers import INIT, RESTART_TRAINERS, START, Context, plan_handover
+    from colocate.core.contract import EngineTenant, TrainerTenant
+    from colocate.core.handovers import INIT, RESTART_TRAINERS, START, Context, plan_handover
     from placement import TopologySpec, plan
 
     p = plan(TopologySpec(nodes=1, gpus_per_node=2, trainer_world_size=2, engines=2))

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from colocate.ppo import gae, ppo_advantages, token_rewards
+from colocate.algorithms.ppo import gae, ppo_advantages, token_rewards
 
 pytestmark = pytest.mark.fast
 

@@ -66,9 +66,9 @@ def test_role_placement_is_checked_by_the_planner(tiny_model_dir):
 
 
 def test_role_fields_are_typed():
-    with pytest.raises(ConfigError, match="must subclass colocate.contract.RoleTenant"):
+    with pytest.raises(ConfigError, match="must subclass colocate.core.contract.RoleTenant"):
         Role("judge", dict)
-    from colocate.reference import ReferenceActor
+    from colocate.roles.reference import ReferenceActor
 
     with pytest.raises(ConfigError, match="phases=.*fix:"):
         Role("judge", ReferenceActor, phases=frozenset({Phase.BOOT}))

@@ -8,8 +8,8 @@ import itertools
 
 import pytest
 
-from colocate.contract import RoleTenant
-from colocate.handovers import (
+from colocate.core.contract import RoleTenant
+from colocate.core.handovers import (
     INIT,
     RECOVER,
     ROLLOUT,
@@ -21,8 +21,8 @@ from colocate.handovers import (
     Context,
     plan_handover,
 )
-from colocate.phases import Phase
-from colocate.roles import RESIDENT_PHASES
+from colocate.core.phases import Phase
+from colocate.roles.base import RESIDENT_PHASES
 from placement import RoleSpec, TenantKind, TopologySpec, plan
 
 pytestmark = pytest.mark.fast

@@ -40,7 +40,7 @@ SAMPLING = Sampling(n=4, max_tokens=8)
 def _driver_scores(path, batch):
     from transformers import AutoModelForSequenceClassification
 
-    from colocate.reward_model import sequence_scores
+    from colocate.roles.reward_model import sequence_scores
 
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():

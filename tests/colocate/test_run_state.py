@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from colocate.run_state import RESUME_FILE, RunState, capture_rng, load_run, save_run
+from colocate.operations.run_state import RESUME_FILE, RunState, capture_rng, load_run, save_run
 
 pytestmark = pytest.mark.fast
 

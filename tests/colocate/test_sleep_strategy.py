@@ -5,11 +5,17 @@ engine's call into its workers). That the page release frees memory for real is
 
 import pytest
 
-from colocate.contract import EngineCapabilities
-from colocate.cpu_sleep import CpuSleepExtension
-from colocate.sleep import SleepMechanism, SleepResult, SleepTag, choose_sleep, make_sleep_strategy
-from colocate.sleep.cpu_pages import CpuPageRelease
-from colocate.sleep.vllm_mode import VllmSleepMode
+from colocate.actors.cpu.cpu_sleep import CpuSleepExtension
+from colocate.actors.sleep import (
+    SleepMechanism,
+    SleepResult,
+    SleepTag,
+    choose_sleep,
+    make_sleep_strategy,
+)
+from colocate.actors.sleep.cpu_pages import CpuPageRelease
+from colocate.actors.sleep.vllm_mode import VllmSleepMode
+from colocate.core.contract import EngineCapabilities
 
 pytestmark = pytest.mark.fast
 

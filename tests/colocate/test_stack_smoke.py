@@ -14,8 +14,8 @@ from colocate import (
     TrainerConfig,
     lm_loss,
 )
-from colocate.engine import EngineActor
-from colocate.trainer import TrainerActor
+from colocate.actors.engine import EngineActor
+from colocate.actors.trainer import TrainerActor
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from colocate import TinyModelSpec, build_tiny_model
-from colocate.config import CPU_HEAD_SIZES, EngineConfig, check_engine_model
+from colocate.core.config import CPU_HEAD_SIZES, EngineConfig, check_engine_model
 
 pytestmark = pytest.mark.fast
 

@@ -116,7 +116,7 @@ def _kill_group(proc):
 
 
 def _ops_snapshot() -> dict:
-    from colocate.ds_ops import extensions_dir
+    from colocate.actors.cpu.ds_ops import extensions_dir
 
     root = extensions_dir()
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*.so")}

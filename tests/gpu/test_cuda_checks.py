@@ -189,8 +189,8 @@ def _train_step(model, opt):
 
 def test_torch_fallback_offload_frees_memory_and_restores_params():
     """The plain-torch trainer fallback: params, grads and Adam states to pinned host memory."""
-    from colocate.config import TrainerConfig
-    from colocate.trainer import TrainerActor
+    from colocate.actors.trainer import TrainerActor
+    from colocate.core.config import TrainerConfig
 
     torch.cuda.empty_cache()
     free_before, total = torch.cuda.mem_get_info()
@@ -327,8 +327,8 @@ def test_deepspeed_offload_states_moves_training_tensors_off_gpu_and_restores_th
     offload) is measured and recorded, not asserted: CUDA context, NCCL and kernels stay.
     """
     pytest.importorskip("deepspeed")
-    from colocate.config import TrainerConfig
-    from colocate.trainer import TrainerActor
+    from colocate.actors.trainer import TrainerActor
+    from colocate.core.config import TrainerConfig
 
     class MlpTrainer(TrainerActor):
         def load_model(self):
@@ -399,5 +399,5 @@ def test_deepspeed_offload_states_moves_training_tensors_off_gpu_and_restores_th
     live = torch_bytes["after_offload"]["allocated"] / torch_bytes["after_step"]["allocated"]
     assert live <= 0.1, f"{live:.0%} of the training tensors stayed on the GPU"
     if "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
-        # The trainer actors' setting on CUDA (colocate/fleet.py).
+        # The trainer actors' setting on CUDA (colocate/core/fleet.py).
         assert allocator_freed >= 0.9, f"offload returned {allocator_freed:.0%} of the allocator"

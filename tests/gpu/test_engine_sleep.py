@@ -15,9 +15,9 @@ pytestmark = [
 
 
 def test_sleep_frees_engine_memory_and_wake_restores_service(tiny_model_dir):
-    from colocate.config import EngineConfig, Sampling
-    from colocate.engine import EngineActor
-    from colocate.phases import EngineMemory
+    from colocate.actors.engine import EngineActor
+    from colocate.core.config import EngineConfig, Sampling
+    from colocate.core.phases import EngineMemory
 
     free0, total = torch.cuda.mem_get_info()
     engine = EngineActor(

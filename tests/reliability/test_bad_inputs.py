@@ -23,11 +23,11 @@ from colocate import (
     grpo_loss,
     make_grpo_batch,
 )
-from colocate.config import check_engine_model
-from colocate.coordinator import Timeouts
-from colocate.micro_batches import plan_step
-from colocate.syncing import check_compatible
-from colocate.trainer import shard_batch
+from colocate.actors.trainer import shard_batch
+from colocate.algorithms.micro_batches import plan_step
+from colocate.core.config import check_engine_model
+from colocate.core.coordinator import Timeouts
+from colocate.core.syncing import check_compatible
 from placement import TopologyError, TopologySpec, plan
 from placement.spec import ClusterInfo, NodeInfo
 from weight_sync import (

@@ -1,8 +1,8 @@
 """Soak: many rollout -> train -> sync cycles; memory, descriptors and threads stay flat, every
 sync verifies, and shutdown returns Ray to its baseline. 20 cycles in CI, 200 marked slow.
 
-The engines' sleep frees memory on CPU too (``colocate.cpu_sleep``): after every ROLLOUT ->
-TRAIN hand-over each engine's process RSS must be down by its KV cache, and asleep it must come
+The engines' sleep frees memory on CPU too (``colocate.actors.cpu.cpu_sleep``): after every ROLLOUT
+-> TRAIN hand-over each engine's process RSS must be down by its KV cache, and asleep it must come
 back to the same level every cycle."""
 
 import os

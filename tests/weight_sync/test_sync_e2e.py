@@ -14,7 +14,7 @@ from colocate import (
     TrainerConfig,
     lm_loss,
 )
-from colocate.engine import EngineActor
+from colocate.actors.engine import EngineActor
 from placement import TopologySpec
 from weight_sync import WeightSyncError
 

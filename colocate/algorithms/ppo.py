@@ -1,0 +1,90 @@
+"""PPO's advantages: per-token rewards (KL penalty plus the sequence score) and GAE.
+
+Batches follow ``colocate.algorithms.losses`` (right-padded rows of prompt + completion). PPO adds,
+per
+row: ``ref_logprobs`` (the reference's), ``values`` (the critic's, ``colocate.roles.critic``) and a
+sequence score (the reward model's, or a Python reward). :func:`ppo_advantages` turns them into
+token-level ``advantages`` (whitened over completion tokens) and ``returns``; the policy's loss
+is then :func:`colocate.algorithms.losses.grpo_loss` (PPO-clip, which takes token-level advantages)
+and the critic's is :func:`colocate.roles.critic.value_loss`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["token_rewards", "gae", "ppo_advantages"]
+
+
+def token_rewards(batch: dict, scores: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards [B, T]: the KL penalty on every token, the score on the last.
+
+    ``-kl_coef * (log pi_old - log pi_ref)`` on every completion token, plus the row's score
+    on its last completion token.
+    """
+    mask = batch["completion_mask"].float()
+    rewards = -kl_coef * (batch["old_logprobs"] - batch["ref_logprobs"]) * mask
+    positions = torch.arange(mask.shape[1]).expand_as(mask)
+    last = (positions * (mask > 0)).max(dim=1).values  # the last completion token of each row
+    rewards[torch.arange(len(last)), last] += scores.float()
+    return rewards
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the masked (completion) tokens of each row.
+
+    Returns:
+        ``(advantages, returns)`` [B, T], 0 outside ``mask``; ``returns = advantages + values``.
+    """
+    mask = mask.float()
+    adv = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0])
+    next_value = torch.zeros(rewards.shape[0])
+    for t in reversed(range(rewards.shape[1])):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        adv[:, t] = running * m
+        # outside the completion nothing flows: the recursion restarts at its last token
+        running = running * m
+        next_value = values[:, t] * m
+    return adv, (adv + values) * mask
+
+
+def ppo_advantages(
+    batch: dict,
+    scores: torch.Tensor,
+    *,
+    kl_coef: float = 0.05,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    normalize_scores: bool = True,
+) -> dict:
+    """``batch`` with PPO's advantages.
+
+    Adds ``advantages`` (whitened over completion tokens), ``returns``, ``old_values`` and
+    ``token_rewards``. Needs ``completion_mask``, ``old_logprobs``, ``ref_logprobs`` and
+    ``values`` [B, T]. With ``normalize_scores`` the batch's scores are first brought to mean
+    0 and unit spread (OpenRLHF's ``--normalize_reward``, per batch): a reward model's scale
+    then does not decide how much the KL penalty weighs.
+    """
+    scores = scores.float()
+    if normalize_scores and len(scores) > 1:
+        scores = (scores - scores.mean()) / (scores.std(unbiased=False) + 1e-6)
+    mask = batch["completion_mask"].float()
+    values = batch["values"].float() * mask
+    rewards = token_rewards(batch, scores, kl_coef)
+    adv, returns = gae(rewards, values, mask, gamma, lam)
+    tokens = mask.sum().clamp(min=1.0)
+    mean = (adv * mask).sum() / tokens
+    std = (((adv - mean) * mask) ** 2).sum().div(tokens).sqrt()
+    whitened = (adv - mean) / (std + 1e-6) * mask
+    return {
+        **batch,
+        "advantages": whitened,
+        "returns": returns,
+        "old_values": values,
+        "token_rewards": rewards,
+    }

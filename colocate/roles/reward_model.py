@@ -1,0 +1,185 @@
+"""The reward model: an HF sequence-classification model, one score per prompt + completion.
+
+Forward-only and resident in SCORE by default, beside (or instead of) a Python reward function.
+:func:`init_reward_model` and :func:`fit_reward_model` make a small one locally (the examples
+train one in seconds on synthetic completions labelled by the toy rule); any local directory
+with a single-score head works.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from colocate.core.config import ConfigError
+from colocate.core.phases import Phase
+from colocate.operations.memory_plan import ModelHead, RoleFootprint, model_shape
+from colocate.roles.base import Role, RoleActor
+from colocate.roles.role_checks import check_same_vocabulary, check_single_score_head
+
+__all__ = [
+    "RewardModelConfig",
+    "RewardModelActor",
+    "reward_model_role",
+    "init_reward_model",
+    "fit_reward_model",
+    "sequence_scores",
+]
+
+
+@dataclass(frozen=True)
+class RewardModelConfig:
+    """What the reward model loads.
+
+    Attributes:
+        model: Local HF directory of a ``*ForSequenceClassification`` model, ``num_labels=1``.
+        micro_batch_size: Rows per forward.
+    """
+
+    model: str
+    micro_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        m = self.micro_batch_size
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ConfigError(
+                f"RewardModelConfig.micro_batch_size={m!r}: must be an int >= 1; fix: e.g. 16"
+            )
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The model's score [B] of each right-padded row, read at its last attended token.
+
+    The last token is found from ``attention_mask``, not from the pad id (a completion may
+    end in a token equal to it).
+    """
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
+    logits = model.score(hidden).squeeze(-1).float()  # [B, T]
+    last = attention_mask.long().sum(1).clamp(min=1) - 1
+    return logits.gather(1, last.unsqueeze(1)).squeeze(1)
+
+
+class RewardModelActor(RoleActor):
+    """One rank of the reward model (frozen, forward-only)."""
+
+    @classmethod
+    def check_config(cls, config: RewardModelConfig, policy_model: str) -> None:
+        """A single-score sequence-classification head and the policy's vocabulary."""
+        check_single_score_head("RewardModelConfig.model", config.model)
+        check_same_vocabulary("RewardModelConfig.model", config.model, policy_model)
+
+    @classmethod
+    def footprint(cls, config: RewardModelConfig) -> RoleFootprint:
+        """Frozen and forward-only: fp32 weights, ``micro_batch_size`` rows, one score each."""
+        shape = model_shape(config.model, ModelHead.SEQUENCE_SCORE)
+        return RoleFootprint.frozen(shape, 4, config.micro_batch_size, outputs=1)
+
+    def build(self) -> torch.nn.Module:
+        """The reward model in host memory (fp32)."""
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(
+            self.config.model, dtype=torch.float32
+        )
+        if not hasattr(model, "score"):
+            raise ConfigError(
+                f"RewardModelConfig.model={self.config.model!r}: {type(model).__name__} has no "
+                "'score' head; fix: use a decoder-style *ForSequenceClassification model"
+            )
+        model.requires_grad_(False)
+        return model
+
+    @torch.no_grad()
+    def scores(self, batch: dict) -> torch.Tensor:
+        """One score per row [B] of ``input_ids`` / ``attention_mask`` (prompt + completion)."""
+        self.require_resident("scores")
+        with self.span("reward_model.scores", rows=len(batch["input_ids"])):
+            return self.forward_rows(sequence_scores, batch, self.config.micro_batch_size)
+
+
+def reward_model_role(
+    model: str,
+    *,
+    micro_batch_size: int = 16,
+    phases: frozenset[Phase] = frozenset({Phase.SCORE}),
+    bundles: tuple[int, ...] | None = None,
+    gpu_fraction: float = 0.1,
+) -> Role:
+    """The reward model as a :class:`~colocate.roles.base.Role` named ``"reward"``."""
+    return Role(
+        "reward",
+        RewardModelActor,
+        RewardModelConfig(model, micro_batch_size),
+        phases,
+        bundles,
+        gpu_fraction,
+    )
+
+
+def init_reward_model(policy_model: str, out: str | Path, seed: int = 0) -> Path:
+    """A fresh single-score model of the policy's architecture and tokenizer, saved in ``out``."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    out = Path(out)
+    config = AutoConfig.from_pretrained(policy_model, num_labels=1)
+    tok = AutoTokenizer.from_pretrained(policy_model)
+    config.pad_token_id = tok.pad_token_id
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config).float()
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def fit_reward_model(
+    path: str | Path,
+    sample: Callable[[random.Random], tuple[Sequence[int], float]],
+    *,
+    steps: int = 150,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    seed: int = 0,
+    pad_id: int = 0,
+) -> dict[str, float]:
+    """Regresses the model in ``path`` on ``sample(rng) -> (token ids, target)``; saves it.
+
+    Mean squared error, AdamW; returns the first and last batches' losses and the correlation
+    of scores with targets on a fresh held-out batch.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    def draw(n: int):
+        rows = [sample(rng) for _ in range(n)]
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((n, width), pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, (seq, _) in enumerate(rows):
+            ids[i, : len(seq)] = torch.tensor(list(seq))
+            mask[i, : len(seq)] = 1
+        return ids, mask, torch.tensor([t for _, t in rows], dtype=torch.float32)
+
+    losses = []
+    model.train()
+    for _ in range(steps):
+        ids, mask, target = draw(batch_size)
+        loss = torch.nn.functional.mse_loss(sequence_scores(model, ids, mask), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    with torch.no_grad():
+        ids, mask, target = draw(256)
+        pred = sequence_scores(model, ids, mask)
+        corr = float(torch.corrcoef(torch.stack([pred, target]))[0, 1])
+    model.save_pretrained(path, safe_serialization=True)
+    return {"first_loss": losses[0], "last_loss": losses[-1], "heldout_corr": corr}

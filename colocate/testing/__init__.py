@@ -1,0 +1,2 @@
+"""For tests, examples and benchmarks: deterministic tiny models of real HF architectures, a
+locally trained tokenizer, and the toy task."""
