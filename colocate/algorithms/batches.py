@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from colocate.algorithms.micro_batches import MicroBatch, token_weights
+from colocate.algorithms.micro_batches import MicroBatch, plan_step, token_weights
 
 __all__ = ["batch_rows", "slice_rows", "shard_batch", "weighted_parts"]
 
@@ -66,3 +66,36 @@ def weighted_parts(shard: dict, step: list[MicroBatch], loss_tokens: str) -> lis
         parts.append(part)
         tokens.append(float(mask.sum()) if mask is not None else float(mb.stop - mb.start))
     return list(zip(parts, token_weights(tokens), strict=True))
+
+
+def split_contiguous(items: list, parts: int) -> list[tuple[int, list]]:
+    """``items`` cut into ``parts`` contiguous chunks of near-equal size.
+
+    Returns:
+        ``(offset, chunk)`` of each non-empty chunk, in order (``offset``: its first item's
+        index in ``items``).
+    """
+    bounds = [round(i * len(items) / parts) for i in range(parts + 1)]
+    return [
+        (bounds[i], items[bounds[i] : bounds[i + 1]])
+        for i in range(parts)
+        if bounds[i + 1] > bounds[i]
+    ]
+
+
+def shard_for_ranks(
+    batch: dict, world_size: int, mini_batches: int, micro_batch_size: int
+) -> tuple[list[dict], int]:
+    """One contiguous shard of ``batch`` per rank, and the largest shard's row count.
+
+    Every rank is told the largest count, so that all take the same number of optimizer
+    steps and micro-batches (ZeRO's collectives need every rank in each).
+
+    Raises:
+        ValueError: A batch that cannot be cut so (ragged columns, fewer rows than ranks or
+            than the micro-batch plan needs), before anything is sent.
+    """
+    shards = [shard_batch(batch, r, world_size) for r in range(world_size)]
+    max_rows = max(batch_rows(s) for s in shards)
+    plan_step(max_rows, max_rows, mini_batches, micro_batch_size)
+    return shards, max_rows

@@ -52,3 +52,30 @@ class VersionLedger:
         """Steps between the oldest of ``versions`` and a trainer at ``step``; None if unknown."""
         known = [self._step_of[v] for v in set(versions) if v in self._step_of]
         return step - min(known) if known else None
+
+    def batch_staleness(self, batch: dict, step: int, bound: int | None) -> int | None:
+        """The staleness of ``batch`` (from its ``weight_version`` rows, if any) at ``step``.
+
+        Args:
+            batch: A train batch; without a ``weight_version`` column its staleness is unknown.
+            step: The trainer's optimizer steps so far.
+            bound: The most staleness allowed (``PipelineConfig.max_staleness`` in ASYNC
+                mode), or None for no bound.
+
+        Raises:
+            StalenessError: Beyond ``bound`` (before anything runs).
+        """
+        versions = batch.get("weight_version")
+        if versions is None:
+            return None
+        rows = versions.tolist() if hasattr(versions, "tolist") else versions
+        versions = [int(v) for v in rows]
+        staleness = self.staleness(versions, step)
+        if bound is not None and staleness is not None and staleness > bound:
+            raise StalenessError(
+                f"the batch was generated with weight version {min(versions)}, {staleness} "
+                f"optimizer steps behind the trainer (step {step}); "
+                f"PipelineConfig.max_staleness={bound}; fix: sync() after every train(), or "
+                "raise max_staleness"
+            )
+        return staleness

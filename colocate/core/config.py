@@ -350,6 +350,11 @@ class PipelineConfig:
         object.__setattr__(self, "mode", _enum("PipelineConfig", "mode", self.mode, Pipeline))
         _positive_int("PipelineConfig", "max_staleness", self.max_staleness)
 
+    @property
+    def staleness_bound(self) -> int | None:
+        """The staleness a train batch may have: ``max_staleness`` in ASYNC mode, else none."""
+        return self.max_staleness if self.mode is Pipeline.ASYNC else None
+
 
 @dataclass(frozen=True)
 class Sampling:

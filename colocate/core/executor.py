@@ -11,25 +11,45 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 from colocate.core.calls import Call, Chain, wait_all
 from colocate.core.contract import Tag
 from colocate.core.errors import ColocateError, InputError
+from colocate.core.fleet import Fleet
 from colocate.core.handovers import Context, Row, plan_handover
 from colocate.core.phases import RESIDENT, Phase, PhaseError
 from colocate.operations.timeline import Recorder, Timeline
 from placement import Plan
 
-__all__ = ["Executor", "Pending"]
+__all__ = ["Executor", "Step"]
 
 
-@dataclass
-class Pending:
-    """What a chain being planned will do: the phase it reaches and its rows."""
+class Step(Chain):
+    """One driver round being built: a chain of calls, the phase it reaches and its rows.
 
-    phase: Phase
-    rows: list = field(default_factory=list)  # (row, planned calls, chain steps)
+    Rows of the hand-over table (:meth:`row`) and plain calls (:meth:`add`) go into one chain;
+    :meth:`run` executes it with one bounded driver wait. Made by :meth:`Executor.step`.
+
+    Args:
+        executor: The executor that plans its rows and runs it.
+        fleet: The actors its rows' calls go to.
+    """
+
+    def __init__(self, executor: Executor, fleet: Fleet):
+        super().__init__()
+        self.executor = executor
+        self.fleet = fleet
+        self.phase = executor.phase  # the phase reached once every row added so far ran
+        self.rows: list = []  # (row, planned calls, chain steps)
+
+    def row(self, row: Row, ctx: Context) -> Step:
+        """Plans ``row`` into this step (see :meth:`Executor.add_row`); returns the step."""
+        self.executor.add_row(self, row, ctx)
+        return self
+
+    def run(self, name: str, timeout_s: float | None = None) -> list:  # type: ignore[override]
+        """Executes the step (see :meth:`Executor.run_step`); returns every call's result."""
+        return self.executor.run_step(self, name, timeout_s)
 
 
 class Executor:
@@ -49,7 +69,6 @@ class Executor:
         self.timeline = timeline
         self.timeout_s = step_timeout_s
         self.phase = Phase.INIT
-        self.fleet = None  # set once the coordinator created it
         #: Sequential driver rounds so far (each one set of calls and one wait): a loop step
         #: (generate, train, sync) costs 3.
         self.rounds = 0
@@ -76,37 +95,37 @@ class Executor:
         with self.recorder.span(name, tag, **detail) as d:
             yield d
 
-    def pending(self) -> tuple[Chain, Pending]:
-        """A new chain, and what it will do, starting from the current phase."""
-        return Chain(), Pending(self.phase)
+    def step(self, fleet: Fleet) -> Step:
+        """A new driver round over ``fleet``, starting from the current phase."""
+        return Step(self, fleet)
 
-    def add_row(self, chain: Chain, row: Row, ctx: Context, pending: Pending) -> None:
-        """Plans ``row`` into ``chain`` from the phase the chain has reached (pure, no Ray).
+    def add_row(self, step: Step, row: Row, ctx: Context) -> None:
+        """Plans ``row`` into ``step`` from the phase the step has reached (pure, no Ray).
 
         The row must start from that phase (already in its target with no row looping there:
         nothing to add). Each acquisition waits for the releases on its GPUs; each preparation
         waits for nothing.
         """
-        if pending.phase not in row.sources:
-            if pending.phase is row.target:
+        if step.phase not in row.sources:
+            if step.phase is row.target:
                 return
             allowed = " or ".join(repr(p.value) for p in sorted(row.sources, key=str))
             raise PhaseError(
                 f"{row.name} needs phase {allowed}, but the pipeline is in "
-                f"{pending.phase.value!r}"
-                + ("; call recover() first" if pending.phase is Phase.FAILED else "")
+                f"{step.phase.value!r}"
+                + ("; call recover() first" if step.phase is Phase.FAILED else "")
             )
-        planned = plan_handover(row, self.plan, ctx, pending.phase)
+        planned = plan_handover(row, self.plan, ctx, step.phase)
         tag = self.tag(row.name)
 
         def calls(items) -> list[Call]:
-            return [self.fleet.call(c.actor, c.verb, *c.args, tag=tag) for c in items]
+            return [step.fleet.call(c.actor, c.verb, *c.args, tag=tag) for c in items]
 
-        steps = chain.add_handover(
+        steps = step.add_handover(
             calls(planned.releases), calls(planned.acquires), calls(planned.prepares)
         )
-        pending.rows.append((row, [*planned.prepares, *planned.releases, *planned.acquires], steps))
-        pending.phase = row.target
+        step.rows.append((row, [*planned.prepares, *planned.releases, *planned.acquires], steps))
+        step.phase = row.target
 
     def wait(self, calls, timeout_s: float | None = None) -> list:
         """One driver round: starts ``calls`` and waits for all of them (bounded).
@@ -120,8 +139,8 @@ class Executor:
         finally:
             self.timeline.extend(spans)
 
-    def run_chain(self, chain: Chain, pending: Pending, name: str, timeout_s=None) -> list:
-        """Runs a planned chain: one driver wait, then the table's checks, then the phase.
+    def run_step(self, step: Step, name: str, timeout_s: float | None = None) -> list:
+        """Runs a planned step: one driver wait, then the table's checks, then the phase.
 
         Order: (1) every call is submitted at once (Ray orders them: releases before
         acquisitions per GPU, each actor's calls in the order added); (2) one bounded wait
@@ -133,32 +152,29 @@ class Executor:
         tag = self.tag(name)
         spans: list = []
         try:
-            with self.span(name, tag, rows=[r.name for r, _, _ in pending.rows]):
+            with self.span(name, tag, rows=[r.name for r, _, _ in step.rows]):
                 self.rounds += 1
-                results = chain.run(timeout_s or self.timeout_s, spans)
+                results = Chain.run(step, timeout_s or self.timeout_s, spans)
         except (InputError, PhaseError):
-            if pending.rows:  # an actor refused after some hand-overs ran: states unknown
+            if step.rows:  # an actor refused after some hand-overs ran: states unknown
                 self.phase = Phase.FAILED
             raise
         finally:
             self.timeline.extend(spans)
             self.timeline.extend(self.recorder.drain())
-        for row, planned, steps in pending.rows:
+        for row, planned, steps in step.rows:
             self.check_resident(row, planned, [results[i] for i in steps])
-        self.phase = pending.phase
+        self.phase = step.phase
         return results
 
-    def run(self, row: Row, ctx: Context, timeout_s: float | None = None) -> list:
+    def run(self, fleet: Fleet, row: Row, ctx: Context, timeout_s: float | None = None) -> list:
         """Executes one row of the hand-over table on its own (start-up and recovery).
 
         Returns:
             The preparations' results, then the releases', then the acquisitions'.
         """
-        chain, pending = Chain(), Pending(self.phase)
-        self.add_row(chain, row, ctx, pending)
-        if not pending.rows:
-            return []
-        return self.run_chain(chain, pending, "handover", timeout_s)
+        step = self.step(fleet).row(row, ctx)
+        return step.run("handover", timeout_s) if step.rows else []
 
     def check_resident(self, row: Row, planned, results) -> None:
         """Raises if a memory state an actor reports is not what ``row``'s target phase needs."""

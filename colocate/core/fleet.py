@@ -19,10 +19,10 @@ from collections.abc import Callable
 import ray
 
 from colocate.core.calls import Call
-from colocate.core.config import EngineConfig, TrainerConfig
-from colocate.core.contract import EngineTenant, Tag, TrainerTenant
+from colocate.core.contract import Tag
 from colocate.core.errors import ActorNotDeadError, ActorStateError
 from colocate.core.handovers import ActorId, actors_of, lanes_of
+from colocate.core.run_config import RunConfig
 from colocate.operations.timeline import Span
 from placement import DeviceKind, Plan, Reservation, TenantKind
 
@@ -35,42 +35,24 @@ class Fleet:
     """Engine, trainer and role actors of one topology.
 
     Args:
-        name: Prefix of the Ray actor names.
+        config: The run's configuration (actor classes and configs, the loss shipped to every
+            trainer rank, the roles, the name prefix, ``Timeouts.kill_s`` for :meth:`kill`).
         plan: The placement plan.
         reservation: The reserved bundles.
-        engine_config: Shared by every engine.
-        trainer_config: Shared by every trainer rank.
-        engine_cls: The engine actor class (an :class:`EngineTenant`).
-        trainer_cls: The trainer actor class (a :class:`TrainerTenant`).
-        loss_fn: The user's loss, shipped to every trainer rank.
-        roles: The roles (``colocate.roles.base.Role``) by name.
-        kill_timeout_s: Bound on confirming a killed actor dead (:meth:`kill`).
     """
 
-    def __init__(
-        self,
-        name: str,
-        plan: Plan,
-        reservation: Reservation,
-        engine_config: EngineConfig,
-        trainer_config: TrainerConfig,
-        engine_cls: type[EngineTenant],
-        trainer_cls: type[TrainerTenant],
-        loss_fn: Callable,
-        roles: dict | None = None,
-        kill_timeout_s: float = 30.0,
-    ):
-        self.name = name
+    def __init__(self, config: RunConfig, plan: Plan, reservation: Reservation):
+        self.name = config.name
         self.plan = plan
         self.reservation = reservation
         self.device: DeviceKind = reservation.device
-        self.engine_config = engine_config
-        self.trainer_config = trainer_config
-        self.engine_cls = engine_cls
-        self.trainer_cls = trainer_cls
-        self.loss_fn = loss_fn
-        self.roles = roles or {}
-        self.kill_timeout_s = kill_timeout_s
+        self.engine_config = config.engine
+        self.trainer_config = config.trainer
+        self.engine_cls = config.engine_cls
+        self.trainer_cls = config.trainer_cls
+        self.loss_fn = config.loss_fn
+        self.roles = config.role_map
+        self.kill_timeout_s = config.timeouts.kill_s
         # Every planned actor, by id; None while it does not exist (before spawn, after a kill).
         self._handles: dict[ActorId, object] = {
             a: None for kind in TenantKind for a in actors_of(plan, kind)

@@ -7,17 +7,17 @@ of the hand-over table, and every driver wait here is one of the executor's boun
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from colocate.core.config import ConfigError
 from colocate.core.errors import ColocateError
-from colocate.core.executor import Executor
+from colocate.core.executor import Executor, Step
 from colocate.core.fleet import Fleet
-from colocate.core.handovers import RESTART_ROLES, SCORE, ActorId, Context, actors_of
+from colocate.core.handovers import RESTART_ROLES, SCORE, ActorId, actors_of
 from colocate.core.phases import Phase, PhaseError
-from colocate.roles.base import Role, RoleActor, merge_rows, split_rows
+from colocate.core.run_config import RunConfig
+from colocate.roles.base import RoleActor, merge_rows, split_rows
 from placement import Plan, TenantKind
 
 __all__ = ["RoleDriver"]
@@ -27,32 +27,20 @@ class RoleDriver:
     """Groups, calls, checkpoints and restarts of a pipeline's roles.
 
     Args:
-        roles: The roles by name.
+        config: The run's configuration (its roles, topology and collective bound).
         plan: The placement plan.
         fleet: The actors.
         executor: The coordinator's executor (rows and bounded waits).
-        ctx: Builds the coordinator's current hand-over context.
-        multi_node: The topology spans nodes (group stores listen on the node's address).
-        timeout_s: Bound on a role group's collectives.
     """
 
-    def __init__(
-        self,
-        roles: dict[str, Role],
-        plan: Plan,
-        fleet: Fleet,
-        executor: Executor,
-        ctx: Callable[..., Context],
-        multi_node: bool,
-        timeout_s: float,
-    ):
-        self.roles = roles
+    def __init__(self, config: RunConfig, plan: Plan, fleet: Fleet, executor: Executor):
+        self.roles = config.role_map
         self.plan = plan
         self.fleet = fleet
         self.exec = executor
-        self.ctx = ctx
-        self.multi_node = multi_node
-        self.timeout_s = timeout_s
+        self.ctx = config.context
+        self.multi_node = config.spec.nodes > 1
+        self.timeout_s = config.collective_timeout_s
 
     def ranks(self, role: str) -> list[ActorId]:
         """The actors of ``role``, in rank order."""
@@ -83,16 +71,24 @@ class RoleDriver:
         """Plans and runs one role call (see ``Coordinator.call_role``); raises on bad input."""
         if role not in self.roles:
             raise ConfigError(f"role={role!r} is not one of {sorted(self.roles)}; fix: pass one")
+        cls = self.roles[role].actor
+        name = getattr(verb, "__name__", None)
+        if not callable(verb) or not name or getattr(cls, name, None) is not verb:
+            raise TypeError(
+                f"call_role({role!r}, {getattr(verb, '__qualname__', verb)!r}): not a method of "
+                f"the role's class {cls.__qualname__}; fix: pass one of its methods, e.g. "
+                f"{cls.__qualname__}.<verb>"
+            )
         phases = self.roles[role].phases
-        chain, pending = self.exec.pending()
-        if pending.phase not in phases:
-            if not (pending.phase is Phase.ROLLOUT and Phase.SCORE in phases):
+        step = self.exec.step(self.fleet)
+        if step.phase not in phases:
+            if not (step.phase is Phase.ROLLOUT and Phase.SCORE in phases):
                 raise PhaseError(
                     f"role {role!r} is resident in {sorted(p.value for p in phases)}, but the "
-                    f"pipeline is in {pending.phase.value!r}; fix: call it in one of those "
+                    f"pipeline is in {step.phase.value!r}; fix: call it in one of those "
                     "phases (from rollout, a role resident in score is reached by this call)"
                 )
-            self.exec.add_row(chain, SCORE, self.ctx(), pending)
+            step.row(SCORE, self.ctx())
         ranks = self.ranks(role)
         if shard:
             if not args or not isinstance(args[0], dict):
@@ -103,14 +99,14 @@ class RoleDriver:
             per_rank = [(part, *args[1:]) for part in split_rows(args[0], len(ranks))]
         else:
             per_rank = [args] * len(ranks)
-        tag = self.exec.tag(pending.phase.value)
+        tag = self.exec.tag(step.phase.value)
         steps = [
-            chain.add(self.fleet.call(a, verb, *a_args, tag=tag))
+            step.add(self.fleet.call(a, verb, *a_args, tag=tag))
             for a, a_args in zip(ranks, per_rank, strict=True)
         ]
 
         def run():
-            results = self.exec.run_chain(chain, pending, f"call_role:{role}")
+            results = step.run(f"call_role:{role}")
             answers = [results[i] for i in steps]
             return merge_rows(answers) if shard else answers
 
@@ -141,10 +137,10 @@ class RoleDriver:
                     f"with that role"
                 )
 
-    def add_loads(self, chain, checkpoint: str, tag) -> list[int]:
-        """Chains every stateful role's load of ``<checkpoint>/<role>`` (after its reload)."""
+    def add_loads(self, step: Step, checkpoint: str, tag) -> list[int]:
+        """Adds every stateful role's load of ``<checkpoint>/<role>`` (after its reload)."""
         return [
-            chain.add(
+            step.add(
                 self.fleet.call(
                     a, self.roles[n].actor.load, self._stateful_path(checkpoint, n), tag=tag
                 )
@@ -188,7 +184,7 @@ class RoleDriver:
             self.ctx(selected=frozenset(replaced), absent=absent),
             role_groups=self.groups(names, tag),
         )
-        self.exec.run(RESTART_ROLES, ctx, start_s)
+        self.exec.run(self.fleet, RESTART_ROLES, ctx, start_s)
         loads = [
             self.fleet.call(
                 a, self.roles[a.role].actor.load, str(Path(checkpoint) / a.role), tag=tag

@@ -5,9 +5,10 @@ CPU ones. Nothing starts an actor: this is what the fleet and the sync driver wo
 import pytest
 from raysupport import fake_cuda_probe
 
-from colocate import EngineActor, EngineConfig, SyncConfig, TrainerActor, TrainerConfig, grpo_loss
+from colocate import EngineConfig, SyncConfig, TrainerConfig, grpo_loss
 from colocate.core.config import ConfigError, check_engine_model
 from colocate.core.fleet import Fleet
+from colocate.core.run_config import RunConfig
 from colocate.core.syncing import SyncDriver
 from placement import DeviceKind, TopologySpec, plan, reserve
 from weight_sync import Backend
@@ -23,9 +24,8 @@ def _driver(spec, model, probe=None):
     p = plan(spec)
     res = reserve(p, timeout_s=60, probe=probe)
     engine = EngineConfig(model=model, tensor_parallel_size=spec.engine_tp)
-    fleet = Fleet(
-        "hw", p, res, engine, TrainerConfig(model=model), EngineActor, TrainerActor, grpo_loss
-    )
+    config = RunConfig(spec, engine, TrainerConfig(model=model), grpo_loss, name="hw")
+    fleet = Fleet(config, p, res)
     return res, fleet, SyncDriver(fleet, engine, SyncConfig(), 30.0, "hw")
 
 

@@ -21,7 +21,7 @@ from colocate import (
 )
 from colocate.actors.engine import EngineActor
 from colocate.core.calls import Call, _raise_for
-from colocate.core.coordinator import Timeouts
+from colocate.core.run_config import Timeouts
 
 pytestmark = pytest.mark.fast
 

@@ -26,7 +26,7 @@ from colocate import (
 from colocate.actors.trainer import shard_batch
 from colocate.algorithms.micro_batches import plan_step
 from colocate.core.config import check_engine_model
-from colocate.core.coordinator import Timeouts
+from colocate.core.run_config import Timeouts
 from colocate.core.syncing import check_compatible
 from placement import TopologyError, TopologySpec, plan
 from placement.spec import ClusterInfo, NodeInfo

@@ -111,7 +111,7 @@ def test_shutdown_leaves_nothing_behind(pipeline, report):
     from ray.util.placement_group import placement_group_table
 
     pids = [s["pid"] for s in pipeline.actor_status().values()]
-    ports = [r.port for r in pipeline._sync.rendezvous]
+    ports = [r.port for r in pipeline.sync_driver.rendezvous]
     assert len(pids) == 4 and ports
     pipeline.shutdown()
     deadline = time.monotonic() + 30

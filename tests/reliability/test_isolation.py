@@ -69,7 +69,7 @@ def test_two_pipelines_at_once_do_not_disturb_each_other(
             results[i] = (
                 versions,
                 coord.trainer_fingerprints(),
-                coord._sync.rendezvous,
+                coord.sync_driver.rendezvous,
                 coord.actor_status(),
             )
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
