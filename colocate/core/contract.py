@@ -152,6 +152,15 @@ class Tenant(ABC):
     #: The verbs :meth:`invoke` may run: a kind's contract methods (set by each kind); None
     #: allows the public methods of the actor's own class (a user-defined tenant).
     verbs: frozenset[str] | None = None
+    #: Declared capability: the ranks form a torch.distributed group of their own; rank 0
+    #: hosts its store (``host_group_store(multi_node, timeout_s)``) before they start, and
+    #: losing one rank loses the group (every rank is replaced).
+    collective: bool = False
+    #: Declared capability: it holds trained state; ``save(path)`` and ``load(path)`` write and
+    #: restore it (``Coordinator.save_trainer``, ``resume``, ``recover(checkpoint=...)``).
+    stateful: bool = False
+    #: Declared capability: it takes optimizer steps.
+    trainable: bool = False
 
     def __init__(self, name: str, lanes: tuple[int, ...]):
         self.name = name
@@ -283,6 +292,10 @@ class TrainerTenant(Tenant):
     ``param_fingerprints``, ``save``, ``load``, ``export_hf``) are called on every rank at once.
     """
 
+    collective = True
+    stateful = True
+    trainable = True
+
     @abstractmethod
     def host_group_store(self, multi_node: bool, timeout_s: float) -> tuple[str, int]:
         """Rank 0 only: starts the trainer group's store; returns its (host, port)."""
@@ -384,13 +397,9 @@ class RoleTenant(Tenant):
     """
 
     #: None: the public methods of the actor's own class (the role's own verbs) may be invoked.
+    #: Its capabilities (``collective``, ``stateful``, ``trainable``) are declared as on every
+    #: :class:`Tenant`: a stateful role is saved under ``<path>/<role>``.
     verbs = None
-    #: Declared capability: the ranks form a group of their own (they train together); rank 0
-    #: hosts its store before ``start``.
-    collective: bool = False
-    #: Declared capability: the role holds trained state; ``save_trainer`` saves it under
-    #: ``<path>/<role>``, and ``resume``/``recover(checkpoint=...)`` restore it.
-    stateful: bool = False
 
     @abstractmethod
     def start(self, groups: tuple) -> RoleMemory:

@@ -308,12 +308,8 @@ class Coordinator:
         return self._rt.on_trainers(TrainerTenant.param_fingerprints, chunk)[0]
 
     def save_trainer(self, path: str) -> str:
-        """Checkpoints every trainer rank under ``path`` (model, optimizer, step).
-
-        A stateful role (the critic) is saved beside it, under ``path/<role>``.
-        """
-        self._rt.on_trainers(TrainerTenant.save, path)
-        self._rt.roles.save(path, self._exec.tag(self.phase.value))
+        """Checkpoints every stateful group (trainer ranks; a critic under ``path/<role>``)."""
+        self._rt.save(path)
         return path
 
     def export_hf(self, path: str) -> str:

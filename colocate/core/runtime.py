@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from colocate.algorithms.rollouts import VersionLedger
 from colocate.core.config import check_engine_model
-from colocate.core.contract import Tag, Tenant, TrainerTenant
+from colocate.core.contract import Tag, Tenant
 from colocate.core.executor import Executor, Step
 from colocate.core.faults import Fault, coerce_fault
 from colocate.core.fleet import Fleet
@@ -20,6 +20,7 @@ from colocate.core.phases import Phase
 from colocate.core.role_driver import RoleDriver
 from colocate.core.run_config import RunConfig
 from colocate.core.syncing import SyncDriver, SyncReport
+from colocate.core.tenants import TenantGroup, tenant_groups
 from colocate.operations.memory_check import check_run
 from colocate.operations.memory_plan import MemoryPlan
 from placement import Plan, Reservation, TenantKind, reserve
@@ -57,6 +58,7 @@ class Runtime:
     fleet: Fleet
     roles: RoleDriver
     sync: SyncDriver
+    groups: tuple[TenantGroup, ...]
 
     def step(self) -> Step:
         """A new driver round over the fleet, from the current phase."""
@@ -76,17 +78,49 @@ class Runtime:
         calls = [self.fleet.call(a, verb, *args, tag=tag) for a in self.trainers()]
         return self.executor.wait(calls, self.config.timeouts.step_s)
 
-    def trainer_group(self, tag: Tag) -> tuple[str, int]:
-        """Trainer rank 0 hosts the trainer group's store; returns its (host, port)."""
-        call = self.fleet.trainer_call(
-            0,
-            TrainerTenant.host_group_store,
-            self.config.spec.nodes > 1,
-            self.config.collective_timeout_s,
-            tag=tag,
-        )
-        (master,) = self.executor.wait([call], self.config.timeouts.step_s)
-        return master
+    def group_stores(self, tag: Tag, names=None) -> dict[str, tuple[str, int]]:
+        """Rank 0 of every collective group (of ``names``, if given) hosts its group's store.
+
+        One bounded driver round. Returns each group's store (host, port) by group name.
+        """
+        wanted = [g for g in self.groups if g.collective and (names is None or g.name in names)]
+        multi_node, bound = self.config.spec.nodes > 1, self.config.collective_timeout_s
+        calls = [
+            self.fleet.call(g.ranks[0], g.actor_cls.host_group_store, multi_node, bound, tag=tag)
+            for g in wanted
+        ]
+        stores = self.executor.wait(calls, self.config.timeouts.step_s) if calls else []
+        return {g.name: store for g, store in zip(wanted, stores, strict=True)}
+
+    def stateful(self, names=None) -> list[TenantGroup]:
+        """The groups that hold trained state (of ``names``, if given)."""
+        return [g for g in self.groups if g.stateful and (names is None or g.name in names)]
+
+    def save(self, root: str) -> None:
+        """Every rank of every stateful group saves under ``root`` (one driver round)."""
+        tag = self.executor.tag(self.executor.phase.value)
+        calls = [
+            self.fleet.call(a, g.actor_cls.save, g.checkpoint_dir(root), tag=tag)
+            for g in self.stateful()
+            for a in g.ranks
+        ]
+        self.executor.wait(calls, self.config.timeouts.step_s)
+
+    def add_loads(self, step: Step, root: str, names=None) -> int | None:
+        """Adds every rank's load of its group's state from ``root`` to ``step``.
+
+        Returns:
+            The step index of trainer rank 0's load (its answer is the checkpoint's optimizer
+            step), or None when the trainer is not among the groups loaded.
+        """
+        tag = self.executor.tag("load")
+        first = None
+        for g in self.stateful(names):
+            for a in g.ranks:
+                i = step.add(self.fleet.call(a, g.actor_cls.load, g.checkpoint_dir(root), tag=tag))
+                if g.kind is TenantKind.TRAINER and a.index == 0:
+                    first = i
+        return first
 
     def sync_weights(self) -> SyncReport:
         """Rows ``train`` (from ROLLOUT) and ``sync``; the transfer; row ``rollout``.
@@ -174,4 +208,7 @@ def build_runtime(config: RunConfig, plan: Plan, executor: Executor, progress: P
         executor.timeline.extend,
     )
     roles = RoleDriver(config, plan, fleet, executor)
-    return Runtime(config, plan, executor, progress, reservation, memory, fleet, roles, sync)
+    groups = tenant_groups(config, plan)
+    return Runtime(
+        config, plan, executor, progress, reservation, memory, fleet, roles, sync, groups
+    )

@@ -123,9 +123,6 @@ class RoleActor(RoleTenant):
         env: Environment set before anything is imported (passed by the coordinator).
     """
 
-    #: The ranks form a torch.distributed group of their own (``start`` joins it).
-    collective: bool = False
-
     def __init__(self, config: Any, rank: int, world_size: int, name: str, lane: int, env: dict):
         os.environ.update(env)
         super().__init__(name, (lane,))
