@@ -93,7 +93,6 @@ class FrozenModelActor(RoleActor):
         with self.span(self.span_name, rows=len(batch["input_ids"])):
             out = []
             for part in micro_batches(batch, self.config.micro_batch_size):
-                ids = part["input_ids"].to(self.device)
-                mask = part["attention_mask"].to(self.device)
+                ids, mask = (part[k].to(self.device) for k in ("input_ids", "attention_mask"))
                 out.append(self.forward_fn(self.module, ids, mask).cpu())
             return torch.cat(out)
