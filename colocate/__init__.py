@@ -72,6 +72,8 @@ _WHERE = {
     "RoleActor": "colocate.roles.base",
     "RoleFootprint": "colocate.operations.memory_plan",
     "RoleKind": "colocate.operations.memory_plan",
+    "FrozenModelActor": "colocate.roles.frozen",
+    "FrozenModelConfig": "colocate.roles.frozen",
     "ReferenceActor": "colocate.roles.reference",
     "ReferenceConfig": "colocate.roles.reference",
     "reference_role": "colocate.roles.reference",

@@ -1,5 +1,5 @@
 """Roles, the extra tenants of an RLHF pipeline: the base of a user's own (``base``), the
-reference policy, the reward model and the critic."""
+frozen model (``frozen``) the reference policy and the reward model parameterise, the critic."""
 
 from colocate.roles.base import Role, RoleActor
 

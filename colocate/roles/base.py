@@ -8,10 +8,11 @@ one of them its ranks ``reload``; when a row reaches another, its ranks on share
 ``offload`` before anything there acquires.
 
 Built in: the reference policy (``colocate.roles.reference``) and the reward model
-(``colocate.roles.reward_model``), both resident in SCORE. A user's tenant subclasses
-:class:`RoleActor`: it overrides :meth:`RoleActor.build` (its model, in host memory) and adds
-its own public methods, which the driver calls with ``Coordinator.call_role`` by naming the
-method itself (``MyJudge.score``), never a string.
+(``colocate.roles.reward_model``), both resident in SCORE, both parameterising
+``colocate.roles.frozen.FrozenModelActor`` (a user's frozen model can too). A user's tenant
+subclasses :class:`RoleActor`: it overrides :meth:`RoleActor.build` (its model, in host memory)
+and adds its own public methods, which the driver calls with ``Coordinator.call_role`` by naming
+the method itself (``MyJudge.score``), never a string.
 
 Life of a role's rank:
 
@@ -227,19 +228,6 @@ class RoleActor(RoleTenant):
                 self.acquire()
             self.memory = RoleMemory.RESIDENT
         return self.memory
-
-    @torch.no_grad()
-    def forward_rows(self, fn, batch: dict, size: int) -> torch.Tensor:
-        """``fn(module, input_ids, attention_mask)`` over ``batch``, ``size`` rows at a time.
-
-        Each micro-batch runs on this rank's device; the results are concatenated on the host.
-        """
-        out = []
-        for part in micro_batches(batch, size):
-            ids = part["input_ids"].to(self.device)
-            mask = part["attention_mask"].to(self.device)
-            out.append(fn(self.module, ids, mask).cpu())
-        return torch.cat(out)
 
     def require_resident(self, action: str) -> None:
         """Raises unless the role is resident (a verb never runs on offloaded state)."""

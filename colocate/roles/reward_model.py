@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from colocate.core.config import ConfigError
 from colocate.core.phases import Phase
-from colocate.operations.memory_plan import ModelHead, RoleFootprint, model_shape
-from colocate.roles.base import Role, RoleActor
-from colocate.roles.role_checks import check_same_vocabulary, check_single_score_head
+from colocate.operations.memory_plan import ModelHead
+from colocate.roles.base import Role
+from colocate.roles.frozen import FrozenModelActor, FrozenModelConfig
+from colocate.roles.role_checks import check_single_score_head
 
 __all__ = [
     "RewardModelConfig",
@@ -31,24 +30,8 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class RewardModelConfig:
-    """What the reward model loads.
-
-    Attributes:
-        model: Local HF directory of a ``*ForSequenceClassification`` model, ``num_labels=1``.
-        micro_batch_size: Rows per forward.
-    """
-
-    model: str
-    micro_batch_size: int = 16
-
-    def __post_init__(self) -> None:
-        m = self.micro_batch_size
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ConfigError(
-                f"RewardModelConfig.micro_batch_size={m!r}: must be an int >= 1; fix: e.g. 16"
-            )
+class RewardModelConfig(FrozenModelConfig):
+    """What the reward model loads: ``model``, a ``*ForSequenceClassification`` with one label."""
 
 
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -63,42 +46,20 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return logits.gather(1, last.unsqueeze(1)).squeeze(1)
 
 
-class RewardModelActor(RoleActor):
-    """One rank of the reward model (frozen, forward-only)."""
+class RewardModelActor(FrozenModelActor):
+    """One rank of the reward model (fp32, frozen, forward-only, one score per sequence)."""
 
-    @classmethod
-    def check_config(cls, config: RewardModelConfig, policy_model: str) -> None:
-        """A single-score sequence-classification head and the policy's vocabulary."""
-        check_single_score_head("RewardModelConfig.model", config.model)
-        check_same_vocabulary("RewardModelConfig.model", config.model, policy_model)
+    auto_class = "AutoModelForSequenceClassification"
+    head = ModelHead.SEQUENCE_SCORE
+    outputs = 1
+    forward_fn = staticmethod(sequence_scores)
+    span_name = "reward_model.scores"
+    check_model = staticmethod(check_single_score_head)
+    needs = {"score": "use a decoder-style *ForSequenceClassification model"}
 
-    @classmethod
-    def footprint(cls, config: RewardModelConfig) -> RoleFootprint:
-        """Frozen and forward-only: fp32 weights, ``micro_batch_size`` rows, one score each."""
-        shape = model_shape(config.model, ModelHead.SEQUENCE_SCORE)
-        return RoleFootprint.frozen(shape, 4, config.micro_batch_size, outputs=1)
-
-    def build(self) -> torch.nn.Module:
-        """The reward model in host memory (fp32)."""
-        from transformers import AutoModelForSequenceClassification
-
-        model = AutoModelForSequenceClassification.from_pretrained(
-            self.config.model, dtype=torch.float32
-        )
-        if not hasattr(model, "score"):
-            raise ConfigError(
-                f"RewardModelConfig.model={self.config.model!r}: {type(model).__name__} has no "
-                "'score' head; fix: use a decoder-style *ForSequenceClassification model"
-            )
-        model.requires_grad_(False)
-        return model
-
-    @torch.no_grad()
     def scores(self, batch: dict) -> torch.Tensor:
         """One score per row [B] of ``input_ids`` / ``attention_mask`` (prompt + completion)."""
-        self.require_resident("scores")
-        with self.span("reward_model.scores", rows=len(batch["input_ids"])):
-            return self.forward_rows(sequence_scores, batch, self.config.micro_batch_size)
+        return self.forward_batch(batch)
 
 
 def reward_model_role(
@@ -110,14 +71,8 @@ def reward_model_role(
     gpu_fraction: float = 0.1,
 ) -> Role:
     """The reward model as a :class:`~colocate.roles.base.Role` named ``"reward"``."""
-    return Role(
-        "reward",
-        RewardModelActor,
-        RewardModelConfig(model, micro_batch_size),
-        phases,
-        bundles,
-        gpu_fraction,
-    )
+    config = RewardModelConfig(model, micro_batch_size)
+    return Role("reward", RewardModelActor, config, phases, bundles, gpu_fraction)
 
 
 def init_reward_model(policy_model: str, out: str | Path, seed: int = 0) -> Path:

@@ -1,0 +1,98 @@
+"""A frozen, forward-only fp32 model role: the reference policy's, the reward model's, a user's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from colocate.core.config import ConfigError
+from colocate.operations.memory_plan import ModelHead, RoleFootprint, model_shape
+from colocate.roles.base import RoleActor, micro_batches
+from colocate.roles.role_checks import check_model_dir, check_same_vocabulary
+
+__all__ = ["FrozenModelConfig", "FrozenModelActor"]
+
+
+@dataclass(frozen=True)
+class FrozenModelConfig:
+    """What a frozen model role loads (a subclass's name is the one its errors give).
+
+    Attributes:
+        model: Local HF directory of the model.
+        micro_batch_size: Rows per forward.
+    """
+
+    model: str
+    micro_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        m = self.micro_batch_size
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            name = type(self).__name__
+            raise ConfigError(f"{name}.micro_batch_size={m!r}: must be an int >= 1; fix: e.g. 16")
+
+
+class FrozenModelActor(RoleActor):
+    """One rank of a frozen, forward-only fp32 model, parameterised by class attributes.
+
+    A subclass sets them (functions as staticmethods, else they become verbs) and adds its verb,
+    returning :meth:`forward_batch`; config: a :class:`FrozenModelConfig`. A frozen value model::
+
+        class FrozenValues(FrozenModelActor):
+            auto_class = "AutoModelForTokenClassification"
+            head = ModelHead.TOKEN_SCORE  # colocate.operations.memory_plan
+            outputs = 1
+            forward_fn = staticmethod(token_values)  # colocate.roles.critic
+            span_name = "values.values"
+
+            def values(self, batch: dict) -> torch.Tensor:
+                return self.forward_batch(batch)
+
+        roles = [Role("values", FrozenValues, FrozenModelConfig(path))]  # saved: num_labels=1
+        values = coord.call_role("values", FrozenValues.values, batch)
+    """
+
+    auto_class: str  # the transformers auto class that loads the model (imported in the worker)
+    head: ModelHead  # the head the memory plan counts the model with
+    outputs: int | None = None  # outputs per row for the plan (None: one per vocabulary entry)
+    forward_fn: staticmethod  # fn(model, input_ids, attention_mask) -> Tensor, per micro-batch
+    span_name: str  # the timeline span of a forward; its last part names the verb in errors
+    check_model = staticmethod(check_model_dir)  # check(field, path) of the model, in the driver
+    needs: dict[str, str] = {}  # heads the forward reads of the model -> the fix if one is missing
+
+    @classmethod
+    def check_config(cls, config: FrozenModelConfig, policy_model: str) -> None:
+        """The model directory passes :attr:`check_model` and has the policy's vocabulary."""
+        cls.check_model(f"{type(config).__name__}.model", config.model)
+        check_same_vocabulary(f"{type(config).__name__}.model", config.model, policy_model)
+
+    @classmethod
+    def footprint(cls, config: FrozenModelConfig) -> RoleFootprint:
+        """Frozen and forward-only: fp32 weights, ``micro_batch_size`` rows' forward."""
+        shape = model_shape(config.model, cls.head)
+        return RoleFootprint.frozen(shape, 4, config.micro_batch_size, outputs=cls.outputs)
+
+    def build(self) -> torch.nn.Module:
+        """The model in host memory, fp32 like the trainer's master weights, without grads."""
+        import transformers
+
+        auto = getattr(transformers, self.auto_class)
+        model = auto.from_pretrained(self.config.model, dtype=torch.float32)
+        where = f"{type(self.config).__name__}.model={self.config.model!r}: {type(model).__name__}"
+        for attr, fix in self.needs.items():
+            if not hasattr(model, attr):
+                raise ConfigError(f"{where} has no {attr!r} head; fix: {fix}")
+        model.requires_grad_(False)
+        return model
+
+    @torch.no_grad()
+    def forward_batch(self, batch: dict) -> torch.Tensor:
+        """``forward_fn`` over ``batch``, ``micro_batch_size`` rows at a time; results on host."""
+        self.require_resident(self.span_name.rpartition(".")[2])
+        with self.span(self.span_name, rows=len(batch["input_ids"])):
+            out = []
+            for part in micro_batches(batch, self.config.micro_batch_size):
+                ids, mask = (part[k].to(self.device) for k in ("input_ids", "attention_mask"))
+                out.append(self.forward_fn(self.module, ids, mask).cpu())
+            return torch.cat(out)
