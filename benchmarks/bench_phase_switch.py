@@ -64,6 +64,7 @@ from colocate import (
     make_grpo_batch,
 )
 from colocate.actors.engine import llm_kwargs
+from colocate.core.contract import Seat
 from colocate.operations.cluster import connect
 from colocate.operations.timeline import ACQUIRE_STEPS, RELEASE_STEPS
 from colocate.testing.toy_task import TargetTokens
@@ -310,9 +311,8 @@ def sleep_effect(args) -> dict:
 
     config = EngineConfig(model=str(build_tiny_model(MODEL_SPEC)), kv_cache_bytes=512 << 20)
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    engine = (
-        ray.remote(EngineActor).options(num_gpus=0.5, num_cpus=0.1).remote(config, "e", (0,), env)
-    )
+    seat = Seat("e", 0, 1, (0,), config, env)
+    engine = ray.remote(EngineActor).options(num_gpus=0.5, num_cpus=0.1).remote(seat)
     out = {}
     try:
         ray.get(engine.start.remote(), timeout=args.timeout)

@@ -66,6 +66,7 @@ from colocate import (
     lm_loss,
 )
 from colocate.actors.trainer import TrainerActor
+from colocate.core.contract import Seat
 from colocate.operations.cluster import connect
 from placement import TenantKind, TopologySpec
 from weight_sync import Backend, Rendezvous
@@ -238,7 +239,7 @@ def measure_start(model: str, world: int, timeout: float) -> dict:
     cls = ray.remote(TrainerActor).options(num_gpus=0.5, num_cpus=0.1)
     config = TrainerConfig(model=model)
     env = {"DS_ACCELERATOR": "cpu"}
-    actors = [cls.remote(config, r, world, f"t{r}", r, lm_loss, env) for r in range(world)]
+    actors = [cls.remote(Seat("t", r, world, (r,), config, env, lm_loss)) for r in range(world)]
     try:
         master = ray.get(actors[0].host_group_store.remote(False, 60), timeout=60)
         info = ray.get([a.start.remote(master, timeout) for a in actors], timeout=timeout)

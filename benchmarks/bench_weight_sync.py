@@ -74,6 +74,7 @@ from colocate import (
     build_tiny_model,
     lm_loss,
 )
+from colocate.core.contract import Seat
 from colocate.operations.cluster import connect
 from placement import DeviceKind
 from weight_sync import (
@@ -183,7 +184,7 @@ class BenchSender(TrainerActor):
     """The trainer side: a default ``TrainerActor`` (ZeRO-3), a plain HF copy, the baselines."""
 
     def __init__(self, config: TrainerConfig, env: dict, timeout_s: float):
-        super().__init__(config, 0, 1, "sender", 0, lm_loss, env)
+        super().__init__(Seat("sender", 0, 1, (0,), config, env, lm_loss))
         self.timeout_s = timeout_s
 
     def bench_setup(self, bucket_bytes: int, packing) -> None:
@@ -287,7 +288,7 @@ def run(args, model_dir: str, bucket_bytes: int) -> dict:
     engine = (
         ray.remote(BenchEngine)
         .options(num_gpus=0.5, num_cpus=0.1)
-        .remote(config, "engine0", (0,), {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+        .remote(Seat("engine", 0, 1, (0,), config, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}))
     )
     t0 = time.perf_counter()
     ray.get(engine.start.remote(), timeout=600)

@@ -17,6 +17,7 @@ import ray
 import torch
 
 from colocate import build_tiny_model, init_reward_model
+from colocate.core.contract import Seat
 from colocate.roles.reference import ReferenceActor, ReferenceConfig
 from colocate.roles.reward_model import RewardModelActor, RewardModelConfig
 
@@ -37,7 +38,7 @@ def main() -> dict:
             ("reward", RewardModelActor, RewardModelConfig(rm)),
         ):
             rank = ray.remote(num_cpus=0.1, num_gpus=0.1)(cls).remote(
-                config, 0, 1, f"{name}0", 0, {}
+                Seat(name, 0, 1, (0,), config)
             )
             before = ray.get(rank.status.remote(), timeout=120)
             ray.get(rank.start.remote(), timeout=120)

@@ -24,6 +24,7 @@ from colocate.core.contract import (
     EngineCapabilities,
     EngineTenant,
     Receipt,
+    Seat,
     TrainerTenant,
 )
 from colocate.core.errors import ActorStateError, InputError
@@ -104,11 +105,10 @@ def _metas(dtype: torch.dtype) -> list:
 class FakeEngine(EngineTenant):
     """An engine over a dict of tensors: receives real buckets, 'generates' from its weights."""
 
-    def __init__(self, config, name: str, lanes: tuple[int, ...], env: dict[str, str]):
-        super().__init__(name, lanes)
-        self.config = config
+    def __init__(self, seat: Seat):
+        super().__init__(seat)
         self.memory = EngineMemory.AWAKE
-        self.weight_version = 0 if config.load_format.value == "auto" else -1
+        self.weight_version = 0 if self.config.load_format.value == "auto" else -1
         self.params: dict[str, torch.Tensor] = {}
         self._receiver = None
         self._plan = None
@@ -267,10 +267,9 @@ class FakeEngine(EngineTenant):
 class FakeTrainer(TrainerTenant):
     """A 'data-parallel' trainer over a few tensors: every rank takes the same step."""
 
-    def __init__(self, config, rank, world_size, name, lane, loss_fn, env):
-        super().__init__(name, (lane,))
-        self.config = config
-        self.rank = rank
+    def __init__(self, seat: Seat):
+        super().__init__(seat)
+        self.rank = seat.rank
         self.memory = TrainerMemory.FULL
         self.module: torch.nn.Module | None = None
         self.steps = 0

@@ -9,13 +9,12 @@ worker extension ``weight_sync.receiver.WeightSyncWorkerExtension``; this actor 
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable
 
 from colocate.actors.sleep import SleepTag, make_sleep_strategy
 from colocate.core.config import EngineConfig, LoadFormat, Sampling
-from colocate.core.contract import Completion, EngineCapabilities, EngineTenant, Receipt
+from colocate.core.contract import Completion, EngineCapabilities, EngineTenant, Receipt, Seat
 from colocate.core.errors import ActorStateError, EngineRpcTimeoutError, InputError
 from colocate.core.faults import Fault, coerce_fault
 from colocate.core.phases import EngineMemory, PhaseError
@@ -66,21 +65,16 @@ class EngineActor(EngineTenant):
     """Owns one vLLM engine (created in its own Ray actor by the coordinator).
 
     Args:
-        config: The engine configuration.
-        name: Actor name for errors and the timeline (e.g. ``"engine0"``).
-        lanes: Bundle indices (GPUs) of its TP ranks.
-        env: Environment for vLLM, set before it is imported (in-process engine core, the Ray
-            executor's bundle settings). Passed explicitly by the coordinator.
+        seat: Its seat: ``config`` an :class:`EngineConfig`, ``lanes`` the GPUs of its TP
+            ranks, ``env`` the environment for vLLM, set before it is imported (in-process
+            engine core, the Ray executor's bundle settings), passed by the coordinator.
     """
 
-    def __init__(
-        self, config: EngineConfig, name: str, lanes: tuple[int, ...], env: dict[str, str]
-    ):
-        os.environ.update(env)
+    def __init__(self, seat: Seat):
+        super().__init__(seat)  # sets the environment first
         # vLLM's CPU build calls deprecated torch.distributed names at import.
         warnings.filterwarnings("ignore", category=FutureWarning)
-        super().__init__(name, lanes)
-        self.config = config
+        config: EngineConfig = seat.config
         self.weight_version = 0 if config.load_format is LoadFormat.AUTO else -1
         self.memory = EngineMemory.AWAKE
         self._llm = None

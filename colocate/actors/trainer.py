@@ -25,7 +25,7 @@ from colocate.algorithms.batches import batch_rows, shard_batch, weighted_parts
 from colocate.algorithms.metrics import merge_metrics
 from colocate.algorithms.micro_batches import plan_step
 from colocate.core.config import TrainerConfig
-from colocate.core.contract import TrainerTenant
+from colocate.core.contract import Seat, TrainerTenant
 from colocate.core.errors import ActorStateError
 from colocate.core.faults import Fault, coerce_fault
 from colocate.core.phases import TrainerMemory
@@ -47,34 +47,21 @@ class TrainerActor(TrainerTenant):
     """One trainer rank.
 
     Args:
-        config: The trainer configuration (shared by all ranks).
-        rank: This rank.
-        world_size: Trainer ranks.
-        name: Actor name for errors and the timeline (e.g. ``"trainer0"``).
-        lane: Bundle index (GPU) of this rank.
-        loss_fn: The user's loss (a module-level function, so Ray can ship it).
-        env: Environment set before DeepSpeed is imported (passed by the coordinator).
+        seat: Its seat: ``config`` the :class:`TrainerConfig` (shared by all ranks), ``rank``
+            and ``world_size`` of the trainer group, ``lanes`` its GPU, ``loss_fn`` the user's
+            loss, ``env`` the environment set before DeepSpeed is imported.
     """
 
-    def __init__(
-        self,
-        config: TrainerConfig,
-        rank: int,
-        world_size: int,
-        name: str,
-        lane: int,
-        loss_fn: LossFn,
-        env: dict[str, str],
-    ):
-        os.environ.update(env)
+    def __init__(self, seat: Seat):
+        super().__init__(seat)  # sets the environment first
+        config: TrainerConfig = seat.config
+        rank, world_size, loss_fn = seat.rank, seat.world_size, seat.loss_fn
         # This environment's own ninja and extension cache (colocate.actors.cpu.ds_ops): never a
         # rebuild.
         os.environ.update(op_environment())
         # DeepSpeed calls torch.distributed APIs that torch has deprecated: one FutureWarning
         # per call, per step, per rank. They say nothing about this run.
         warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-        super().__init__(name, (lane,))
-        self.config = config
         self.rank = rank
         self.world_size = world_size
         self.loss_fn = loss_fn

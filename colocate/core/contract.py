@@ -3,11 +3,12 @@
 One base class per kind of tenant: :class:`Tenant` (what every actor answers to),
 :class:`EngineTenant`, :class:`TrainerTenant` and :class:`RoleTenant` (an extra tenant: a
 reference policy, a reward model, a critic, or a user's own actor).
-``colocate.actors.engine.EngineActor``,
-``colocate.actors.trainer.TrainerActor`` and ``colocate.roles.base.RoleActor`` implement them; a
-user's
-subclass of any of them (``Coordinator(engine_cls=..., trainer_cls=..., roles=...)``) must keep
-the signatures below.
+``colocate.actors.engine.EngineActor``, ``colocate.actors.trainer.TrainerActor`` and
+``colocate.roles.base.RoleActor`` implement them; a user's subclass of any of them
+(``Coordinator(engine_cls=..., trainer_cls=..., roles=...)``) must keep the signatures below.
+
+One constructor for every tenant: ``cls(seat)``, where the :class:`Seat` says which group the
+actor belongs to, its rank, its GPUs, the group's config and the environment to set first.
 
 How a call arrives. The driver never names a method by a string: it builds a
 :class:`colocate.core.calls.Call` from the method itself (``EngineTenant.sleep``), whose arguments
@@ -34,8 +35,8 @@ import contextlib
 import inspect
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from colocate.core.faults import Fault
@@ -44,6 +45,7 @@ from colocate.operations.timeline import Recorder, Span
 
 __all__ = [
     "Tag",
+    "Seat",
     "Tenant",
     "EngineTenant",
     "TrainerTenant",
@@ -62,6 +64,36 @@ __all__ = [
 Tag = tuple[str, int, int]
 
 _DIRECT: Tag = ("direct", 0, 0)
+
+
+@dataclass(frozen=True)
+class Seat:
+    """One actor of a tenant group: what every tenant's constructor takes.
+
+    Attributes:
+        group: The group's name (``"engine"``, ``"trainer"``, a role's name).
+        rank: This actor's index in its group.
+        world_size: The group's ranks.
+        lanes: Its GPUs (bundle indices; an engine's TP workers in TP-rank order).
+        config: The group's configuration.
+        env: Environment set in the actor's process before anything else is imported (chosen
+            by the coordinator from the bundles' device).
+        loss_fn: What the policy's trainer ranks train with (a module-level function, so Ray
+            can ship it); None for every other group.
+    """
+
+    group: str
+    rank: int
+    world_size: int
+    lanes: tuple[int, ...]
+    config: Any = None
+    env: dict[str, str] = field(default_factory=dict)
+    loss_fn: Callable | None = None
+
+    @property
+    def name(self) -> str:
+        """The actor's name, for errors and its timeline lane (``"engine0"``, ``"critic1"``)."""
+        return f"{self.group}{self.rank}"
 
 
 @dataclass(frozen=True)
@@ -144,9 +176,11 @@ def verbs_of(cls: type) -> frozenset[str]:
 class Tenant(ABC):
     """What every actor the coordinator drives answers to.
 
+    Every tenant is constructed as ``cls(seat)``. The base sets the seat's environment first,
+    before a subclass imports anything that reads it (vLLM, DeepSpeed).
+
     Args:
-        name: Display name for errors and the timeline (``"engine0"``, ``"trainer1"``).
-        lanes: GPUs (bundle indices) the actor occupies.
+        seat: Who this actor is, where it sits, and its group's configuration.
     """
 
     #: The verbs :meth:`invoke` may run: a kind's contract methods (set by each kind); None
@@ -162,9 +196,12 @@ class Tenant(ABC):
     #: Declared capability: it takes optimizer steps.
     trainable: bool = False
 
-    def __init__(self, name: str, lanes: tuple[int, ...]):
-        self.name = name
-        self.recorder = Recorder(name, lanes)
+    def __init__(self, seat: Seat):
+        os.environ.update(seat.env)
+        self.seat = seat
+        self.name = seat.name
+        self.config = seat.config
+        self.recorder = Recorder(seat.name, seat.lanes)
         self._tag: Tag = _DIRECT
         self._faults: set[Fault] = set()
 

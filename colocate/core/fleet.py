@@ -19,10 +19,11 @@ from collections.abc import Callable
 import ray
 
 from colocate.core.calls import Call
-from colocate.core.contract import Tag
+from colocate.core.contract import Seat, Tag
 from colocate.core.errors import ActorNotDeadError, ActorStateError
 from colocate.core.handovers import ActorId, actors_of, lanes_of
 from colocate.core.run_config import RunConfig
+from colocate.core.tenants import group_name, tenant_groups
 from colocate.operations.timeline import Span
 from placement import DeviceKind, Plan, Reservation, TenantKind
 
@@ -47,11 +48,7 @@ class Fleet:
         self.reservation = reservation
         self.device: DeviceKind = reservation.device
         self.engine_config = config.engine
-        self.trainer_config = config.trainer
-        self.engine_cls = config.engine_cls
-        self.trainer_cls = config.trainer_cls
-        self.loss_fn = config.loss_fn
-        self.roles = config.role_map
+        self.groups = {g.name: g for g in tenant_groups(config, plan)}
         self.kill_timeout_s = config.timeouts.kill_s
         # Every planned actor, by id; None while it does not exist (before spawn, after a kill).
         self._handles: dict[ActorId, object] = {
@@ -119,8 +116,25 @@ class Fleet:
         # mode allocator refuses this setting.
         return {"DS_ACCELERATOR": "cuda", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
+    def role_env(self) -> dict[str, str]:
+        """The environment every role actor sets first: the trainers' (the critic trains)."""
+        return self.trainer_env()
+
+    def _placement(self, actor: ActorId) -> tuple[dict, dict[str, str]]:
+        """Ray options placing ``actor`` on its bundles, and the environment it sets first."""
+        kind, res = actor.kind, self.reservation
+        if kind is TenantKind.ENGINE:
+            launch = res.engine_launch(actor.index)
+            return launch.actor_options, {**self.engine_env(), **launch.executor_env}
+        if kind is TenantKind.ROLE:
+            return res.role_options(actor.role, actor.index), self.role_env()
+        return res.trainer_options(actor.index), self.trainer_env()
+
     def spawn(self, actor: ActorId) -> None:
-        """Creates ``actor`` on its bundle (its ``start`` builds the model), replacing none.
+        """Creates ``actor`` on its bundles as ``actor_cls(seat)``, replacing none.
+
+        One code path for every tenant group: its class, config and (for the policy's
+        trainer) loss come from the group; its options and environment from where it sits.
 
         Raises:
             ActorStateError: ``actor`` still has a handle: it was never killed, or its kill was
@@ -131,63 +145,21 @@ class Fleet:
                 f"{actor.name} still exists (not killed, or its death not confirmed); "
                 "kill it before spawning its replacement"
             )
-        if actor.kind is TenantKind.ENGINE:
-            self._spawn_engine(actor)
-        elif actor.kind is TenantKind.ROLE:
-            self._spawn_role(actor)
-        else:
-            self._spawn_trainer(actor)
-
-    def role_env(self) -> dict[str, str]:
-        """The environment every role actor sets first: the trainers' (the critic trains)."""
-        return self.trainer_env()
-
-    def _spawn_role(self, actor: ActorId) -> None:
-        role = self.roles[actor.role]
-        world = len(self.plan.role_bundles(actor.role))
-        self._handles[actor] = (
-            ray.remote(role.actor)
-            .options(
-                **self.reservation.role_options(actor.role, actor.index),
-                name=f"{self.name}-{actor.name}-{_fresh()}",
-            )
-            .remote(
-                role.config,
-                actor.index,
-                world,
-                actor.name,
-                self._lanes[actor][0],
-                self.role_env(),
-            )
+        group = self.groups[group_name(actor)]
+        options, env = self._placement(actor)
+        seat = Seat(
+            group.name,
+            actor.index,
+            len(group.ranks),
+            self._lanes[actor],
+            group.config,
+            env,
+            group.loss_fn,
         )
-
-    def _spawn_engine(self, actor: ActorId) -> None:
-        e = actor.index
-        launch = self.reservation.engine_launch(e)
-        env = {**self.engine_env(), **launch.executor_env}
         self._handles[actor] = (
-            ray.remote(self.engine_cls)
-            .options(**launch.actor_options, name=f"{self.name}-engine{e}-{_fresh()}")
-            .remote(self.engine_config, f"engine{e}", self.plan.engine_bundles(e), env)
-        )
-
-    def _spawn_trainer(self, actor: ActorId) -> None:
-        r = actor.index
-        env = self.trainer_env()
-        self._handles[actor] = (
-            ray.remote(self.trainer_cls)
-            .options(
-                **self.reservation.trainer_options(r), name=f"{self.name}-trainer{r}-{_fresh()}"
-            )
-            .remote(
-                self.trainer_config,
-                r,
-                self.plan.spec.trainer_world_size,
-                f"trainer{r}",
-                self.plan.trainer_bundle(r),
-                self.loss_fn,
-                env,
-            )
+            ray.remote(group.actor_cls)
+            .options(**options, name=f"{self.name}-{actor.name}-{_fresh()}")
+            .remote(seat)
         )
 
     # ----- health -----------------------------------------------------------------------------

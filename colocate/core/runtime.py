@@ -20,7 +20,7 @@ from colocate.core.phases import Phase
 from colocate.core.role_driver import RoleDriver
 from colocate.core.run_config import RunConfig
 from colocate.core.syncing import SyncDriver, SyncReport
-from colocate.core.tenants import TenantGroup, tenant_groups
+from colocate.core.tenants import TenantGroup
 from colocate.operations.memory_check import check_run
 from colocate.operations.memory_plan import MemoryPlan
 from placement import Plan, Reservation, TenantKind, reserve
@@ -208,7 +208,7 @@ def build_runtime(config: RunConfig, plan: Plan, executor: Executor, progress: P
         executor.timeline.extend,
     )
     roles = RoleDriver(config, plan, fleet, executor)
-    groups = tenant_groups(config, plan)
+    groups = tuple(fleet.groups.values())
     return Runtime(
         config, plan, executor, progress, reservation, memory, fleet, roles, sync, groups
     )

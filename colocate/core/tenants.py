@@ -10,6 +10,7 @@ Pure; no Ray.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from colocate.core.phases import Phase
 from colocate.core.run_config import RunConfig
 from placement import Plan, TenantKind
 
-__all__ = ["TenantGroup", "tenant_groups"]
+__all__ = ["TenantGroup", "group_name", "tenant_groups"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class TenantGroup:
             store before they start; losing one rank loses the group).
         stateful: It holds trained state a checkpoint must carry.
         trainable: It takes optimizer steps.
+        loss_fn: What its ranks train with, if the run supplies it (the policy's loss).
     """
 
     name: str
@@ -53,6 +55,7 @@ class TenantGroup:
     collective: bool
     stateful: bool
     trainable: bool
+    loss_fn: Callable | None = None
 
     def checkpoint_dir(self, root: str) -> str:
         """Where this group's state lives in a checkpoint written under ``root``.
@@ -63,11 +66,16 @@ class TenantGroup:
         return root if self.kind is TenantKind.TRAINER else str(Path(root) / self.name)
 
 
+def group_name(actor: ActorId) -> str:
+    """The name of ``actor``'s group."""
+    return actor.role if actor.kind is TenantKind.ROLE else actor.kind.value
+
+
 def tenant_groups(config: RunConfig, plan: Plan) -> tuple[TenantGroup, ...]:
     """Every tenant group of a run: the engines, the trainer ranks, then each role."""
     spec = config.spec
 
-    def group(name, kind, cls, cfg, ranks, share, phases) -> TenantGroup:
+    def group(name, kind, cls, cfg, ranks, share, phases, loss_fn=None) -> TenantGroup:
         return TenantGroup(
             name,
             kind,
@@ -80,6 +88,7 @@ def tenant_groups(config: RunConfig, plan: Plan) -> tuple[TenantGroup, ...]:
             cls.collective,
             cls.stateful,
             cls.trainable,
+            loss_fn,
         )
 
     groups = [
@@ -100,6 +109,7 @@ def tenant_groups(config: RunConfig, plan: Plan) -> tuple[TenantGroup, ...]:
             actors_of(plan, TenantKind.TRAINER),
             spec.trainer_fraction,
             {Phase.TRAIN},
+            config.loss_fn,
         ),
     ]
     roles = actors_of(plan, TenantKind.ROLE)

@@ -25,7 +25,6 @@ Life of a role's rank:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +33,7 @@ import torch
 
 from colocate.algorithms.metrics import merge_metrics
 from colocate.core.config import ConfigError
-from colocate.core.contract import RoleTenant
+from colocate.core.contract import RoleTenant, Seat
 from colocate.core.errors import ActorStateError
 from colocate.core.faults import Fault, coerce_fault
 from colocate.core.phases import Phase, RoleMemory
@@ -116,25 +115,20 @@ class RoleActor(RoleTenant):
     :attr:`collective`: the coordinator has its rank 0 host the group's store first.
 
     Args:
-        config: The role's :attr:`Role.config`.
-        rank: This rank of the role.
-        world_size: Ranks of the role.
-        name: Actor name (``"<role><rank>"``), for errors and its timeline lane.
-        lane: Bundle index (GPU) of this rank.
-        env: Environment set before anything is imported (passed by the coordinator).
+        seat: Its seat: ``group`` the role's name, ``config`` its :attr:`Role.config`, its
+            ``rank`` and ``world_size``, ``lanes`` its GPU, ``env`` the environment set before
+            anything is imported (passed by the coordinator).
     """
 
-    def __init__(self, config: Any, rank: int, world_size: int, name: str, lane: int, env: dict):
-        os.environ.update(env)
-        super().__init__(name, (lane,))
-        self.config = config
-        self.rank = rank
-        self.world_size = world_size
-        self.lane = lane
+    def __init__(self, seat: Seat):
+        super().__init__(seat)  # sets the environment first
+        self.rank = seat.rank
+        self.world_size = seat.world_size
+        self.lane = seat.lanes[0]
         self.memory = RoleMemory.OFFLOADED
         self.module: torch.nn.Module | None = None
         self.started = False
-        self.role = name.rstrip("0123456789")
+        self.role = seat.group
         self._group_store: tuple | None = None
         # Where this rank runs is a fact of the worker it runs in, not of the driver.
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")

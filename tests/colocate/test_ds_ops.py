@@ -11,6 +11,7 @@ import ray
 from colocate import TrainerConfig, lm_loss
 from colocate.actors.cpu.ds_ops import extensions_dir, op_environment
 from colocate.actors.trainer import TrainerActor
+from colocate.core.contract import Seat
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -39,7 +40,7 @@ def test_a_stale_lock_is_cleared_and_a_trainer_starts_without_rebuilding(ray_loc
     stale.write_text("")  # what a build killed half-way leaves behind
     actor = ray.remote(TrainerActor).options(num_gpus=0.5, num_cpus=0.1)
     config = TrainerConfig(model=tiny_model_dir, zero_stage=1)
-    trainer = actor.remote(config, 0, 1, "trainer0", 0, lm_loss, {"DS_ACCELERATOR": "cpu"})
+    trainer = actor.remote(Seat("trainer", 0, 1, (0,), config, {"DS_ACCELERATOR": "cpu"}, lm_loss))
     try:
         t0 = time.monotonic()
         master = ray.get(trainer.host_group_store.remote(False, 60), timeout=60)

@@ -16,7 +16,7 @@ from colocate import (
     RewardModelConfig,
     RoleKind,
 )
-from colocate.core.contract import verbs_of
+from colocate.core.contract import Seat, verbs_of
 from colocate.core.errors import ActorStateError
 from colocate.operations.memory_plan import ModelHead, model_shape
 from colocate.roles.critic import token_values
@@ -80,7 +80,7 @@ def test_a_user_defined_frozen_role_gets_its_footprint_and_forward(value_model_d
     assert (fp.kind, fp.dtype_bytes, fp.micro_batch, fp.outputs) == (RoleKind.FROZEN, 4, 2, 1)
     assert fp.shape == model_shape(value_model_dir, ModelHead.TOKEN_SCORE)
 
-    rank = FrozenValues(config, 0, 1, "values0", 0, {})
+    rank = FrozenValues(Seat("values", 0, 1, (0,), config))
     batch = {
         "input_ids": torch.randint(3, 50, (5, 7)),
         "attention_mask": torch.ones(5, 7, dtype=torch.long),
@@ -103,6 +103,6 @@ def test_a_missing_head_is_refused_at_build_naming_the_config(value_model_dir):
     class NoHead(FrozenValues):
         needs = {"no_such_head": "use a model with one"}
 
-    rank = NoHead(ReferenceConfig(value_model_dir), 0, 1, "values0", 0, {})
+    rank = NoHead(Seat("values", 0, 1, (0,), ReferenceConfig(value_model_dir)))
     with pytest.raises(ConfigError, match=r"^ReferenceConfig\.model=.*has no 'no_such_head' head"):
         rank.start()

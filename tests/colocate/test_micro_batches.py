@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from colocate import TrainerConfig, lm_loss
 from colocate.actors.trainer import TrainerActor, shard_batch
 from colocate.algorithms.micro_batches import plan_step, token_weights
+from colocate.core.contract import Seat
 
 
 @pytest.mark.fast
@@ -84,7 +85,7 @@ def _step_and_export(model_dir, out, chunk_bytes=64 << 10, **kw):
     config = TrainerConfig(model=model_dir, **fields)
     cls = ray.remote(TrainerActor).options(num_gpus=0.5, num_cpus=0.1)
     env = {"DS_ACCELERATOR": "cpu"}
-    actors = [cls.remote(config, r, 2, f"trainer{r}", r, lm_loss, env) for r in range(2)]
+    actors = [cls.remote(Seat("trainer", r, 2, (r,), config, env, lm_loss)) for r in range(2)]
     try:
         master = ray.get(actors[0].host_group_store.remote(False, 60), timeout=60)
         ray.get([a.start.remote(master, 60) for a in actors], timeout=400)

@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from colocate import TrainerConfig, lm_loss
 from colocate.actors.trainer import TrainerActor
+from colocate.core.contract import Seat
 from weight_sync.fingerprint import fingerprint
 
 pytestmark = pytest.mark.timeout(600)
@@ -15,7 +16,7 @@ def _start(model_dir, cls=TrainerActor, world=2):
     actor = ray.remote(cls).options(num_gpus=0.5, num_cpus=0.1)
     env = {"DS_ACCELERATOR": "cpu"}
     config = TrainerConfig(model=model_dir)
-    actors = [actor.remote(config, r, world, f"t{r}", r, lm_loss, env) for r in range(world)]
+    actors = [actor.remote(Seat("t", r, world, (r,), config, env, lm_loss)) for r in range(world)]
     master = ray.get(actors[0].host_group_store.remote(False, 60), timeout=60)
     return actors, ray.get([a.start.remote(master, 120) for a in actors], timeout=400)
 

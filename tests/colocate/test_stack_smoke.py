@@ -16,6 +16,7 @@ from colocate import (
 )
 from colocate.actors.engine import EngineActor
 from colocate.actors.trainer import TrainerActor
+from colocate.core.contract import Seat
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -24,7 +25,7 @@ ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 def _engine(model_dir, **kw):
     actor = ray.remote(EngineActor).options(num_gpus=0.5, num_cpus=0.1)
-    return actor.remote(EngineConfig(model=model_dir, **kw), "engine0", (0,), ENV)
+    return actor.remote(Seat("engine", 0, 1, (0,), EngineConfig(model=model_dir, **kw), ENV))
 
 
 def test_vllm_engine_in_ray_actor_generates_deterministically(ray_local, tiny_model_dir):
@@ -62,7 +63,7 @@ def test_tensor_parallel_worker_call_is_bounded(ray_local, tiny_model_dir):
     env = {**ENV, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}  # as the fleet sets it for TP on CPU
     actor = ray.remote(EngineActor).options(num_gpus=1, num_cpus=0.1)
     config = EngineConfig(model=tiny_model_dir, tensor_parallel_size=2, rpc_timeout_s=5.0)
-    engine = actor.remote(config, "engine0", (0, 1), env)
+    engine = actor.remote(Seat("engine", 0, 1, (0, 1), config, env))
     try:
         ray.get(engine.start.remote(), timeout=300)
         start = time.monotonic()
@@ -93,7 +94,7 @@ def _trainers(model_dir, world=2, **kw):
     config = TrainerConfig(model=model_dir, lr=1e-3, **kw)
     actors = [
         cls.options(num_gpus=0.5, num_cpus=0.1).remote(
-            config, r, world, f"trainer{r}", r, lm_loss, env
+            Seat("trainer", r, world, (r,), config, env, lm_loss)
         )
         for r in range(world)
     ]

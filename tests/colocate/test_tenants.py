@@ -67,3 +67,31 @@ def test_a_checkpoint_holds_the_trainer_at_its_root_and_every_other_group_beside
     groups = {g.name: g for g in tenant_groups(config, plan(config.spec))}
     assert groups["trainer"].checkpoint_dir("/ck") == "/ck"
     assert groups["learner"].checkpoint_dir("/ck") == "/ck/learner"
+
+
+def test_every_tenant_class_has_the_one_constructor_of_the_contract():
+    """``cls(seat)``: spawn, restart and a user's subclass all build a tenant the same way."""
+    import inspect
+
+    from colocate import (
+        CriticActor,
+        EngineActor,
+        FrozenModelActor,
+        ReferenceActor,
+        RewardModelActor,
+        TrainerActor,
+    )
+
+    classes = [
+        Tenant,
+        EngineActor,
+        TrainerActor,
+        RoleActor,
+        FrozenModelActor,
+        ReferenceActor,
+        RewardModelActor,
+        CriticActor,
+        Judge,
+    ]
+    for cls in classes:
+        assert list(inspect.signature(cls.__init__).parameters) == ["self", "seat"], cls

@@ -191,6 +191,7 @@ def test_torch_fallback_offload_frees_memory_and_restores_params():
     """The plain-torch trainer fallback: params, grads and Adam states to pinned host memory."""
     from colocate.actors.trainer import TrainerActor
     from colocate.core.config import TrainerConfig
+    from colocate.core.contract import Seat
 
     torch.cuda.empty_cache()
     free_before, total = torch.cuda.mem_get_info()
@@ -199,9 +200,8 @@ def test_torch_fallback_offload_frees_memory_and_restores_params():
         def load_model(self):
             return _big_mlp()
 
-    actor = MlpTrainer(
-        TrainerConfig(model="unused", deepspeed=False, lr=1e-3), 0, 1, "trainer0", 0, None, {}
-    )
+    config = TrainerConfig(model="unused", deepspeed=False, lr=1e-3)
+    actor = MlpTrainer(Seat("trainer", 0, 1, (0,), config))
     actor.start(actor.host_group_store(False, 60.0), 60.0)
     model, optimizer = actor.backend.module, actor.backend.optimizer
     _train_step(model, optimizer)
@@ -329,6 +329,7 @@ def test_deepspeed_offload_states_moves_training_tensors_off_gpu_and_restores_th
     pytest.importorskip("deepspeed")
     from colocate.actors.trainer import TrainerActor
     from colocate.core.config import TrainerConfig
+    from colocate.core.contract import Seat
 
     class MlpTrainer(TrainerActor):
         def load_model(self):
@@ -337,9 +338,8 @@ def test_deepspeed_offload_states_moves_training_tensors_off_gpu_and_restores_th
     torch.cuda.empty_cache()
     free_before = torch.cuda.mem_get_info()[0]
     torch_bytes = {"before": _torch_bytes()}
-    actor = MlpTrainer(
-        TrainerConfig(model="unused", dtype="bfloat16", lr=1e-3), 0, 1, "trainer0", 0, None, {}
-    )
+    config = TrainerConfig(model="unused", dtype="bfloat16", lr=1e-3)
+    actor = MlpTrainer(Seat("trainer", 0, 1, (0,), config))
     master = actor.host_group_store(False, 60.0)
     actor.start(master, 60.0)
     torch_bytes["after_start"] = _torch_bytes()

@@ -17,14 +17,13 @@ pytestmark = [
 def test_sleep_frees_engine_memory_and_wake_restores_service(tiny_model_dir):
     from colocate.actors.engine import EngineActor
     from colocate.core.config import EngineConfig, Sampling
+    from colocate.core.contract import Seat
     from colocate.core.phases import EngineMemory
 
     free0, total = torch.cuda.mem_get_info()
+    config = EngineConfig(model=tiny_model_dir, gpu_memory_utilization=0.3, kv_cache_bytes=None)
     engine = EngineActor(
-        EngineConfig(model=tiny_model_dir, gpu_memory_utilization=0.3, kv_cache_bytes=None),
-        "engine0",
-        (0,),
-        {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+        Seat("engine", 0, 1, (0,), config, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     )
     caps = engine.start()
     assert caps.sleep_supported

@@ -15,6 +15,7 @@ from colocate import (
     lm_loss,
 )
 from colocate.actors.engine import EngineActor
+from colocate.core.contract import Seat
 from placement import TopologySpec
 from weight_sync import WeightSyncError
 
@@ -43,7 +44,7 @@ def _reference_generate(model_dir, prompts, tp=1):
     actor = ray.remote(EngineActor).options(num_gpus=0.5, num_cpus=0.1)
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     config = EngineConfig(model=str(model_dir), tensor_parallel_size=tp)
-    ref = actor.remote(config, "reference", (9,), env)
+    ref = actor.remote(Seat("reference", 0, 1, (9,), config, env))
     try:
         ray.get(ref.start.remote(), timeout=300)
         return ray.get(ref.generate.remote(prompts, GREEDY), timeout=120)
