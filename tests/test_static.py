@@ -208,3 +208,21 @@ def test_every_subpackage_says_what_it_holds_in_one_sentence():
         assert doc, init
         summary = doc.split("\n\n")[0]
         assert ". " not in summary and summary.endswith("."), (init, summary)
+
+
+def test_no_constructor_takes_more_than_six_parameters():
+    """Wide constructors wired by hand are how a god object grows back (frozen configs and
+    dataclasses group what belongs together instead)."""
+    wide = []
+    for path in _python_files(*PACKAGES):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name == "__init__":
+                args = node.args
+                count = len(args.args) - 1 + len(args.kwonlyargs)  # without self
+                if count > 6:
+                    wide.append(f"{path.relative_to(ROOT)}:{node.lineno} ({count})")
+    assert wide == []
+
+
+def test_the_coordinator_stays_thin():
+    assert len((ROOT / "colocate/core/coordinator.py").read_text().splitlines()) <= 350
