@@ -31,7 +31,7 @@ from colocate.core.errors import ActorStateError, InputError
 from colocate.core.faults import Fault, coerce_fault
 from colocate.core.phases import EngineMemory, TrainerMemory
 from colocate.operations.memory import process_stats
-from colocate.roles.base import RoleActor
+from colocate.roles.base import RoleActor, takes_max_rows
 
 # Ray workers cannot import test modules: ship this module's classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -461,6 +461,12 @@ class FakeRole(RoleActor):
 
     def where(self) -> tuple[str, int]:
         return self.name, self.lane
+
+    @takes_max_rows
+    def rows_told(self, batch: dict, max_rows: int | None = None) -> list:
+        """This rank's rows and the largest shard's it was told (one entry per rank)."""
+        self.require_resident("rows_told")
+        return [(len(batch["x"]), max_rows)]
 
 
 def fake_role(name: str, phases, bundles=None):

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from colocate.algorithms.batches import batch_rows
 from colocate.core.config import ConfigError
 from colocate.core.executor import Executor
 from colocate.core.fleet import Fleet
 from colocate.core.handovers import SCORE, ActorId, actors_of
 from colocate.core.phases import Phase, PhaseError
 from colocate.core.run_config import RunConfig
-from colocate.roles.base import merge_rows, split_rows
+from colocate.roles.base import merge_rows, split_rows, wants_max_rows
 from placement import Plan, TenantKind
 
 __all__ = ["RoleDriver"]
@@ -72,7 +73,10 @@ class RoleDriver:
                     f"call_role({role!r}, shard=True) needs a batch dict as first argument; "
                     "fix: pass one, or shard=False"
                 )
-            per_rank = [(part, *args[1:]) for part in split_rows(args[0], len(ranks))]
+            parts = split_rows(args[0], len(ranks))
+            # A verb that plans from the largest shard is told its rows (takes_max_rows).
+            most = (max(batch_rows(p) for p in parts),) if wants_max_rows(verb) else ()
+            per_rank = [(part, *most, *args[1:]) for part in parts]
         else:
             per_rank = [args] * len(ranks)
         tag = self.exec.tag(step.phase.value)

@@ -25,9 +25,9 @@ Life of a role's rank:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -40,11 +40,41 @@ from colocate.core.phases import Phase, RoleMemory
 from colocate.operations.memory_plan import RoleFootprint
 from placement import RoleSpec, TenantKind, TopologyError
 
-__all__ = ["Role", "RoleActor", "micro_batches", "RESIDENT_PHASES"]
+__all__ = [
+    "Role",
+    "RoleActor",
+    "micro_batches",
+    "takes_max_rows",
+    "wants_max_rows",
+    "RESIDENT_PHASES",
+]
 
 #: The phases a role may be resident in (the loop's phases).
 RESIDENT_PHASES = frozenset({Phase.ROLLOUT, Phase.SCORE, Phase.TRAIN, Phase.SYNC})
 _MEMORY_VERBS = frozenset({"start", "offload", "reload", "host_group_store"})
+_MAX_ROWS = "__colocate_max_rows__"
+
+Verb = TypeVar("Verb", bound=Callable[..., Any])
+
+
+def takes_max_rows(verb: Verb) -> Verb:
+    """Declares that a role verb plans from the largest shard: ``verb(self, shard, max_rows)``.
+
+    A sharded call (``Coordinator.call_role(role, verb, batch)``) then passes every rank its
+    own shard and, right after it, the largest shard's row count, which the driver knows since
+    it cut the batch: every rank of a collective role plans the same number of micro-batches
+    (ZeRO-3 gathers run in step), as the policy's trainer ranks are told by the coordinator,
+    with no collective of their own to agree on it. An unsharded call passes its arguments as
+    given: every rank has the same rows, and the verb's ``max_rows`` (default None) means its
+    own.
+    """
+    setattr(verb, _MAX_ROWS, True)
+    return verb
+
+
+def wants_max_rows(verb: Callable[..., Any]) -> bool:
+    """Whether ``verb`` was declared with :func:`takes_max_rows`."""
+    return bool(getattr(verb, _MAX_ROWS, False))
 
 
 @dataclass(frozen=True)
@@ -112,7 +142,8 @@ class RoleActor(RoleTenant):
     anything starts), add the role's verbs, and begin each with :meth:`require_resident`.
     Other state than ``self.module`` (an optimizer, a cache) is moved by overriding
     :meth:`release` and :meth:`acquire`. A role whose ranks form a group of their own sets
-    :attr:`collective`: the coordinator has its rank 0 host the group's store first.
+    :attr:`collective`: the coordinator has its rank 0 host the group's store first; its verbs
+    that must run in step on uneven shards declare :func:`takes_max_rows`.
 
     Args:
         seat: Its seat: ``group`` the role's name, ``config`` its :attr:`Role.config`, its

@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import warnings
 from dataclasses import dataclass
 
 import torch
 
-from colocate.algorithms.batches import weighted_parts
-from colocate.algorithms.micro_batches import plan_step
+from colocate.actors.training import RankTrainer
+from colocate.algorithms.metrics import merge_metrics
 from colocate.core.config import ConfigError, TrainerConfig
+from colocate.core.contract import Seat
 from colocate.core.phases import Phase, RoleMemory
 from colocate.operations.memory_plan import ModelHead, RoleFootprint, model_shape
-from colocate.roles.base import Role, RoleActor
+from colocate.roles.base import Role, RoleActor, takes_max_rows
 from colocate.roles.role_checks import check_model_dir, check_same_vocabulary
 
 __all__ = ["CriticConfig", "CriticActor", "critic_role", "token_values", "value_loss"]
@@ -95,10 +94,26 @@ def value_loss(model, batch: dict, clip: float | None = 0.2):
 
 
 class CriticActor(RoleActor):
-    """One critic rank: a DeepSpeed (or plain torch, one rank) value model."""
+    """One critic rank: a trainer with a value head and a value loss.
+
+    Its backend, group, train loop, offload and checkpoints are the policy trainer's
+    (:class:`~colocate.actors.training.RankTrainer`); what it adds is the model
+    (``*ForTokenClassification`` with one label), :func:`value_loss` and :meth:`values`.
+    """
 
     collective = True
     stateful = True
+
+    def __init__(self, seat: Seat):
+        super().__init__(seat)
+        config: CriticConfig = seat.config
+        self.training = RankTrainer(
+            config.trainer,
+            seat,
+            functools.partial(value_loss, clip=config.value_clip),
+            self._value_model,
+            self.span,
+        )
 
     @classmethod
     def check_config(cls, config: CriticConfig, policy_model: str) -> None:
@@ -122,113 +137,79 @@ class CriticActor(RoleActor):
 
         # Its load report lists the LM head left out and the new value head: expected here.
         logging.set_verbosity_error()
-        torch.manual_seed(self.config.trainer.seed)
         return AutoModelForTokenClassification.from_pretrained(
             self.config.trainer.model, num_labels=1, dtype=torch.float32
         )
 
+    def host_group_store(self, multi_node: bool, timeout_s: float) -> tuple[str, int]:
+        """Rank 0: starts the critic group's store (:meth:`RankTrainer.host_group_store`)."""
+        return self.training.host_group_store(multi_node, timeout_s)
+
     def join(self, master: tuple[str, int] | None) -> RoleMemory:
         """Joins the critic group at ``master`` and builds model and optimizer (resident)."""
-        from colocate.actors.backends import make_backend
-        from colocate.actors.cpu.ds_ops import op_environment, prepare_ops
-
-        cfg = self.config.trainer
-        os.environ.update(op_environment())
-        # As in the trainer: DeepSpeed's calls of deprecated torch.distributed APIs.
-        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-        if cfg.deepspeed:
-            prepare_ops(self.config.timeout_s)
-        self.backend = make_backend(cfg, self.rank, self.world_size, self._value_model)
-        store = self._group_store[0] if self._group_store else None
-        if self.rank != 0:
-            from weight_sync.store import join_store
-
-            store = join_store(
-                *master, self.world_size, self.config.timeout_s, f"{self.role}-group"
-            )
-        self.backend.start(store, master, self.config.timeout_s)
-        self.steps = 0
+        self.training.start(master, self.config.timeout_s)
         return RoleMemory.RESIDENT
 
     def release(self) -> None:
         """Params, grads and optimizer states to host memory (the trainer's offload)."""
-        self.backend.offload(False)
+        self.training.offload(keep_params=False)
 
     def acquire(self) -> None:
         """Everything back to the device."""
-        self.backend.reload()
+        self.training.reload()
 
-    def _micro_count(self, rows: int) -> int:
-        """The most micro-batches any rank needs (ZeRO-3 gathers run in step on every rank)."""
-        import torch.distributed as dist
-
-        size = self.config.trainer.micro_batch_size or rows
-        n = torch.tensor([math.ceil(rows / size), rows])
-        if dist.is_initialized() and self.world_size > 1:
-            dist.all_reduce(n, op=dist.ReduceOp.MAX)
-        return int(n[0]), int(n[1])
-
+    @takes_max_rows
     @torch.no_grad()
-    def values(self, batch: dict) -> torch.Tensor:
+    def values(self, batch: dict, max_rows: int | None = None) -> torch.Tensor:
         """Values [B, T] of ``input_ids`` / ``attention_mask`` (see :func:`token_values`).
 
         Collective under ZeRO-3: every rank runs as many micro-batch forwards as the largest
-        shard needs (a rank with fewer rows runs fillers, whose outputs are dropped).
+        shard (``max_rows``, passed by the driver; None: this shard's rows) needs; a rank with
+        fewer rows runs fillers, whose outputs are dropped.
         """
         self.require_resident("values")
         rows = len(batch["input_ids"])
-        count, _ = self._micro_count(rows)
-        model = self.backend.model
+        size = self.config.trainer.micro_batch_size
+        count = math.ceil((max_rows or rows) / size) if size else 1
+        backend = self.training.backend
         out = []
         with self.span("critic.values", rows=rows):
             for i in range(count):
                 lo, hi = i * rows // count, (i + 1) * rows // count
                 part = slice(lo, hi) if hi > lo else slice(0, 1)  # a filler keeps step
-                ids = batch["input_ids"][part].to(self.backend.device)
-                mask = batch["attention_mask"][part].to(self.backend.device)
-                v = token_values(model, ids, mask).cpu()
+                ids = batch["input_ids"][part].to(backend.device)
+                mask = batch["attention_mask"][part].to(backend.device)
+                v = token_values(backend.model, ids, mask).cpu()
                 if hi > lo:
                     out.append(v)
         return torch.cat(out)
 
-    def train_values(self, shard: dict) -> dict[str, float]:
+    @takes_max_rows
+    def train_values(self, shard: dict, max_rows: int | None = None) -> dict[str, float]:
         """The critic's optimizer steps on this rank's shard (all ranks at once).
 
-        Micro-batches, mini-batches and epochs as the policy's trainer plans them
-        (``colocate.algorithms.micro_batches``), from the largest rank's shard.
+        :meth:`RankTrainer.train`, the policy trainer's loop, with the value loss: micro-batches,
+        mini-batches and epochs planned from the largest rank's shard (``max_rows``, passed by
+        the driver).
+
+        Returns:
+            ``loss``, ``value_loss``, ``value_clip_fraction`` and ``value_mean``, means over the
+            optimizer steps.
         """
         self.require_resident("train_values")
-        cfg = self.config.trainer
-        rows = len(shard["input_ids"])
-        _, max_rows = self._micro_count(rows)
-        plan = plan_step(rows, max_rows, cfg.mini_batches, cfg.micro_batch_size)
-        loss_fn = functools.partial(value_loss, clip=self.config.value_clip)
-        results = []
-        with self.span("critic.train", rows=rows):
-            for _ in range(cfg.epochs):
-                for step in plan:
-                    micro = weighted_parts(shard, step, cfg.loss_tokens)
-                    results.append(self.backend.step(loss_fn, micro, lambda: None))
-        self.steps += 1
-        rows_out = [{"loss": loss, **m} for loss, m in results]
-        return {k: sum(r[k] for r in rows_out) / len(rows_out) for k in rows_out[0]}
+        return merge_metrics(self.training.train(shard, max_rows, span="critic.train"))
 
     def save(self, path: str) -> str:
         """Checkpoints the critic's model, optimizer and step count under ``path``."""
-        self.backend.save(path, self.steps)
-        return path
+        return self.training.save(path)
 
     def load(self, path: str) -> int:
         """Restores a checkpoint written by :meth:`save`; returns the step count."""
-        self.steps = self.backend.load(path)
-        return self.steps
+        return self.training.load(path)
 
     def shutdown(self) -> None:
-        """Leaves the critic group, then what the base class frees."""
-        backend = getattr(self, "backend", None)
-        if backend is not None:
-            backend.shutdown()
-            self.backend = None
+        """Leaves the critic group and closes its store, then what the base class frees."""
+        self.training.shutdown()
         super().shutdown()
 
 

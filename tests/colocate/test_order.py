@@ -251,6 +251,9 @@ def test_role_rows_in_order_and_a_dead_role_recovered(ray_local, model_dir):
                 "critic0": "offloaded",
                 "critic1": "offloaded",
             }
+            # a verb declared with takes_max_rows is told the largest shard's rows
+            told = coord.call_role("judge", FakeRole.rows_told, {"x": [0, 1, 2, 3, 4]})
+            assert told == [(3, 3), (2, 3)]
             coord.train(batch)
             assert states() == {
                 "judge0": "offloaded",
