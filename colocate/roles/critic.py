@@ -103,6 +103,7 @@ class CriticActor(RoleActor):
 
     collective = True
     stateful = True
+    trainable = True
 
     def __init__(self, seat: Seat):
         super().__init__(seat)

@@ -8,7 +8,7 @@ import pytest
 import ray
 
 from colocate.core.calls import Call, Chain, wait_all
-from colocate.core.contract import Tenant
+from colocate.core.contract import Seat, Tenant
 from colocate.core.errors import ActorFailedError, ActorTimeoutError
 
 pytestmark = [pytest.mark.fast, pytest.mark.timeout(120)]
@@ -18,7 +18,7 @@ class _Tenant(Tenant):
     """A tiny real actor behind the same ``invoke`` entry point the coordinator uses."""
 
     def __init__(self):
-        super().__init__("tiny", ())
+        super().__init__(Seat("tiny", 0, 1, ()))
 
     def work(self, seconds):
         start = time.time()

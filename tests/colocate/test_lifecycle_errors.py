@@ -21,6 +21,7 @@ from colocate import (
 )
 from colocate.actors.engine import EngineActor
 from colocate.core.calls import Call, _raise_for
+from colocate.core.contract import Seat
 from colocate.core.run_config import Timeouts
 
 pytestmark = pytest.mark.fast
@@ -43,7 +44,7 @@ class _Workers:
 
 
 def _engine(workers: _Workers | None, **config) -> EngineActor:
-    engine = EngineActor(EngineConfig(model="/nonexistent", **config), "engine3", (0,), {})
+    engine = EngineActor(Seat("engine", 3, 4, (0,), EngineConfig(model="/nonexistent", **config)))
     engine._llm = workers
     return engine
 

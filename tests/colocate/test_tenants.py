@@ -94,4 +94,6 @@ def test_every_tenant_class_has_the_one_constructor_of_the_contract():
         Judge,
     ]
     for cls in classes:
-        assert list(inspect.signature(cls.__init__).parameters) == ["self", "seat"], cls
+        # (ray.remote adds a tracing keyword to a class it wraps: not part of the contract.)
+        names = [n for n in inspect.signature(cls.__init__).parameters if not n.startswith("_ray")]
+        assert names == ["self", "seat"], cls
