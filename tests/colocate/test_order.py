@@ -114,7 +114,9 @@ def test_every_row_of_the_loop_in_order(ray_local, model_dir):
 
 
 def test_dummy_start_sleeps_at_level_2_and_serves_only_after_the_first_sync(ray_local, model_dir):
-    with _coordinator(model_dir, engine={"load_format": LoadFormat.DUMMY}) as coord:
+    # One shared GPU is enough: the engine on it sleeps in init and generates after the sync.
+    spec = TopologySpec(nodes=1, gpus_per_node=1, trainer_world_size=1, engines=1)
+    with _coordinator(model_dir, spec=spec, engine={"load_format": LoadFormat.DUMMY}) as coord:
         levels = {s.detail["level"] for s in coord.timeline.spans if s.name == "engine.sleep"}
         assert levels == {2} and coord.weight_version == 1
         assert {c.weight_version for c in coord.generate(PROMPTS, SAMPLING)} == {1}
@@ -134,7 +136,7 @@ def test_sync_set_up_takes_three_rounds_whatever_the_number_of_groups(ray_local,
 
 
 def test_separate_pools_plan_no_memory_moves(ray_local, model_dir):
-    spec = TopologySpec(nodes=1, gpus_per_node=3, trainer_world_size=1, engines=2, colocate=False)
+    spec = TopologySpec(nodes=1, gpus_per_node=2, trainer_world_size=1, engines=1, colocate=False)
     with _coordinator(model_dir, spec=spec) as coord:
         _train(coord)
         coord.sync()
