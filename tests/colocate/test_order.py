@@ -73,34 +73,86 @@ def model_dir(tmp_path):
     return fake_model_dir(tmp_path / "fake-model")
 
 
-def test_every_row_of_the_loop_in_order(ray_local, model_dir):
-    with _coordinator(model_dir) as coord:
-        assert coord.phase is Phase.ROLLOUT and coord.weight_version == 1
-        assert coord.sync_driver.setup_rounds == 3
-        _check_resident(coord)
-        rounds = coord.rounds
-        first = coord.generate(PROMPTS, SAMPLING)
-        coord.train({"x": [0] * len(first)})
-        report = coord.sync()
-        # One driver round each for generate, train (its hand-over chained) and sync (both
-        # hand-overs, the transfer, the verification and the span collection chained).
-        assert coord.rounds - rounds == 3
-        _train(coord)
-        _check_resident(coord)
-        report = coord.sync()
-        assert report.verified_tensors == 2 * len(coord.bucket_plan.metas) > 0
-        assert report.applied_checked > 0
-        _check_resident(coord)
-        after = coord.generate(PROMPTS, SAMPLING)
-        assert {c.weight_version for c in after} == {3}
-        assert [c.token_ids for c in after] != [c.token_ids for c in first]  # new weights
-        _train(coord)
-        coord.skip_sync()
-        _check_resident(coord)
-        assert {c.weight_version for c in coord.generate(PROMPTS, SAMPLING)} == {3}
-        _train(coord)
-        coord.sync()
-        timeline = coord.timeline
+# A started default coordinator that a test passed on after all its checks, so that the next
+# test needs no start of its own: a start is four actor processes, each a Ray worker importing
+# torch, and process starts are most of this module's time. At most one, for the next test only.
+_PASSED_ON: list = []
+
+
+def _pass_on(coord) -> None:
+    """Hands ``coord`` to the next test; the last line of a test that passed."""
+    _PASSED_ON.append(coord)
+
+
+def _shut_down_passed_on() -> None:
+    while _PASSED_ON:
+        _PASSED_ON.pop().shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _passed_on_to_the_next_test_only(request):
+    """A test that does not take the passed-on coordinator frees its GPUs and processes first."""
+    if "default_coordinator" not in request.fixturenames:
+        _shut_down_passed_on()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _passed_on_shut_down_at_the_end():
+    yield
+    _shut_down_passed_on()
+
+
+@pytest.fixture
+def new_coordinator(ray_local, model_dir):
+    """A newly started default coordinator: shut down after the test unless it was passed on."""
+    coord = _coordinator(model_dir).__enter__()
+    yield coord
+    if not any(c is coord for c in _PASSED_ON):
+        coord.shutdown()
+
+
+@pytest.fixture
+def default_coordinator(ray_local, model_dir):
+    """A started default coordinator in ROLLOUT: the one passed on, else a new one.
+
+    The test using it passes alone, after the test that passes one on, and in any order.
+    """
+    coord = _PASSED_ON.pop() if _PASSED_ON else _coordinator(model_dir).__enter__()
+    try:
+        assert coord.phase is Phase.ROLLOUT
+        yield coord
+    finally:
+        coord.shutdown()
+
+
+def test_every_row_of_the_loop_in_order(new_coordinator):
+    coord = new_coordinator
+    assert coord.phase is Phase.ROLLOUT and coord.weight_version == 1
+    assert coord.sync_driver.setup_rounds == 3
+    _check_resident(coord)
+    rounds = coord.rounds
+    first = coord.generate(PROMPTS, SAMPLING)
+    coord.train({"x": [0] * len(first)})
+    report = coord.sync()
+    # One driver round each for generate, train (its hand-over chained) and sync (both
+    # hand-overs, the transfer, the verification and the span collection chained).
+    assert coord.rounds - rounds == 3
+    _train(coord)
+    _check_resident(coord)
+    report = coord.sync()
+    assert report.verified_tensors == 2 * len(coord.bucket_plan.metas) > 0
+    assert report.applied_checked > 0
+    _check_resident(coord)
+    after = coord.generate(PROMPTS, SAMPLING)
+    assert {c.weight_version for c in after} == {3}
+    assert [c.token_ids for c in after] != [c.token_ids for c in first]  # new weights
+    _train(coord)
+    coord.skip_sync()
+    _check_resident(coord)
+    assert {c.weight_version for c in coord.generate(PROMPTS, SAMPLING)} == {3}
+    _train(coord)
+    coord.sync()
+    timeline = coord.timeline
     _check_order(timeline)
     assert {"start", "init", "train", "sync", "rollout", "skip-sync"} <= _rows(timeline)
     # The trainer's start is split in the init row: prepared (waiting for nothing), started
@@ -111,36 +163,7 @@ def test_every_row_of_the_loop_in_order(ray_local, model_dir):
         assert (prep.phase, start.phase) == ("init", "init") and prep.end <= start.start
     coordinator = {s.name for s in timeline.spans if s.actor == "coordinator"}
     assert {"reserve", "start", "generate", "train", "sync", "skip_sync"} <= coordinator
-
-
-def test_dummy_start_sleeps_at_level_2_and_serves_only_after_the_first_sync(ray_local, model_dir):
-    with _coordinator(model_dir, engine={"load_format": LoadFormat.DUMMY}) as coord:
-        levels = {s.detail["level"] for s in coord.timeline.spans if s.name == "engine.sleep"}
-        assert levels == {2} and coord.weight_version == 1
-        assert {c.weight_version for c in coord.generate(PROMPTS, SAMPLING)} == {1}
-
-
-def test_sync_set_up_takes_three_rounds_whatever_the_number_of_groups(ray_local, model_dir):
-    """Simulated CUDA bundles: each of the 4 shared GPUs gets its own CUDA IPC group (the fakes
-    carry it over gloo); the set-up still takes 3 driver rounds, as with one group."""
-    spec = TopologySpec(nodes=1, gpus_per_node=4, trainer_world_size=4, engines=4)
-    with _coordinator(model_dir, spec=spec, probe=fake_cuda_probe()) as coord:
-        groups = coord.sync_driver.groups
-        assert len(groups) == 4 and {g.backend for g in groups} == {Backend.CUDA_IPC}
-        assert coord.sync_driver.setup_rounds == 3
-        report = coord.sync()
-        assert report.verified_tensors == 4 * len(coord.bucket_plan.metas)
-    # (One group, the CPU case, takes the same 3 rounds: test_every_row_of_the_loop_in_order.)
-
-
-def test_separate_pools_plan_no_memory_moves(ray_local, model_dir):
-    spec = TopologySpec(nodes=1, gpus_per_node=3, trainer_world_size=1, engines=2, colocate=False)
-    with _coordinator(model_dir, spec=spec) as coord:
-        _train(coord)
-        coord.sync()
-        names = {s.name for s in coord.timeline.spans}
-    assert not names & {"engine.sleep", "trainer.offload", "trainer.reload", "engine.wake_kv"}
-    assert {"trainer.send_weights", "engine.receive_weights"} <= names
+    _pass_on(coord)  # every check passed: the recovery test goes on with it
 
 
 def _fail(coord, fn, actor, phase):
@@ -163,57 +186,93 @@ def _recovered(coord, **kw):
     coord.sync()
 
 
-def test_every_recovery_path(ray_local, model_dir, tmp_path):
-    with _coordinator(model_dir) as coord:
-        ckpt = coord.save_trainer(str(tmp_path / "ckpt"))
-        saved = coord.trainer_fingerprints()
+def _trainer_steps(coord) -> set[int]:
+    return {s["steps"] for n, s in coord.actor_status().items() if n.startswith("trainer")}
 
-        coord.inject_fault("engine1", Fault.CRASH_IN_GENERATE)
-        _fail(coord, lambda: coord.generate(PROMPTS, SAMPLING), "engine1", "rollout")
-        _recovered(coord)  # restart-engines, recover
 
-        coord.inject_fault("engine0", Fault.CRASH_IN_RECEIVE)
-        _train(coord)
-        _fail(coord, coord.sync, "engine0", "sync")
-        _recovered(coord)
+def test_every_recovery_path(default_coordinator, tmp_path):
+    coord = default_coordinator
+    saved_steps = _trainer_steps(coord)  # {0} when started here, more when passed on
+    ckpt = coord.save_trainer(str(tmp_path / "ckpt"))
+    saved = coord.trainer_fingerprints()
 
-        coord.inject_fault("engine1", Fault.CORRUPT_NEXT_BUCKET)
-        _train(coord)
-        with pytest.raises(WeightSyncError, match="engine1 worker tp0.*arrived corrupted"):
-            coord.sync()
-        _recovered(coord)  # nothing died: recover only
+    coord.inject_fault("engine1", Fault.CRASH_IN_GENERATE)
+    _fail(coord, lambda: coord.generate(PROMPTS, SAMPLING), "engine1", "rollout")
+    _recovered(coord)  # restart-engines, recover
 
-        coord.inject_fault("trainer1", Fault.CRASH_IN_TRAIN_STEP)
-        _fail(coord, lambda: _train(coord), "trainer1", "train")
-        with pytest.raises(ColocateError, match=r"trainer rank\(s\) \[1\] died"):
-            coord.recover()
-        _recovered(coord, checkpoint=ckpt)  # restart-trainers, recover
+    coord.inject_fault("engine0", Fault.CRASH_IN_RECEIVE)
+    _train(coord)
+    _fail(coord, coord.sync, "engine0", "sync")
+    _recovered(coord)
 
-        _train(coord)
-        coord.inject_fault("trainer0", Fault.CRASH_IN_SEND)
-        _fail(coord, coord.sync, "trainer0", "sync")
-        _recovered(coord, checkpoint=ckpt)
+    coord.inject_fault("engine1", Fault.CORRUPT_NEXT_BUCKET)
+    _train(coord)
+    with pytest.raises(WeightSyncError, match="engine1 worker tp0.*arrived corrupted"):
+        coord.sync()
+    _recovered(coord)  # nothing died: recover only
 
-        # An engine and a trainer rank dead at once: both replaced, trainers restored.
-        import os
-        import signal
+    coord.inject_fault("trainer1", Fault.CRASH_IN_TRAIN_STEP)
+    _fail(coord, lambda: _train(coord), "trainer1", "train")
+    with pytest.raises(ColocateError, match=r"trainer rank\(s\) \[1\] died"):
+        coord.recover()
+    _recovered(coord, checkpoint=ckpt)  # restart-trainers, recover
 
-        status = coord.actor_status()
-        _train(coord)
-        os.kill(status["engine1"]["pid"], signal.SIGKILL)
-        os.kill(status["trainer0"]["pid"], signal.SIGKILL)
-        with pytest.raises(ActorFailedError):
-            coord.sync()
-        coord.recover(checkpoint=ckpt)
-        steps = {s["steps"] for n, s in coord.actor_status().items() if n.startswith("trainer")}
-        assert steps == {0}  # restored from the checkpoint taken at step 0
-        assert coord.trainer_fingerprints() == saved
-        _train(coord)
-        coord.skip_sync()
-        timeline = coord.timeline
+    _train(coord)
+    coord.inject_fault("trainer0", Fault.CRASH_IN_SEND)
+    _fail(coord, coord.sync, "trainer0", "sync")
+    _recovered(coord, checkpoint=ckpt)
+
+    # An engine and a trainer rank dead at once: both replaced, trainers restored.
+    import os
+    import signal
+
+    status = coord.actor_status()
+    _train(coord)
+    os.kill(status["engine1"]["pid"], signal.SIGKILL)
+    os.kill(status["trainer0"]["pid"], signal.SIGKILL)
+    with pytest.raises(ActorFailedError):
+        coord.sync()
+    coord.recover(checkpoint=ckpt)
+    assert _trainer_steps(coord) == saved_steps  # restored to the checkpoint's step
+    assert coord.trainer_fingerprints() == saved
+    _train(coord)
+    coord.skip_sync()
+    timeline = coord.timeline
     _check_order(timeline)
     # every row of the table ran (the two rows that need roles run in the roles' test)
     assert {row.name for row in TABLE} - {"score", "restart-roles"} <= _rows(timeline)
+
+
+def test_dummy_start_sleeps_at_level_2_and_serves_only_after_the_first_sync(ray_local, model_dir):
+    # One shared GPU is enough: the engine on it sleeps in init and generates after the sync.
+    spec = TopologySpec(nodes=1, gpus_per_node=1, trainer_world_size=1, engines=1)
+    with _coordinator(model_dir, spec=spec, engine={"load_format": LoadFormat.DUMMY}) as coord:
+        levels = {s.detail["level"] for s in coord.timeline.spans if s.name == "engine.sleep"}
+        assert levels == {2} and coord.weight_version == 1
+        assert {c.weight_version for c in coord.generate(PROMPTS, SAMPLING)} == {1}
+
+
+def test_sync_set_up_takes_three_rounds_whatever_the_number_of_groups(ray_local, model_dir):
+    """Simulated CUDA bundles: each of the 4 shared GPUs gets its own CUDA IPC group (the fakes
+    carry it over gloo); the set-up still takes 3 driver rounds, as with one group."""
+    spec = TopologySpec(nodes=1, gpus_per_node=4, trainer_world_size=4, engines=4)
+    with _coordinator(model_dir, spec=spec, probe=fake_cuda_probe()) as coord:
+        groups = coord.sync_driver.groups
+        assert len(groups) == 4 and {g.backend for g in groups} == {Backend.CUDA_IPC}
+        assert coord.sync_driver.setup_rounds == 3
+        report = coord.sync()
+        assert report.verified_tensors == 4 * len(coord.bucket_plan.metas)
+    # (One group, the CPU case, takes the same 3 rounds: test_every_row_of_the_loop_in_order.)
+
+
+def test_separate_pools_plan_no_memory_moves(ray_local, model_dir):
+    spec = TopologySpec(nodes=1, gpus_per_node=2, trainer_world_size=1, engines=1, colocate=False)
+    with _coordinator(model_dir, spec=spec) as coord:
+        _train(coord)
+        coord.sync()
+        names = {s.name for s in coord.timeline.spans}
+    assert not names & {"engine.sleep", "trainer.offload", "trainer.reload", "engine.wake_kv"}
+    assert {"trainer.send_weights", "engine.receive_weights"} <= names
 
 
 def test_role_rows_in_order_and_a_dead_role_recovered(ray_local, model_dir):
