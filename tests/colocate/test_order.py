@@ -21,6 +21,7 @@ from colocate import (
     Phase,
     PhaseError,
     Sampling,
+    TrainerTenant,
 )
 from colocate.core.handovers import TABLE
 from colocate.core.phases import RESIDENT
@@ -296,6 +297,11 @@ def test_role_rows_in_order_and_a_dead_role_recovered(ray_local, model_dir):
             completions = coord.generate(PROMPTS, SAMPLING)
             rounds = coord.rounds
             batch = {"x": list(range(len(completions)))}
+            # A verb of another class is refused on the driver: nothing moved, no round ran.
+            with pytest.raises(TypeError, match="not a method of the role's class FakeRole"):
+                coord.call_role("judge", TrainerTenant.train_step, batch)
+            assert coord.phase is Phase.ROLLOUT and coord.rounds == rounds
+            assert set(states().values()) == {"offloaded"}
             echoed = coord.call_role("judge", FakeRole.echo, batch)
             assert coord.rounds - rounds == 1  # the score row and the calls: one driver wait
             assert coord.phase is Phase.SCORE
