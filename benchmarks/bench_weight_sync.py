@@ -1,13 +1,12 @@
 """Weight-sync benchmark on CPU (gloo): our bucketed sync vs the transport limit and the naive way.
 
 A synthetic Llama-shaped model (309 tensors, ~216 MB in bf16, a real HF directory built by
-``colocate.testing.tiny_model``) is sent from a sender actor into a real vLLM CPU engine in a Ray
-actor
-(``EngineActor``, subclassed here only to add the baselines' receiving ends). The sender is the
-library's ``TrainerActor`` in its default configuration (DeepSpeed ZeRO-3, world size 1, fp32
-master weights; subclassed only to add the baselines' sending ends): our sync gathers every
-bucket through ``DeepSpeedSource`` and ``WeightSender``, as in a real run. Kinds, alternating
-within every repeat:
+``colocate.testing.tiny_model``) is sent from a sender actor into a real vLLM CPU engine in a
+Ray actor (``EngineActor``, subclassed here only to add the baselines' receiving ends). The
+sender is the library's ``TrainerActor`` in its default configuration (DeepSpeed ZeRO-3, world
+size 1, fp32 master weights; subclassed only to add the baselines' sending ends): our sync
+gathers every bucket through ``DeepSpeedSource`` and ``WeightSender``, as in a real run.
+Kinds, alternating within every repeat:
 
 - ``raw_flat``: one broadcast of all the bytes as one uint8 tensor into an already-written
   buffer, over a gloo group between the two processes: the transport's limit.
