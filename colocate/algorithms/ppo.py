@@ -1,12 +1,12 @@
 """PPO's advantages: per-token rewards (KL penalty plus the sequence score) and GAE.
 
-Batches follow ``colocate.algorithms.losses`` (right-padded rows of prompt + completion). PPO adds,
-per
-row: ``ref_logprobs`` (the reference's), ``values`` (the critic's, ``colocate.roles.critic``) and a
-sequence score (the reward model's, or a Python reward). :func:`ppo_advantages` turns them into
-token-level ``advantages`` (whitened over completion tokens) and ``returns``; the policy's loss
-is then :func:`colocate.algorithms.losses.grpo_loss` (PPO-clip, which takes token-level advantages)
-and the critic's is :func:`colocate.roles.critic.value_loss`.
+Batches follow ``colocate.algorithms.losses`` (right-padded rows of prompt + completion). PPO
+adds, per row: ``ref_logprobs`` (the reference's), ``values`` (the critic's,
+``colocate.roles.critic``) and a sequence score (the reward model's, or a Python reward).
+:func:`ppo_advantages` turns them into token-level ``advantages`` (whitened over completion
+tokens) and ``returns``; the policy's loss is then :func:`colocate.algorithms.losses.grpo_loss`
+(PPO-clip, which takes token-level advantages) and the critic's is
+:func:`colocate.roles.critic.value_loss`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The AMX tile request (colocate.actors.cpu.amx): flag parsing, and a bf16 engine that generates
-on one
-OpenMP thread, where vLLM's AMX attention trapped (SIGILL) before the request was made."""
+"""The AMX tile request (colocate.actors.cpu.amx): flag parsing, and a bf16 engine that
+generates on one OpenMP thread, where vLLM's AMX attention trapped (SIGILL) before the request
+was made."""
 
 import os
 import subprocess

@@ -3,9 +3,8 @@
 vLLM's CPU platform refuses sleep mode, so there ``LLM.sleep()`` frees nothing. This worker
 extension releases the memory itself, in every worker of an engine (all TP ranks), through
 ``colocate.actors.cpu.page_release``: the pages go back to the OS at once, the virtual addresses
-and every
-tensor stay valid, and nothing is re-allocated on wake. The engine actor reaches it through
-its CPU sleep strategy (``colocate.actors.sleep.cpu_pages``).
+and every tensor stay valid, and nothing is re-allocated on wake. The engine actor reaches it
+through its CPU sleep strategy (``colocate.actors.sleep.cpu_pages``).
 
 What is released:
 
