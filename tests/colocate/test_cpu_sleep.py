@@ -24,6 +24,7 @@ from colocate import (
     lm_loss,
 )
 from colocate.actors.cpu.cpu_sleep import CpuSleepExtension
+from colocate.core.contract import Seat
 from colocate.core.phases import EngineMemory
 from colocate.testing.tiny_model import WEIGHTS_216MB
 from placement import TopologySpec
@@ -46,7 +47,7 @@ def weight_model_dir():
 def _engine(model_dir, tp=1, kv=KV):
     config = EngineConfig(model=model_dir, kv_cache_bytes=kv, tensor_parallel_size=tp)
     actor = ray.remote(EngineActor).options(num_gpus=0.5, num_cpus=0.1)
-    return actor.remote(config, "engine0", tuple(range(tp)), ENV)
+    return actor.remote(Seat("engine", 0, 1, tuple(range(tp)), config, ENV))
 
 
 def _rss(engine) -> int:
