@@ -47,10 +47,9 @@ def start(rt: Runtime) -> None:
     ROLLOUT.
     """
     config, ex = rt.config, rt.executor
-    for kind in _SPAWN_ORDER:
-        for g in rt.groups:
-            for a in g.ranks if g.kind is kind else ():
-                rt.fleet.spawn(a)
+    for g in sorted(rt.groups, key=lambda g: _SPAWN_ORDER.index(g.kind)):
+        for a in g.ranks:
+            rt.fleet.spawn(a)
     step = rt.step().row(START, config.context())
     step.submit()  # the engines build while the groups' stores start (``init`` needs them)
     tag = ex.tag(INIT.name)
