@@ -220,6 +220,12 @@ class TrainerConfig:
             accumulated over the micro-batches of an optimizer step, each weighted by its share
             of the step's loss tokens (``loss_tokens``), so the step equals the full-batch
             step for a loss that is the mean over its batch's tokens. None: one micro-batch.
+        max_tokens_per_micro_batch: Train on packed sequences in token-budget micro-batches
+            (in place of ``micro_batch_size``): each micro-batch is one row of whole sequences
+            concatenated, each with its own position ids and attention confined to itself, at
+            most this many tokens, the sequences spread over micro-batches by a balanced
+            partition of their tokens (``colocate.algorithms.packing``). A sequence longer than
+            the budget is refused. None: padded rows.
         mini_batches: Optimizer steps per epoch over a train call's batch (PPO-style).
         epochs: Passes over the batch per train call.
         activation_checkpointing: Recompute each decoder layer's activations in the backward
@@ -239,6 +245,7 @@ class TrainerConfig:
     deepspeed: bool = True
     ds_config: dict[str, Any] = field(default_factory=dict)
     micro_batch_size: int | None = None
+    max_tokens_per_micro_batch: int | None = None
     mini_batches: int = 1
     epochs: int = 1
     activation_checkpointing: bool = False
@@ -248,6 +255,16 @@ class TrainerConfig:
         owner = "TrainerConfig"
         if self.micro_batch_size is not None:
             _positive_int(owner, "micro_batch_size", self.micro_batch_size)
+        if self.max_tokens_per_micro_batch is not None:
+            _positive_int(owner, "max_tokens_per_micro_batch", self.max_tokens_per_micro_batch)
+            if self.micro_batch_size is not None:
+                raise _err(
+                    owner,
+                    "micro_batch_size",
+                    self.micro_batch_size,
+                    "goes with rows of padding, max_tokens_per_micro_batch with packed tokens",
+                    "pass one of the two",
+                )
         _positive_int(owner, "mini_batches", self.mini_batches)
         _positive_int(owner, "epochs", self.epochs)
         if not isinstance(self.activation_checkpointing, bool):

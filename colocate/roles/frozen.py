@@ -20,17 +20,26 @@ class FrozenModelConfig:
 
     Attributes:
         model: Local HF directory of the model.
-        micro_batch_size: Rows per forward.
+        micro_batch_size: Rows per forward (padded rows; not used with a token budget).
+        max_tokens_per_micro_batch: Forward packed sequences, at most this many tokens per
+            forward (``colocate.algorithms.packing``), in place of padded rows; None: rows.
     """
 
     model: str
     micro_batch_size: int = 16
+    max_tokens_per_micro_batch: int | None = None
 
     def __post_init__(self) -> None:
+        name = type(self).__name__
         m = self.micro_batch_size
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            name = type(self).__name__
             raise ConfigError(f"{name}.micro_batch_size={m!r}: must be an int >= 1; fix: e.g. 16")
+        t = self.max_tokens_per_micro_batch
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+            raise ConfigError(
+                f"{name}.max_tokens_per_micro_batch={t!r}: must be an int >= 1 or None; "
+                "fix: e.g. 4096 (at least the longest prompt + completion)"
+            )
 
 
 class FrozenModelActor(RoleActor):
