@@ -196,6 +196,22 @@ class TrainerBackend(ABC):
     def load(self, path: str) -> int:
         """Restores what :meth:`save` wrote; returns the step count."""
 
+    def all_reduce(self, values: list[float], op: str) -> list[float]:
+        """The element-wise ``"max"`` or ``"sum"`` of ``values`` over the trainer group.
+
+        How ranks with different shards agree on how many micro-batches to run (ZeRO-3's
+        gathers need every rank in each) and on a step's loss tokens; every rank calls it at
+        once, bounded by the group's timeout. One rank: as given.
+        """
+        import torch.distributed as dist
+
+        if self.world_size == 1 or not dist.is_initialized():
+            return [float(v) for v in values]
+        device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t, op={"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[op])
+        return [float(v) for v in t.cpu()]
+
     def describe(self) -> dict:
         """Backend, ZeRO stage, optimizer and parameter count."""
         return {

@@ -12,6 +12,7 @@ critic (``colocate.roles.critic.CriticActor``) adds a value head, a value loss a
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import time
@@ -25,9 +26,19 @@ import torch
 from colocate.actors.backends import make_backend
 from colocate.actors.cpu.ds_ops import op_environment, prepare_ops
 from colocate.actors.trainer_backend import TrainerBackend
-from colocate.algorithms.batches import batch_rows, weighted_parts
-from colocate.algorithms.micro_batches import plan_step
-from colocate.core.config import TrainerConfig
+from colocate.algorithms.batches import (
+    batch_rows,
+    counted_packed_parts,
+    counted_parts,
+    weigh_parts,
+)
+from colocate.algorithms.micro_batches import (
+    plan_step,
+    plan_token_step,
+    token_step_counts,
+)
+from colocate.algorithms.packing import PackedModel, check_packing, sequence_lengths
+from colocate.core.config import DType, TrainerConfig
 from colocate.core.contract import Seat
 from colocate.core.errors import ActorStateError
 from colocate.core.phases import TrainerMemory
@@ -51,6 +62,30 @@ def node_address(multi_node: bool) -> str:
     import ray
 
     return ray.util.get_node_ip_address()
+
+
+def _packed_loss(loss_fn: LossFn) -> LossFn:
+    """``loss_fn`` given a model that refuses a call mixing packed sequences (PackedModel)."""
+
+    def packed(model: Any, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        return loss_fn(PackedModel(model), batch)
+
+    return packed
+
+
+def _shape_metrics(micro: list[tuple[dict, float]]) -> dict[str, float]:
+    """How one optimizer step ran: its micro-batches, and the share of its tokens that pad.
+
+    Every forward's tokens count (``input_ids``: rows x width, or one packed row), fillers'
+    included; real tokens are the ``attention_mask``'s (a packed row has no padding).
+    """
+    computed = real = 0
+    for part, _ in micro:
+        ids = part["input_ids"]
+        mask = part.get("attention_mask")
+        computed += ids.numel()
+        real += int(mask.sum()) if mask is not None else ids.numel()
+    return {"micro_batches": float(len(micro)), "padding_fraction": 1.0 - real / computed}
 
 
 @contextlib.contextmanager
@@ -162,6 +197,8 @@ class RankTrainer:
         with self._record(span):
             torch.manual_seed(self.config.seed)
             self.backend.start(self._store, master, timeout_s)
+            if self.config.max_tokens_per_micro_batch is not None:
+                self._check_packing()
             # DeepSpeed's offload_states ends in gc.collect(), which walks every object the
             # imports and the model created (a large share of a step on CPU: docs/design.md,
             # section 8a): move them out of the collector's way once they exist.
@@ -169,6 +206,14 @@ class RankTrainer:
         self.started = True
         self.memory = TrainerMemory.FULL
         return self.describe()
+
+    def _check_packing(self) -> None:
+        """Refuses a model that mixes packed sequences, before the first step (every rank)."""
+        module = self.backend.module
+        where = f"TrainerConfig.max_tokens_per_micro_batch with {self.config.model!r}"
+        # A low-precision forward differs from its own unpacked forward by its rounding.
+        atol = 1e-4 if self.config.dtype is DType.FLOAT32 else 5e-2
+        check_packing(module, where, module.config.vocab_size, atol)
 
     def _join_group(self, master: tuple[str, int], timeout_s: float):
         if self.rank == 0:
@@ -190,26 +235,64 @@ class RankTrainer:
 
         For each of ``config.epochs`` passes, for each of ``config.mini_batches`` parts of the
         shard, one optimizer step accumulated over micro-batches of at most
-        ``config.micro_batch_size`` rows, each weighted by its share of the part's loss tokens
-        (``colocate.algorithms.micro_batches``). Every rank plans the same number of
+        ``config.micro_batch_size`` rows, each weighted by its share of the step's loss tokens
+        summed over every rank (:meth:`agree_sum`; ``colocate.algorithms.micro_batches``), so
+        the step is the full batch's however it was sharded. Every rank plans the same number of
         micro-batches from ``max_rows``, the largest rank's shard (ZeRO-3 gathers run in step
         on every rank; None: this shard's rows, right only when every shard is as large).
 
+        With ``config.max_tokens_per_micro_batch`` the micro-batches are packed sequences of
+        at most that many tokens (``colocate.algorithms.packing``), spread by a balanced
+        partition of tokens; the ranks agree on each step's count first (:meth:`agree_max`),
+        and the loss function's model refuses a call that would mix packed sequences.
+
         Returns:
-            One row per optimizer step, in order: ``loss`` and the loss function's metrics.
+            One row per optimizer step, in order: ``loss``, the loss function's metrics,
+            ``micro_batches`` and ``padding_fraction`` (the share of the tokens its forwards
+            computed that were padding).
         """
         self.require(TrainerMemory.FULL, "train_step")
         config = self.config
         rows = batch_rows(shard)
-        plan = plan_step(rows, max_rows or rows, config.mini_batches, config.micro_batch_size)
+        budget = config.max_tokens_per_micro_batch
+        if budget is None:
+            plan = plan_step(rows, max_rows or rows, config.mini_batches, config.micro_batch_size)
+            parts = functools.partial(counted_parts, shard, loss_tokens=config.loss_tokens)
+            loss_fn = self.loss_fn
+        else:
+            lengths = sequence_lengths(shard)
+            # Every rank runs as many micro-batches as the rank that needs the most.
+            counts = token_step_counts(lengths, budget, config.mini_batches)
+            plan = plan_token_step(lengths, budget, config.mini_batches, self.agree_max(counts))
+            parts = functools.partial(
+                counted_packed_parts, shard, loss_tokens=config.loss_tokens, lengths=lengths
+            )
+            loss_fn = _packed_loss(self.loss_fn)
+        counted = [parts(step) for step in plan]
+        # Each step's loss tokens over every rank: the step is the mean over all of them,
+        # however the batch was sharded (DeepSpeed averages the ranks' gradients).
+        totals = self.agree_sum([sum(t for _, t in step) for step in counted])
+        steps = [
+            weigh_parts(step, total, self.world_size)
+            for step, total in zip(counted, totals, strict=True)
+        ]
         results = []
-        with self._record(span, rows=rows, optimizer_steps=len(plan) * config.epochs):
+        detail = {"rows": rows, "optimizer_steps": len(plan) * config.epochs}
+        with self._record(span, micro_batches=sum(map(len, plan)), **detail):
             for _ in range(config.epochs):
-                for step in plan:
-                    micro = weighted_parts(shard, step, config.loss_tokens)
-                    results.append(self.backend.step(self.loss_fn, micro, self._after_forward))
+                for micro in steps:
+                    loss, metrics = self.backend.step(loss_fn, micro, self._after_forward)
+                    results.append({"loss": loss, **metrics, **_shape_metrics(micro)})
         self.steps += 1
-        return [{"loss": loss, **metrics} for loss, metrics in results]
+        return results
+
+    def agree_max(self, counts: list[int]) -> list[int]:
+        """The element-wise maximum of ``counts`` over this group's ranks (all at once)."""
+        return [int(v) for v in self.backend.all_reduce(counts, "max")]
+
+    def agree_sum(self, values: list[float]) -> list[float]:
+        """The element-wise sum of ``values`` over this group's ranks (all at once)."""
+        return self.backend.all_reduce(values, "sum")
 
     # ----- memory -----------------------------------------------------------------------------
 

@@ -8,9 +8,26 @@ from __future__ import annotations
 
 import torch
 
-from colocate.algorithms.micro_batches import MicroBatch, plan_step, token_weights
+from colocate.algorithms.micro_batches import (
+    MicroBatch,
+    PackedMicroBatch,
+    balanced_bins,
+    fewest_bins,
+    plan_step,
+    token_weights,
+)
+from colocate.algorithms.packing import pack, sequence_lengths
 
-__all__ = ["batch_rows", "slice_rows", "shard_batch", "weighted_parts"]
+__all__ = [
+    "batch_rows",
+    "slice_rows",
+    "take_rows",
+    "shard_batch",
+    "shard_by_tokens",
+    "counted_parts",
+    "counted_packed_parts",
+    "weigh_parts",
+]
 
 
 def batch_rows(batch: dict) -> int:
@@ -26,46 +43,112 @@ def slice_rows(batch: dict, start: int, stop: int) -> dict:
     }
 
 
-def shard_batch(batch: dict, rank: int, world_size: int) -> dict:
-    """Rank ``rank``'s contiguous share of the rows of every tensor or list in ``batch``.
+def take_rows(batch: dict, rows: list[int]) -> dict:
+    """Rows ``rows`` (in that order) of every tensor or list in ``batch``; others as they are."""
+    index = torch.tensor(rows, dtype=torch.long)
+    return {
+        k: v[index]
+        if isinstance(v, torch.Tensor)
+        else [v[r] for r in rows]
+        if isinstance(v, (list, tuple))
+        else v
+        for k, v in batch.items()
+    }
 
-    Rows are split as evenly as possible (the first ``rows % world_size`` ranks get one more);
-    other values are passed through.
-    """
+
+def _rows_check(batch: dict, world_size: int, who: str = "trainer") -> int:
     sizes = {len(v) for v in batch.values() if isinstance(v, (torch.Tensor, list, tuple))}
     if len(sizes) != 1:
         raise ValueError(f"batch fields have different lengths {sorted(sizes)}; pass equal rows")
     (rows,) = sizes
     if rows < world_size:
         raise ValueError(
-            f"batch has {rows} rows for {world_size} trainer ranks; pass at least one row a rank"
+            f"batch has {rows} rows for {world_size} {who} ranks; pass at least one row a rank"
         )
+    return rows
+
+
+def shard_by_tokens(batch: dict, world_size: int) -> tuple[list[dict], list[int]]:
+    """One shard per rank with near-equal tokens (not rows), and the order of their rows.
+
+    Rows are spread by :func:`colocate.algorithms.micro_batches.balanced_bins` over their
+    lengths (``attention_mask``), each rank getting at least one and its rows in batch order.
+    An answer per row concatenated in rank order is put back in batch order by
+    ``argsort(order)``.
+
+    Returns:
+        ``(shards, order)``: ``order`` lists the batch's rows as the shards hold them.
+    """
+    _rows_check(batch, world_size)
+    bins = balanced_bins(sequence_lengths(batch), world_size)
+    return [take_rows(batch, list(b)) for b in bins], [r for b in bins for r in b]
+
+
+def shard_batch(batch: dict, rank: int, world_size: int) -> dict:
+    """Rank ``rank``'s contiguous share of the rows of every tensor or list in ``batch``.
+
+    Rows are split as evenly as possible (the first ``rows % world_size`` ranks get one more);
+    other values are passed through.
+    """
+    rows = _rows_check(batch, world_size)
     base, extra = divmod(rows, world_size)
     start = rank * base + min(rank, extra)
     stop = start + base + (1 if rank < extra else 0)
     return slice_rows(batch, start, stop)
 
 
-def weighted_parts(shard: dict, step: list[MicroBatch], loss_tokens: str) -> list[tuple]:
-    """The micro-batches of one optimizer step as (rows, weight), weighted by loss tokens.
+def counted_parts(shard: dict, step: list[MicroBatch], loss_tokens: str) -> list[tuple]:
+    """The micro-batches of one optimizer step as (rows, loss tokens).
 
-    A filler (an empty micro-batch of a rank with fewer rows) is one real row with weight 0:
-    its forward keeps this rank's collectives in step and adds nothing. ``loss_tokens`` names
-    the mask whose sum counts a micro-batch's tokens (rows count when the batch has none).
+    A filler (an empty micro-batch of a rank with fewer rows) is one real row with 0 tokens:
+    its forward keeps this rank's collectives in step and, weighted 0
+    (:func:`colocate.algorithms.micro_batches.token_weights`), adds nothing. ``loss_tokens``
+    names the mask whose sum counts a micro-batch's tokens (rows count when the batch has
+    none).
     """
     rows = batch_rows(shard)
-    parts, tokens = [], []
+    out = []
     for mb in step:
         if mb.empty:
             start = min(mb.start, rows - 1)
-            parts.append(slice_rows(shard, start, start + 1))
-            tokens.append(0.0)
+            out.append((slice_rows(shard, start, start + 1), 0.0))
             continue
         part = slice_rows(shard, mb.start, mb.stop)
         mask = part.get(loss_tokens)
-        parts.append(part)
-        tokens.append(float(mask.sum()) if mask is not None else float(mb.stop - mb.start))
-    return list(zip(parts, token_weights(tokens), strict=True))
+        out.append((part, float(mask.sum()) if mask is not None else float(mb.stop - mb.start)))
+    return out
+
+
+def counted_packed_parts(
+    shard: dict, step: list[PackedMicroBatch], loss_tokens: str, lengths: list[int]
+) -> list[tuple]:
+    """The packed micro-batches of one optimizer step as (packed batch, loss tokens).
+
+    As :func:`counted_parts`; a filler packs this rank's shortest sequence and counts 0
+    tokens (``colocate.algorithms.packing.pack``).
+    """
+    shortest = min(range(len(lengths)), key=lambda r: (lengths[r], r))
+    out = []
+    for mb in step:
+        part = pack(shard, list(mb.rows) or [shortest], lengths)
+        mask = part.get(loss_tokens)
+        if mb.empty:
+            out.append((part, 0.0))
+        else:
+            out.append((part, float(mask.sum()) if mask is not None else float(len(mb.rows))))
+    return out
+
+
+def weigh_parts(
+    counted: list[tuple], total: float | None = None, world_size: int = 1
+) -> list[tuple]:
+    """``(part, tokens)`` of one optimizer step as ``(part, weight)``.
+
+    Weights by :func:`colocate.algorithms.micro_batches.token_weights` (``total``: the step's
+    tokens over the ``world_size`` ranks; None: this rank's own).
+    """
+    parts, tokens = zip(*counted, strict=True)
+    return list(zip(parts, token_weights(list(tokens), total, world_size), strict=True))
 
 
 def split_contiguous(items: list, parts: int) -> list[tuple[int, list]]:
@@ -84,17 +167,29 @@ def split_contiguous(items: list, parts: int) -> list[tuple[int, list]]:
 
 
 def shard_for_ranks(
-    batch: dict, world_size: int, mini_batches: int, micro_batch_size: int
+    batch: dict,
+    world_size: int,
+    mini_batches: int,
+    micro_batch_size: int | None,
+    max_tokens: int | None = None,
 ) -> tuple[list[dict], int]:
-    """One contiguous shard of ``batch`` per rank, and the largest shard's row count.
+    """One shard of ``batch`` per rank, and the largest shard's row count.
 
-    Every rank is told the largest count, so that all take the same number of optimizer
-    steps and micro-batches (ZeRO's collectives need every rank in each).
+    Contiguous shards of near-equal rows; with a token budget (``max_tokens``, packed
+    micro-batches), shards of near-equal tokens (:func:`shard_by_tokens`). Every rank is told
+    the largest count, so that all take the same number of optimizer steps and micro-batches
+    (ZeRO's collectives need every rank in each; packed ranks agree on their micro-batch
+    counts themselves, ``TrainerBackend.agree_max``).
 
     Raises:
         ValueError: A batch that cannot be cut so (ragged columns, fewer rows than ranks or
-            than the micro-batch plan needs), before anything is sent.
+            than the micro-batch plan needs, a sequence over the token budget), before
+            anything is sent.
     """
+    if max_tokens is not None:
+        fewest_bins(sequence_lengths(batch), max_tokens)  # a sequence over budget raises here
+        shards, _ = shard_by_tokens(batch, world_size)
+        return shards, max(batch_rows(s) for s in shards)
     shards = [shard_batch(batch, r, world_size) for r in range(world_size)]
     max_rows = max(batch_rows(s) for s in shards)
     plan_step(max_rows, max_rows, mini_batches, micro_batch_size)

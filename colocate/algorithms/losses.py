@@ -8,21 +8,53 @@ Batches are dicts of tensors with one row per sequence (prompt + completion, rig
   and ``advantages`` [B];
 - with a KL term, ``ref_logprobs`` [B, T] (the reference policy's, ``colocate.roles.reference``);
 - ``weight_version`` [B]: the weight version that generated each row (staleness checks).
+
+With ``TrainerConfig.max_tokens_per_micro_batch`` a loss is given packed micro-batches instead
+(``colocate.algorithms.packing``): every per-token field ``[1, N]``, per-row fields repeated per
+token, ``position_ids`` in place of ``attention_mask``. The losses here take either; a loss of
+one's own reads the model's outputs through :func:`batch_logprobs` (or passes
+``position_ids``) to take either too.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["token_logprobs", "grpo_loss", "lm_loss", "make_grpo_batch", "kl_to_reference"]
+from colocate.algorithms.packing import forward_kwargs
+
+__all__ = [
+    "token_logprobs",
+    "batch_logprobs",
+    "grpo_loss",
+    "lm_loss",
+    "make_grpo_batch",
+    "kl_to_reference",
+]
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Log-prob of each token given the ones before it; position 0 gets 0. Shape [B, T]."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+def token_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Log-prob of each token given the ones before it; each sequence's first token gets 0.
+
+    Padded rows ``[B, T]`` with ``attention_mask``, or one packed row ``[1, N]`` with
+    ``position_ids`` (``colocate.algorithms.packing``: a sequence starts where they are 0).
+    """
+    logits = model(**forward_kwargs(input_ids, attention_mask, position_ids)).logits.float()
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
     picked = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
+    out = torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
+    return out if position_ids is None else out.masked_fill(position_ids == 0, 0.0)
+
+
+def batch_logprobs(model, batch: dict) -> torch.Tensor:
+    """:func:`token_logprobs` of a padded batch or a packed micro-batch."""
+    return token_logprobs(
+        model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids")
+    )
 
 
 def kl_to_reference(new: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -70,7 +102,7 @@ def grpo_loss(
     ``clip_fraction``.
     """
     mask = batch["completion_mask"].float()
-    new = token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+    new = batch_logprobs(model, batch)
     old = batch["old_logprobs"]
     adv = batch["advantages"].float()
     adv = adv.unsqueeze(1) if adv.dim() == 1 else adv  # per row (GRPO) or per token (PPO)
@@ -116,7 +148,7 @@ def grpo_loss(
 def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean negative log-likelihood of the tokens where ``completion_mask`` is 1."""
     mask = batch["completion_mask"].float()
-    logp = token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+    logp = batch_logprobs(model, batch)
     loss = -(logp * mask).sum() / mask.sum().clamp(min=1.0)
     return loss, {}
 

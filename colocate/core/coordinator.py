@@ -201,15 +201,18 @@ class Coordinator:
         """The ``train`` row if needed, then one train step on every rank; returns rank means.
 
         One driver wait: each rank's step is chained after its reload (same actor). The batch
-        (a dict of tensors or lists, one row per sequence) is cut into contiguous shards on the
-        driver; each rank receives only its own, and every rank is told the largest shard.
+        (a dict of tensors or lists, one row per sequence) is cut into shards on the driver
+        (contiguous rows; of near-equal tokens with a token budget); each rank receives only
+        its own, and every rank is told the largest shard.
         """
         require(self.phase, _LOOP, "train")
         bound = self.config.pipeline.staleness_bound
         staleness = self._progress.versions.batch_staleness(batch, self.step, bound)
         cfg, world = self.config.trainer, self.spec.trainer_world_size
         # Bad input raises here, before anything moves.
-        shards, max_rows = shard_for_ranks(batch, world, cfg.mini_batches, cfg.micro_batch_size)
+        shards, max_rows = shard_for_ranks(
+            batch, world, cfg.mini_batches, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch
+        )
         step = self._rt.step().row(TRAIN, self.config.context())
         self._progress.step += 1
         tag = self._exec.tag(Phase.TRAIN.value)

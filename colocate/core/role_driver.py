@@ -73,12 +73,13 @@ class RoleDriver:
                     f"call_role({role!r}, shard=True) needs a batch dict as first argument; "
                     "fix: pass one, or shard=False"
                 )
-            parts = split_rows(args[0], len(ranks))
+            budget = cls.token_budget(self.roles[role].config)
+            parts, order = split_rows(args[0], len(ranks), by_tokens=budget is not None)
             # A verb that plans from the largest shard is told its rows (takes_max_rows).
             most = (max(batch_rows(p) for p in parts),) if wants_max_rows(verb) else ()
             per_rank = [(part, *most, *args[1:]) for part in parts]
         else:
-            per_rank = [args] * len(ranks)
+            per_rank, order = [args] * len(ranks), None
         tag = self.exec.tag(step.phase.value)
         steps = [
             step.add(self.fleet.call(a, verb, *a_args, tag=tag))
@@ -88,7 +89,7 @@ class RoleDriver:
         def run():
             results = step.run(f"call_role:{role}")
             answers = [results[i] for i in steps]
-            return merge_rows(answers) if shard else answers
+            return merge_rows(answers, order) if shard else answers
 
         return run
 

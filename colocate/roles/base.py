@@ -174,6 +174,15 @@ class RoleActor(RoleTenant):
         """
 
     @classmethod
+    def token_budget(cls, config: Any) -> int | None:
+        """Most tokens per packed forward, or None for padded rows. Default: None.
+
+        A role with a budget gets shards of near-equal tokens from a sharded call
+        (``colocate.algorithms.batches.shard_by_tokens``), its answers put back in row order.
+        """
+        return None
+
+    @classmethod
     def footprint(cls, config: Any) -> RoleFootprint:
         """What one rank holds on its GPU, for the memory plan (in the driver, no actor).
 
@@ -329,27 +338,42 @@ def attach_roles(spec, roles, policy_model: str):
     return spec
 
 
-def split_rows(batch: dict, world: int) -> list[dict]:
-    """``batch`` cut into ``world`` contiguous shards (as the trainer's), one per rank."""
-    from colocate.algorithms.batches import shard_batch
+def split_rows(
+    batch: dict, world: int, by_tokens: bool = False
+) -> tuple[list[dict], list[int] | None]:
+    """``batch`` cut into ``world`` shards (as the trainer's), one per rank.
 
-    return [shard_batch(batch, r, world) for r in range(world)]
+    Contiguous rows; ``by_tokens``: near-equal tokens (``shard_by_tokens``).
+
+    Returns:
+        ``(shards, order)``: ``order`` the batch's rows as the shards hold them (None when
+        contiguous), for :func:`merge_rows`.
+    """
+    from colocate.algorithms.batches import shard_batch, shard_by_tokens
+
+    if by_tokens:
+        return shard_by_tokens(batch, world)
+    return [shard_batch(batch, r, world) for r in range(world)], None
 
 
-def merge_rows(results: list) -> Any:
+def merge_rows(results: list, order: list[int] | None = None) -> Any:
     """The ranks' answers to their shards, merged.
 
-    Tensors, lists or tuples are concatenated in rank order; dicts of numbers (metrics) are
+    Tensors, lists or tuples are concatenated in rank order, then put back in the batch's row
+    order when the shards held ``order`` (:func:`split_rows`); dicts of numbers (metrics) are
     averaged over the ranks, key by key (``*_max`` metrics take the maximum:
     ``colocate.algorithms.metrics.merge_metrics``).
     """
     first = results[0]
     if isinstance(first, dict):
         return merge_metrics(results)
+    back = None if order is None else torch.tensor(order).argsort()
     if isinstance(first, torch.Tensor):
-        return torch.cat(results)
+        merged = torch.cat(results)
+        return merged if back is None else merged[back]
     if isinstance(first, (list, tuple)):
-        return [x for r in results for x in r]
+        merged = [x for r in results for x in r]
+        return merged if back is None else [merged[i] for i in back.tolist()]
     raise TypeError(
         f"a sharded role call returned {type(first).__name__}; fix: return a tensor, a list "
         "with one entry per row or a dict of metrics, or call with shard=False"

@@ -21,6 +21,8 @@ import torch
 
 from colocate.actors.training import RankTrainer
 from colocate.algorithms.metrics import merge_metrics
+from colocate.algorithms.micro_batches import plan_token_step, token_step_counts
+from colocate.algorithms.packing import forward_kwargs, forward_packed, sequence_lengths
 from colocate.core.config import ConfigError, TrainerConfig
 from colocate.core.contract import Seat
 from colocate.core.phases import Phase, RoleMemory
@@ -28,7 +30,14 @@ from colocate.operations.memory_plan import ModelHead, RoleFootprint, model_shap
 from colocate.roles.base import Role, RoleActor, takes_max_rows
 from colocate.roles.role_checks import check_model_dir, check_same_vocabulary
 
-__all__ = ["CriticConfig", "CriticActor", "critic_role", "token_values", "value_loss"]
+__all__ = [
+    "CriticConfig",
+    "CriticActor",
+    "critic_role",
+    "token_values",
+    "batch_values",
+    "value_loss",
+]
 
 
 @dataclass(frozen=True)
@@ -59,10 +68,28 @@ class CriticConfig:
             )
 
 
-def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Values [B, T]: position ``t`` holds the value of the state before token ``t``."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
-    return torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
+def token_values(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Values [B, T]: position ``t`` holds the value of the state before token ``t``.
+
+    Padded rows with ``attention_mask``, or one packed row with ``position_ids``
+    (``colocate.algorithms.packing``): each sequence's first token gets 0.
+    """
+    kwargs = forward_kwargs(input_ids, attention_mask, position_ids)
+    out = model(**kwargs).logits.squeeze(-1).float()
+    out = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
+    return out if position_ids is None else out.masked_fill(position_ids == 0, 0.0)
+
+
+def batch_values(model, batch: dict) -> torch.Tensor:
+    """:func:`token_values` of a padded batch or a packed micro-batch."""
+    return token_values(
+        model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids")
+    )
 
 
 def value_loss(model, batch: dict, clip: float | None = 0.2):
@@ -73,7 +100,7 @@ def value_loss(model, batch: dict, clip: float | None = 0.2):
     """
     mask = batch["completion_mask"].float()
     tokens = mask.sum().clamp(min=1.0)
-    v = token_values(model, batch["input_ids"], batch["attention_mask"])
+    v = batch_values(model, batch)
     ret = batch["returns"].float()
     err = (v - ret) ** 2
     clipped = torch.zeros(())
@@ -125,6 +152,11 @@ class CriticActor(RoleActor):
         check_same_vocabulary("CriticConfig.trainer.model", config.trainer.model, policy_model)
 
     @classmethod
+    def token_budget(cls, config: CriticConfig) -> int | None:
+        """``config.trainer.max_tokens_per_micro_batch``."""
+        return config.trainer.max_tokens_per_micro_batch
+
+    @classmethod
     def footprint(cls, config: CriticConfig) -> RoleFootprint:
         """Trainer-like: the policy trainer's rows at its own ZeRO stage, dtype and world."""
         from colocate.operations.memory_check import trainer_footprint
@@ -166,13 +198,22 @@ class CriticActor(RoleActor):
 
         Collective under ZeRO-3: every rank runs as many micro-batch forwards as the largest
         shard (``max_rows``, passed by the driver; None: this shard's rows) needs; a rank with
-        fewer rows runs fillers, whose outputs are dropped.
+        fewer rows runs fillers, whose outputs are dropped. With a token budget the rows are
+        packed and the ranks agree on the count of forwards first (``RankTrainer.agree_max``).
         """
         self.require_resident("values")
         rows = len(batch["input_ids"])
+        backend = self.training.backend
+        budget = self.config.trainer.max_tokens_per_micro_batch
+        if budget is not None:
+            lengths = sequence_lengths(batch)
+            counts = self.training.agree_max(token_step_counts(lengths, budget))
+            (step,) = plan_token_step(lengths, budget, 1, counts)
+            fn = functools.partial(batch_values, backend.model)
+            with self.span("critic.values", rows=rows, forwards=len(step)):
+                return forward_packed(fn, batch, [m.rows for m in step], lengths, backend.device)
         size = self.config.trainer.micro_batch_size
         count = math.ceil((max_rows or rows) / size) if size else 1
-        backend = self.training.backend
         out = []
         with self.span("critic.values", rows=rows):
             for i in range(count):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
+from colocate.algorithms.micro_batches import balanced_bins, fewest_bins
+from colocate.algorithms.packing import check_packing, forward_packed, sequence_lengths
 from colocate.core.config import ConfigError
 from colocate.operations.memory_plan import ModelHead, RoleFootprint, model_shape
 from colocate.roles.base import RoleActor, micro_batches
@@ -52,7 +55,7 @@ class FrozenModelActor(RoleActor):
             auto_class = "AutoModelForTokenClassification"
             head = ModelHead.TOKEN_SCORE  # colocate.operations.memory_plan
             outputs = 1
-            forward_fn = staticmethod(token_values)  # colocate.roles.critic
+            forward_fn = staticmethod(batch_values)  # colocate.roles.critic
             span_name = "values.values"
 
             def values(self, batch: dict) -> torch.Tensor:
@@ -65,7 +68,9 @@ class FrozenModelActor(RoleActor):
     auto_class: str  # the transformers auto class that loads the model (imported in the worker)
     head: ModelHead  # the head the memory plan counts the model with
     outputs: int | None = None  # outputs per row for the plan (None: one per vocabulary entry)
-    forward_fn: staticmethod  # fn(model, input_ids, attention_mask) -> Tensor, per micro-batch
+    # fn(model, batch) -> Tensor per micro-batch: a padded batch's rows [B, ...], or a packed
+    # one's (colocate.algorithms.packing) per-token [1, N, ...] or per-sequence [k, ...] outputs
+    forward_fn: staticmethod
     span_name: str  # the timeline span of a forward; its last part names the verb in errors
     check_model = staticmethod(check_model_dir)  # check(field, path) of the model, in the driver
     needs: dict[str, str] = {}  # heads the forward reads of the model -> the fix if one is missing
@@ -75,6 +80,11 @@ class FrozenModelActor(RoleActor):
         """The model directory passes :attr:`check_model` and has the policy's vocabulary."""
         cls.check_model(f"{type(config).__name__}.model", config.model)
         check_same_vocabulary(f"{type(config).__name__}.model", config.model, policy_model)
+
+    @classmethod
+    def token_budget(cls, config: FrozenModelConfig) -> int | None:
+        """``config.max_tokens_per_micro_batch``."""
+        return config.max_tokens_per_micro_batch
 
     @classmethod
     def footprint(cls, config: FrozenModelConfig) -> RoleFootprint:
@@ -93,15 +103,30 @@ class FrozenModelActor(RoleActor):
             if not hasattr(model, attr):
                 raise ConfigError(f"{where} has no {attr!r} head; fix: {fix}")
         model.requires_grad_(False)
+        if self.config.max_tokens_per_micro_batch is not None:
+            field = f"{type(self.config).__name__}.max_tokens_per_micro_batch"
+            check_packing(model, f"{field} with {where}", model.config.vocab_size, atol=1e-4)
         return model
 
     @torch.no_grad()
     def forward_batch(self, batch: dict) -> torch.Tensor:
-        """``forward_fn`` over ``batch``, ``micro_batch_size`` rows at a time; results on host."""
+        """``forward_fn`` over ``batch``, results on host in row order.
+
+        ``micro_batch_size`` padded rows at a time; with ``max_tokens_per_micro_batch``, the
+        rows packed into the fewest balanced forwards of at most that many tokens, per-token
+        outputs back as padded rows (0 past each row's length).
+        """
         self.require_resident(self.span_name.rpartition(".")[2])
-        with self.span(self.span_name, rows=len(batch["input_ids"])):
+        budget = self.config.max_tokens_per_micro_batch
+        with self.span(self.span_name, rows=len(batch["input_ids"])) as detail:
+            if budget is not None:
+                lengths = sequence_lengths(batch)
+                bins = balanced_bins(lengths, fewest_bins(lengths, budget))
+                detail["forwards"] = len(bins)
+                fn = functools.partial(self.forward_fn, self.module)
+                return forward_packed(fn, batch, bins, lengths, self.device)
             out = []
             for part in micro_batches(batch, self.config.micro_batch_size):
-                ids, mask = (part[k].to(self.device) for k in ("input_ids", "attention_mask"))
-                out.append(self.forward_fn(self.module, ids, mask).cpu())
+                part = {k: part[k].to(self.device) for k in ("input_ids", "attention_mask")}
+                out.append(self.forward_fn(self.module, part).cpu())
             return torch.cat(out)

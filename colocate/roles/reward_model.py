@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from colocate.algorithms.packing import forward_kwargs, is_packed, last_token_index
 from colocate.core.phases import Phase
 from colocate.operations.memory_plan import ModelHead
 from colocate.roles.base import Role
@@ -27,6 +28,7 @@ __all__ = [
     "init_reward_model",
     "fit_reward_model",
     "sequence_scores",
+    "batch_scores",
 ]
 
 
@@ -46,13 +48,26 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return logits.gather(1, last.unsqueeze(1)).squeeze(1)
 
 
+def batch_scores(model, batch: dict) -> torch.Tensor:
+    """:func:`sequence_scores` of a padded batch, or of a packed micro-batch's sequences [k].
+
+    Packed (``colocate.algorithms.packing``), each score is read at its own sequence's last
+    token in the row.
+    """
+    if not is_packed(batch):
+        return sequence_scores(model, batch["input_ids"], batch["attention_mask"])
+    kwargs = forward_kwargs(batch["input_ids"], position_ids=batch["position_ids"])
+    logits = model.score(model.base_model(**kwargs)[0]).squeeze(-1).float()  # [1, N]
+    return logits[0, last_token_index(batch)]
+
+
 class RewardModelActor(FrozenModelActor):
     """One rank of the reward model (fp32, frozen, forward-only, one score per sequence)."""
 
     auto_class = "AutoModelForSequenceClassification"
     head = ModelHead.SEQUENCE_SCORE
     outputs = 1
-    forward_fn = staticmethod(sequence_scores)
+    forward_fn = staticmethod(batch_scores)
     span_name = "reward_model.scores"
     check_model = staticmethod(check_single_score_head)
     needs = {"score": "use a decoder-style *ForSequenceClassification model"}
@@ -66,12 +81,13 @@ def reward_model_role(
     model: str,
     *,
     micro_batch_size: int = 16,
+    max_tokens_per_micro_batch: int | None = None,
     phases: frozenset[Phase] = frozenset({Phase.SCORE}),
     bundles: tuple[int, ...] | None = None,
     gpu_fraction: float = 0.1,
 ) -> Role:
     """The reward model as a :class:`~colocate.roles.base.Role` named ``"reward"``."""
-    config = RewardModelConfig(model, micro_batch_size)
+    config = RewardModelConfig(model, micro_batch_size, max_tokens_per_micro_batch)
     return Role("reward", RewardModelActor, config, phases, bundles, gpu_fraction)
 
 

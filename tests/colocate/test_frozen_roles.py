@@ -19,7 +19,7 @@ from colocate import (
 from colocate.core.contract import Seat, verbs_of
 from colocate.core.errors import ActorStateError
 from colocate.operations.memory_plan import ModelHead, model_shape
-from colocate.roles.critic import token_values
+from colocate.roles.critic import batch_values, token_values
 
 pytestmark = pytest.mark.fast
 
@@ -30,7 +30,7 @@ class FrozenValues(FrozenModelActor):
     auto_class = "AutoModelForTokenClassification"
     head = ModelHead.TOKEN_SCORE
     outputs = 1
-    forward_fn = staticmethod(token_values)
+    forward_fn = staticmethod(batch_values)
     span_name = "values.values"
 
     def values(self, batch: dict) -> torch.Tensor:
@@ -97,6 +97,37 @@ def test_a_user_defined_frozen_role_gets_its_footprint_and_forward(value_model_d
     whole = token_values(rank.module, batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(got, whole)
     assert [s.name for s in rank.drain_spans()] == ["role.start", "role.reload", "values.values"]
+
+
+def test_frozen_roles_pack_with_a_token_budget(value_model_dir, tiny_model_dir):
+    """Packed forwards of the three frozen roles equal their padded ones, rows in order."""
+    from colocate.roles.reward_model import init_reward_model
+
+    torch.manual_seed(0)
+    lengths = [1, 7, 3, 12, 2, 12, 5]
+    batch = {
+        "input_ids": torch.randint(3, 50, (len(lengths), 12)),
+        "attention_mask": (torch.arange(12) < torch.tensor(lengths)[:, None]).long(),
+    }
+    valid = batch["attention_mask"].bool()
+    reward_dir = str(init_reward_model(tiny_model_dir, value_model_dir + "-rm", seed=1))
+    for cls, config_cls, path, verb in [
+        (FrozenValues, FrozenModelConfig, value_model_dir, "values"),
+        (ReferenceActor, ReferenceConfig, tiny_model_dir, "logprobs"),
+        (RewardModelActor, RewardModelConfig, reward_dir, "scores"),
+    ]:
+        answers = []
+        for config in (config_cls(path), config_cls(path, max_tokens_per_micro_batch=14)):
+            rank = cls(Seat("r", 0, 1, (0,), config))
+            rank.start()
+            rank.reload()
+            answers.append(getattr(rank, verb)(batch))
+            spans = rank.drain_spans()
+        padded, packed = answers
+        assert spans[-1].detail["forwards"] == 4  # 42 tokens, no more than 14 per forward
+        if padded.dim() == 2:  # per token: equal on each row's tokens, 0 past them
+            padded = padded * valid
+        torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
 
 
 def test_a_missing_head_is_refused_at_build_naming_the_config(value_model_dir):

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from colocate import TrainerConfig, lm_loss
 from colocate.actors.trainer import TrainerActor, shard_batch
+from colocate.algorithms.batches import shard_for_ranks
 from colocate.algorithms.micro_batches import plan_step, token_weights
 from colocate.core.contract import Seat
 
@@ -55,9 +56,11 @@ def _batch(rows=7, width=20):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 1000, (rows, width), generator=g)
     mask = torch.zeros(rows, width)
+    attention = torch.zeros_like(ids)
     for i in range(rows):  # uneven completion lengths: token weights differ from row weights
         mask[i, 4 : 5 + (3 * i + 1) % (width - 5)] = 1.0
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": mask}
+        attention[i, : 5 + (3 * i + 1) % (width - 5)] = 1  # right-padded after its completion
+    return {"input_ids": ids, "attention_mask": attention, "completion_mask": mask}
 
 
 def _load_export(path) -> dict:
@@ -91,6 +94,8 @@ def _step_and_export(model_dir, out, chunk_bytes=64 << 10, **kw):
         ray.get([a.start.remote(master, 60) for a in actors], timeout=400)
         batch = _batch()
         shards = [shard_batch(batch, r, 2) for r in range(2)]  # 4 and 3 rows
+        if config.max_tokens_per_micro_batch:  # as the coordinator shards: by tokens
+            shards, _ = shard_for_ranks(batch, 2, 1, None, config.max_tokens_per_micro_batch)
         metrics = ray.get(
             [a.train_step.remote(s, 4) for a, s in zip(actors, shards, strict=True)], timeout=300
         )
@@ -113,13 +118,21 @@ def test_accumulated_step_equals_the_full_batch_step(ray_local, tiny_model_dir, 
     ckpt, _ = _step_and_export(
         tiny_model_dir, tmp_path / "ckpt", micro_batch_size=2, activation_checkpointing=True
     )
+    # Packed sequences, at most 24 tokens per micro-batch (rows of 5 to 19 tokens), sharded by
+    # tokens rather than rows: the step is still the full batch's.
+    packed, packed_metrics = _step_and_export(
+        tiny_model_dir, tmp_path / "packed", max_tokens_per_micro_batch=24
+    )
+    assert max(m["micro_batches"] for m in packed_metrics) > 1
     moved = max((full[k] - start[k].float()).abs().max().item() for k in full)
     assert moved > 1e-3  # the step is large enough for a wrong weighting to show
     for name in full:
         assert torch.allclose(micro[name], full[name], rtol=0, atol=1e-5), name
         assert torch.allclose(ckpt[name], full[name], rtol=0, atol=1e-5), name
-    for a, b in zip(full_metrics, micro_metrics, strict=True):
-        assert abs(a["loss"] - b["loss"]) < 1e-5  # the token-weighted loss is the full one
+        assert torch.allclose(packed[name], full[name], rtol=0, atol=1e-5), name
+    mean = lambda ms: sum(m["loss"] for m in ms) / len(ms)  # noqa: E731  over the ranks
+    for ms in (micro_metrics, packed_metrics):
+        assert abs(mean(ms) - mean(full_metrics)) < 1e-5  # the token-weighted loss is the full one
 
 
 @pytest.mark.timeout(600)
