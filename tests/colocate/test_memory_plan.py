@@ -830,3 +830,36 @@ def test_cli_plans_a_token_budget(tiny_model_dir, capsys):
     assert "trainer: attention masks (estimate)" in capsys.readouterr().out
     assert plan_cli([*args, "--ppo"]) == 0
     assert "role: critic attention masks (estimate)" in capsys.readouterr().out
+
+
+@pytest.mark.fast
+def test_a_budget_below_max_model_len_is_refused_before_anything_starts(tiny_model_dir):
+    from colocate.core.phases import Phase
+    from colocate.core.run_config import RunConfig
+    from colocate.roles.base import Role
+    from colocate.roles.critic import CriticConfig, critic_role
+    from colocate.roles.reference import ReferenceActor, ReferenceConfig
+
+    spec = TopologySpec(nodes=1, gpus_per_node=2, trainer_world_size=2, engines=2)
+    engine = EngineConfig(model=tiny_model_dir, max_model_len=512)
+
+    def run(budget=None, roles=()):
+        trainer = TrainerConfig(model=tiny_model_dir, max_tokens_per_micro_batch=budget)
+        return RunConfig(spec, engine, trainer, grpo_loss, roles=roles)
+
+    run(512)
+    run(2048)  # larger than max_model_len: packs several sequences
+    with pytest.raises(ConfigError) as err:
+        run(256)
+    msg = str(err.value)
+    for words in ("TrainerConfig.max_tokens_per_micro_batch=256", "max_model_len=512", ">= 512"):
+        assert words in msg, msg
+    frozen = ReferenceConfig(tiny_model_dir, max_tokens_per_micro_batch=100)
+    reference = Role("reference", ReferenceActor, frozen, frozenset({Phase.SCORE}))
+    with pytest.raises(ConfigError, match=r"\(role 'reference'\) ReferenceConfig.max_tokens.*=100"):
+        run(roles=[reference])
+    critic = CriticConfig(TrainerConfig(model=tiny_model_dir, max_tokens_per_micro_batch=511))
+    with pytest.raises(ConfigError, match=r"CriticConfig.trainer.max_tokens_per_micro_batch=511"):
+        run(roles=[critic_role(critic)])
+    wide = replace(critic.trainer, max_tokens_per_micro_batch=4096)
+    run(roles=[critic_role(replace(critic, trainer=wide))])
