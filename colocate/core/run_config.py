@@ -196,6 +196,36 @@ class RunConfig:
                 f"TrainerConfig.deepspeed=False needs trainer_world_size=1, got "
                 f"{spec.trainer_world_size}; fix: use DeepSpeed or one trainer rank"
             )
+        self._check_budgets()
+
+    def _check_budgets(self) -> None:
+        """Refuses a token budget that a sequence at ``max_model_len`` would not fit in.
+
+        A packed micro-batch holds whole sequences; a budget above ``max_model_len`` packs
+        several. Checked: the policy trainer's, and the roles' (a frozen model's
+        :class:`~colocate.roles.frozen.FrozenModelConfig`, a trainer-like role's
+        ``trainer``).
+        """
+        from colocate.roles.frozen import FrozenModelConfig
+
+        longest = self.engine.max_model_len
+        budgets = [("TrainerConfig.max_tokens_per_micro_batch", self.trainer)]
+        for role in self.roles:
+            config = getattr(role, "config", None)
+            owner = f"(role {getattr(role, 'name', '?')!r}) {type(config).__name__}"
+            if isinstance(config, FrozenModelConfig):
+                budgets.append((f"{owner}.max_tokens_per_micro_batch", config))
+            elif isinstance(getattr(config, "trainer", None), TrainerConfig):
+                budgets.append((f"{owner}.trainer.max_tokens_per_micro_batch", config.trainer))
+        for label, config in budgets:
+            budget = config.max_tokens_per_micro_batch
+            if budget is not None and budget < longest:
+                raise ConfigError(
+                    f"{label}={budget} < EngineConfig.max_model_len={longest}: a sequence at "
+                    "the maximum length (prompt + completion) would not fit in one packed "
+                    f"micro-batch; fix: max_tokens_per_micro_batch >= {longest} (a larger "
+                    "budget packs several sequences), or a smaller max_model_len"
+                )
 
     @property
     def collective_timeout_s(self) -> float:

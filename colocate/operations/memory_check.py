@@ -9,12 +9,15 @@ placement plan's bundles, the role's resident phases); :func:`check_run` plans a
 what cannot fit, before any actor starts. A train step's micro-batch is not known before
 the first batch, so the check plans one sequence of ``max_model_len`` tokens: it refuses runs
 that cannot train even that; larger batches are planned with ``python -m
-colocate.operations.memory_plan``. A role's forward is planned at its own micro-batch (rows of
-``max_model_len`` tokens).
+colocate.operations.memory_plan``. With a token budget (``max_tokens_per_micro_batch``) a
+micro-batch is known: one packed row of the budget's tokens, and that is what is planned. A
+role's forward is planned at its own micro-batch (rows of ``max_model_len`` tokens, or one
+packed row of its own budget).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -40,7 +43,14 @@ if TYPE_CHECKING:
     from colocate.roles.base import Role
     from placement import Reservation
 
-__all__ = ["settings_for", "bundles_of", "role_loads", "trainer_footprint", "check_run"]
+__all__ = [
+    "settings_for",
+    "bundles_of",
+    "role_loads",
+    "trainer_footprint",
+    "sdpa_mask",
+    "check_run",
+]
 
 _BYTES = {DType.FLOAT32: 4, DType.BFLOAT16: 2, DType.FLOAT16: 2}
 
@@ -64,7 +74,8 @@ def trainer_footprint(
     """A trainer-like role's footprint (the critic's) from its own :class:`TrainerConfig`.
 
     Its ZeRO stage, dtype and DeepSpeed buckets as its backend builds them, its micro-batch
-    (one row when unset, as the policy's check plans) and its activation checkpointing.
+    (one row when unset, as the policy's check plans; one packed row with a token budget) and
+    its activation checkpointing.
     """
     stage, w, reduce, sub_group = _zero(trainer)
     return RoleFootprint.trainer(
@@ -76,7 +87,18 @@ def trainer_footprint(
         activation_checkpointing=trainer.activation_checkpointing,
         reduce_bucket_elements=reduce,
         sub_group_elements=sub_group,
+        max_tokens_per_micro_batch=trainer.max_tokens_per_micro_batch,
     )
+
+
+def sdpa_mask(cuda: bool) -> bool:
+    """Whether a packed row's attention goes through SDPA with a materialised mask.
+
+    On CUDA the trainer takes flash-attention's varlen kernel (no mask) where the package is
+    installed; this looks for it in the driver's environment, assuming the actors run in the
+    same one.
+    """
+    return not (cuda and importlib.util.find_spec("flash_attn") is not None)
 
 
 def settings_for(
@@ -101,6 +123,8 @@ def settings_for(
         kv_cache_bytes=engine.kv_cache_bytes,
         micro_batch=1,
         seq_len=engine.max_model_len,
+        max_tokens_per_micro_batch=trainer.max_tokens_per_micro_batch,
+        sdpa_mask=sdpa_mask(cuda),
         bucket_bytes=sync.bucket_bytes or default_bucket_bytes(device),
         reduce_bucket_elements=reduce,
         sub_group_elements=sub_group,

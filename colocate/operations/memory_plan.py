@@ -48,6 +48,17 @@ flash attention do not keep the scores; ``2 s b h`` per layer plus one layer wit
 checkpointing) plus the fp32 logits and their log-softmax (``8 s b V``); under ZeRO-3 the
 largest layer's gathered parameters are held twice (prefetch). Validation and error against
 measured figures: ``docs/memory-plan.md``.
+
+A micro-batch is ``b`` padded rows of ``s`` tokens (``micro_batch`` x ``seq_len``), or, with a
+token budget (``max_tokens_per_micro_batch``), one packed row of whole sequences: ``b = 1``,
+``s`` = the budget, whatever the sequences' lengths. A packed row adds what padded rows of the
+same tokens do not hold: its attention mask. Transformers builds the block-diagonal causal mask
+of a packed row for SDPA (``s x s`` booleans), and torch converts it to the compute dtype in
+every layer's attention and keeps that copy for the backward: ``w s^2`` per layer with grads
+(one layer's and the boolean mask with activation checkpointing, and in a forward without
+grads); the fused kernels SDPA picks (flash on CPU, memory-efficient on CUDA) do not keep the
+scores, so the ``5 a s^2 b`` term stays out as for padded rows. Flash-attention's varlen kernel
+takes no mask (``MemorySettings.sdpa_mask=False``).
 """
 
 from __future__ import annotations
@@ -222,8 +233,13 @@ class MemorySettings:
         sleep_level: 1 keeps a host copy of the engine's weights, 2 drops them.
         gpu_memory_utilization: vLLM's share of a GPU when ``kv_cache_bytes`` is None.
         kv_cache_bytes: The KV-cache size, if set.
-        micro_batch: Sequences per micro-batch of a trainer rank.
-        seq_len: Tokens per sequence.
+        micro_batch: Sequences per micro-batch of a trainer rank (padded rows).
+        seq_len: Tokens per sequence: the padded rows' length (the engines' max_model_len).
+        max_tokens_per_micro_batch: The trainer's token budget: each micro-batch is one packed
+            row of this many tokens, in place of ``micro_batch`` rows of ``seq_len`` (None:
+            padded rows).
+        sdpa_mask: A packed row attends through SDPA with a materialised block-diagonal mask
+            (False: flash-attention's varlen kernel, which takes none).
         activation_checkpointing: Recompute activations in backward.
         bucket_bytes: Sync bucket size (two buffers on the sender; two on a receiver that
             does not map the sender's memory, i.e. all but CUDA IPC).
@@ -243,6 +259,8 @@ class MemorySettings:
     kv_cache_bytes: int | None = None
     micro_batch: int = 1
     seq_len: int = 512
+    max_tokens_per_micro_batch: int | None = None
+    sdpa_mask: bool = True
     activation_checkpointing: bool = False
     bucket_bytes: int = 512 << 20
     reduce_bucket_elements: int = REDUCE_BUCKET_ELEMENTS
@@ -266,6 +284,10 @@ class MemorySettings:
                     f"MemorySettings.{name}={value!r}: must be an int >= 1; fix: pass a "
                     "positive count"
                 )
+        if self.max_tokens_per_micro_batch is not None:
+            _count(
+                "MemorySettings", "max_tokens_per_micro_batch", self.max_tokens_per_micro_batch, 1
+            )
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"MemorySettings.zero_stage={self.zero_stage!r}: use 0, 1, 2 or 3")
         for name in ("train_dtype_bytes", "engine_dtype_bytes"):
@@ -320,7 +342,10 @@ class RoleFootprint:
         kind: How it is counted.
         shape: Its model (FROZEN and TRAINER).
         dtype_bytes: Bytes of its weights' dtype (FROZEN), or of its training dtype (TRAINER).
-        micro_batch: Rows per forward (FROZEN), or per micro-batch (TRAINER).
+        micro_batch: Rows per forward (FROZEN), or per micro-batch (TRAINER), each of the
+            run's ``seq_len`` tokens (padded rows).
+        max_tokens_per_micro_batch: Its token budget: one packed row of this many tokens per
+            forward or micro-batch, in place of ``micro_batch`` rows (None: padded rows).
         outputs: Outputs per token of its head: None for an LM head (the vocabulary), 1 for a
             score or value head. Its fp32 outputs and their log-softmax are counted.
         zero_stage: ZeRO stage (TRAINER).
@@ -342,6 +367,7 @@ class RoleFootprint:
     sub_group_elements: int = SUB_GROUP_ELEMENTS
     resident_bytes: int = 0
     offloaded_bytes: int = 0
+    max_tokens_per_micro_batch: int | None = None
 
     def __post_init__(self) -> None:
         owner = "RoleFootprint"
@@ -361,8 +387,9 @@ class RoleFootprint:
             )
         for name in ("micro_batch", "reduce_bucket_elements", "sub_group_elements"):
             _count(owner, name, getattr(self, name), 1)
-        if self.outputs is not None:
-            _count(owner, "outputs", self.outputs, 1)
+        for name in ("outputs", "max_tokens_per_micro_batch"):
+            if getattr(self, name) is not None:
+                _count(owner, name, getattr(self, name), 1)
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{owner}.zero_stage={self.zero_stage!r}: use 0, 1, 2 or 3")
         for name in ("resident_bytes", "offloaded_bytes"):
@@ -381,9 +408,17 @@ class RoleFootprint:
         dtype_bytes: int = 4,
         micro_batch: int = 1,
         outputs: int | None = None,
+        max_tokens_per_micro_batch: int | None = None,
     ) -> RoleFootprint:
         """A frozen, forward-only model (a reference policy, a reward model)."""
-        return cls(RoleKind.FROZEN, shape, dtype_bytes, micro_batch, outputs)
+        return cls(
+            RoleKind.FROZEN,
+            shape,
+            dtype_bytes,
+            micro_batch,
+            outputs,
+            max_tokens_per_micro_batch=max_tokens_per_micro_batch,
+        )
 
     @classmethod
     def trainer(
@@ -398,7 +433,7 @@ class RoleFootprint:
         """A model trained with its own DeepSpeed ZeRO optimizer (a critic).
 
         ``buckets``: ``activation_checkpointing``, ``reduce_bucket_elements``,
-        ``sub_group_elements``.
+        ``sub_group_elements``, ``max_tokens_per_micro_batch``.
         """
         return cls(
             RoleKind.TRAINER, shape, dtype_bytes, micro_batch, outputs, zero_stage, **buckets
@@ -508,6 +543,7 @@ class MemoryPlan:
     phases: tuple[GpuPhase, ...]
     roles: tuple[RoleRows, ...] = ()
     role_base: tuple[GpuPhase, ...] = ()  # the pools' tenants on GPUs shared with roles
+    loads: tuple[RoleLoad, ...] = ()  # the roles as planned (to plan them again)
 
     def of(self, pool: Pool) -> list[GpuPhase]:
         """The phases of ``pool``."""
@@ -595,13 +631,16 @@ def _trainer(shape: ModelShape, s: MemorySettings, outputs: int | None = None) -
     master = 4 if stage > 0 or mixed else 0
     optim = (8 + master) * p if stage == 0 else (8 + master) * p // n
     reduce = w * s.reduce_bucket_elements if stage > 0 else 0
-    b, t, h = s.micro_batch, s.seq_len, shape.hidden
+    b, t = _rows(s.micro_batch, s.seq_len, s.max_tokens_per_micro_batch)
+    h = shape.hidden
     per_layer = 17 * w * t * b * h  # 34 s b h in 16-bit (Korthikanti et al.), twice in fp32
     if s.activation_checkpointing:
         acts = w * t * b * h * shape.layers + per_layer
     else:
         acts = per_layer * shape.layers
     acts += 8 * t * b * vocab  # fp32 logits and their log-softmax
+    kept = 1 if s.activation_checkpointing else shape.layers  # layers whose mask copy is kept
+    masks = _packed_mask(w, t, kept) if _packs(s.max_tokens_per_micro_batch, s) else 0
     state = params + grads + optim + step_grads
     return {
         "params": params,
@@ -610,19 +649,53 @@ def _trainer(shape: ModelShape, s: MemorySettings, outputs: int | None = None) -
         "grads, copies in the step": step_grads,
         "reduce bucket": reduce,
         "activations (estimate)": acts,
+        "attention masks (estimate)": masks,
         "ZeRO-3 gathered layers": 2 * w * shape.largest_layer_params if stage == 3 else 0,
         "allocator slack": int(ALLOCATOR_SLACK * state) if s.cuda else 0,
     }
 
 
-def _forward_acts(shape: ModelShape, w: int, rows: int, seq: int, outputs: int | None) -> int:
+def _rows(rows: int, seq: int, budget: int | None) -> tuple[int, int]:
+    """A micro-batch's rows and tokens per row: padded rows, or one packed row of the budget."""
+    return (rows, seq) if budget is None else (1, budget)
+
+
+def _packs(budget: int | None, s: MemorySettings) -> bool:
+    """Whether a micro-batch at ``budget`` is a packed row whose SDPA mask is materialised."""
+    return budget is not None and s.sdpa_mask
+
+
+def _packed_mask(w: int, tokens: int, kept: int) -> int:
+    # Transformers' block-diagonal causal mask of a packed row (booleans, one per query-key
+    # pair), and ``kept`` layers' copies of it in the compute dtype: torch's SDPA converts a
+    # boolean mask in every call and its fused kernels keep that copy for the backward.
+    return tokens * tokens + kept * w * tokens * tokens
+
+
+def _forward_acts(
+    shape: ModelShape, w: int, rows: int, seq: int, outputs: int | None, mask: bool = False
+) -> int:
     # Without autograd a layer's intermediates are freed when the next layer runs: one layer's
     # 34 s b h (16-bit; twice in fp32), the residual stream, and the fp32 outputs with their
-    # log-softmax. An estimate, like the trainer's activation row.
+    # log-softmax; a packed row (``mask``) adds its mask and one layer's copy of it. An
+    # estimate, like the trainer's activation row.
     vocab = shape.vocab if outputs is None else outputs
     return (
-        17 * w * seq * rows * shape.hidden + w * seq * rows * shape.hidden + 8 * seq * rows * vocab
+        17 * w * seq * rows * shape.hidden
+        + w * seq * rows * shape.hidden
+        + 8 * seq * rows * vocab
+        + (_packed_mask(w, seq, 1) if mask else 0)
     )
+
+
+def _role_forward(f: RoleFootprint, s: MemorySettings) -> int:
+    """One forward's activations of a role's rank.
+
+    Its rows of the run's ``seq_len`` tokens, or one packed row of its own budget.
+    """
+    rows, seq = _rows(f.micro_batch, s.seq_len, f.max_tokens_per_micro_batch)
+    mask = _packs(f.max_tokens_per_micro_batch, s)
+    return _forward_acts(f.shape, f.dtype_bytes, rows, seq, f.outputs, mask)
 
 
 def _role_rows(load: RoleLoad, s: MemorySettings) -> RoleRows:
@@ -641,6 +714,7 @@ def _role_rows(load: RoleLoad, s: MemorySettings) -> RoleRows:
             zero_stage=f.zero_stage,
             train_dtype_bytes=f.dtype_bytes,
             micro_batch=f.micro_batch,
+            max_tokens_per_micro_batch=f.max_tokens_per_micro_batch,
             activation_checkpointing=f.activation_checkpointing,
             reduce_bucket_elements=f.reduce_bucket_elements,
             sub_group_elements=f.sub_group_elements,
@@ -652,21 +726,22 @@ def _role_rows(load: RoleLoad, s: MemorySettings) -> RoleRows:
         # critic's values in SCORE) holds its state, a forward's activations, the gathered
         # layers and the allocator's slack.
         step = [*state, *([] if f.zero_stage == 3 else [t["reduce bucket"]])]
-        step += [t[k] for k in ("grads, copies in the step", "activations (estimate)")]
+        step += [
+            t[k]
+            for k in (
+                "grads, copies in the step",
+                "activations (estimate)",
+                "attention masks (estimate)",
+            )
+        ]
         around = [t["ZeRO-3 gathered layers"], t["allocator slack"]]
-        acts = item(
-            "forward activations (estimate)",
-            _forward_acts(f.shape, f.dtype_bytes, f.micro_batch, s.seq_len, f.outputs),
-        )
+        acts = item("forward activations (estimate)", _role_forward(f, s))
         resident = {"train": [*step, *around]}
         default = [*state, acts, *around]
         offloaded = [] if cuda else state  # on CPU an offload moves nothing
     elif f.kind is RoleKind.FROZEN:
         weights = item("weights", f.dtype_bytes * f.shape.params)
-        acts = item(
-            "forward activations (estimate)",
-            _forward_acts(f.shape, f.dtype_bytes, f.micro_batch, s.seq_len, f.outputs),
-        )
+        acts = item("forward activations (estimate)", _role_forward(f, s))
         resident, default = {}, [weights, acts]
         offloaded = [] if cuda else [weights]
     elif f.kind is RoleKind.DECLARED:
@@ -753,6 +828,7 @@ def plan_memory(
         *([] if s.zero_stage == 3 else [t["reduce bucket"]]),
         t["grads, copies in the step"],
         t["activations (estimate)"],
+        t["attention masks (estimate)"],
         t["ZeRO-3 gathered layers"],
         t["allocator slack"],
     ]
@@ -805,7 +881,7 @@ def plan_memory(
         for name, items in by_phase.items()
     )
     rows = tuple(_role_rows(r, s) for r in roles)
-    return MemoryPlan(shape, s, capacity, phases, rows, base)
+    return MemoryPlan(shape, s, capacity, phases, rows, base, tuple(roles))
 
 
 @dataclass(frozen=True)
@@ -830,38 +906,65 @@ class BundleMemory:
 def check_plan(plan: MemoryPlan, bundles: Sequence[BundleMemory]) -> None:
     """Refuses a plan that does not fit on every bundle (CUDA) or every node (CPU).
 
+    With a trainer token budget, the fix names ``TrainerConfig.max_tokens_per_micro_batch``
+    and the largest budget of at least ``seq_len`` (a sequence at the maximum length) that
+    would fit, found by planning again; a role with a budget is named in the roles' fix.
+
     Raises:
         MemoryPlanError: Names the phase, the GPU (or node), what is needed, what there is and
             the largest items.
     """
+    over = _overflow(plan, bundles)
+    if over is None:
+        return
+    phase, need, where, cap, kind = over
+    budget = plan.settings.max_tokens_per_micro_batch
+    if budget is None:
+        batch = "a smaller micro-batch, KV cache"
+    else:
+        fits = _fitting_budget(plan, bundles)
+        would = f"; {fits} fits" if fits is not None else ""
+        batch = (
+            f"a smaller TrainerConfig.max_tokens_per_micro_batch (now {budget}{would}), "
+            "a smaller KV cache"
+        )
     fix = (
         "fix: more GPUs (ZeRO shards over them), a higher ZeRO stage, a larger engine TP, "
-        "activation checkpointing, a smaller micro-batch, KV cache or gpu_memory_utilization, "
-        "or smaller sync buckets"
+        f"activation checkpointing, {batch} or gpu_memory_utilization, or smaller sync buckets"
     )
-
-    def refuse(phase: GpuPhase, need: int, where: str, cap: int, kind: str) -> None:
-        top = ", ".join(
-            f"{i.where.value} {i.name} {i.bytes / GIB:.2f} GiB" for i in phase.largest()
-        )
-        roles = any(i.where is Where.ROLE for i in phase.items)
+    top = ", ".join(f"{i.where.value} {i.name} {i.bytes / GIB:.2f} GiB" for i in phase.largest())
+    here = {i.name for i in phase.items if i.where is Where.ROLE}
+    more = ""
+    if here:
+        # the roles with a budget whose activations this phase holds
+        packed = [
+            r.name
+            for r in plan.loads
+            if r.footprint.max_tokens_per_micro_batch is not None
+            and any(n.startswith(f"{r.name} ") and "activations" in n for n in here)
+        ]
         more = (
             "; or fewer roles on that GPU, a role resident in fewer phases, or a smaller role "
             "model or micro-batch"
-            if roles
-            else ""
         )
-        raise MemoryPlanError(
-            f"phase {phase.phase!r} needs {need / GIB:.2f} GiB on {where}, which has "
-            f"{cap / GIB:.2f} GiB of {kind}; largest items per GPU: {top}; {fix}{more}"
-        )
+        if packed:
+            more += f" (roles {packed}: a smaller max_tokens_per_micro_batch)"
+    raise MemoryPlanError(
+        f"phase {phase.phase!r} needs {need / GIB:.2f} GiB on {where}, which has "
+        f"{cap / GIB:.2f} GiB of {kind}; largest items per GPU: {top}; {fix}{more}"
+    )
 
+
+def _overflow(
+    plan: MemoryPlan, bundles: Sequence[BundleMemory]
+) -> tuple[GpuPhase, int, str, int, str] | None:
+    """The first phase that does not fit: (phase, need, where, capacity, kind of memory)."""
     if plan.settings.cuda:
         for b in bundles:
             for phase in plan.gpu(b.pool, b.roles):
                 if phase.total > b.capacity:
-                    refuse(phase, phase.total, b.label, b.capacity, "device memory")
-        return
+                    return phase, phase.total, b.label, b.capacity, "device memory"
+        return None
     by_node: dict[str, list[BundleMemory]] = defaultdict(list)
     for b in bundles:
         by_node[b.node].append(b)
@@ -881,7 +984,32 @@ def check_plan(plan: MemoryPlan, bundles: Sequence[BundleMemory]) -> None:
             need = sum(p.total for p in parts)
             if need > cap:
                 where = f"node {node or '?'} ({len(members)} bundles share its host memory)"
-                refuse(max(parts, key=_total), need, where, cap, "host memory (CPU run)")
+                return max(parts, key=_total), need, where, cap, "host memory (CPU run)"
+    return None
+
+
+def _fitting_budget(plan: MemoryPlan, bundles: Sequence[BundleMemory]) -> int | None:
+    """The largest trainer budget in ``[seq_len, budget)`` whose plan fits, or None.
+
+    Every term grows with the budget, so a bisection finds it. Below ``seq_len`` a sequence at
+    the maximum length could not be trained: no smaller budget is offered.
+    """
+    s = plan.settings
+    budget = s.max_tokens_per_micro_batch
+    if budget is None:
+        return None
+
+    def fits(tokens: int) -> bool:
+        again = replace(s, max_tokens_per_micro_batch=tokens)
+        return _overflow(plan_memory(plan.shape, again, plan.capacity, plan.loads), bundles) is None
+
+    lo, hi = s.seq_len, budget - 1  # the answer, if any, is in [lo, hi]
+    if lo > hi or not fits(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 def _total(phase: GpuPhase) -> int:

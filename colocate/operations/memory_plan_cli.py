@@ -39,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.45)
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch")
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument(
+        "--max-tokens-per-micro-batch",
+        type=int,
+        help="token budget: each micro-batch is one packed row of this many tokens, in place "
+        "of --micro-batch rows of --seq-len (with --ppo, the critic's too)",
+    )
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--bucket-mib", type=int, default=512, help="sync bucket size")
     p.add_argument("--device-gib", type=float, help="check against GPUs of this size")
@@ -50,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
         help="add the PPO roles of examples/ppo_colocated.py on every trainer GPU: the "
         "reference and a reward model (frozen, fp32, the --model's shape, 16 rows per "
         "forward, resident in score) and the critic (its own ZeRO optimizer at --zero-stage "
-        "and --train-dtype, resident in score and train)",
+        "and --train-dtype, --micro-batch or --max-tokens-per-micro-batch, resident in score "
+        "and train)",
     )
     p.add_argument("--json", help="also write the plan here")
     return p
@@ -70,7 +77,9 @@ def _ppo_roles(args: argparse.Namespace) -> list[RoleLoad]:
         model=args.model,
         zero_stage=args.zero_stage,
         dtype=dtype[args.train_dtype],
-        micro_batch_size=args.micro_batch,
+        # one of the two: padded rows, or a token budget
+        micro_batch_size=args.micro_batch if args.max_tokens_per_micro_batch is None else None,
+        max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
         activation_checkpointing=args.activation_checkpointing,
     )
     roles = [
@@ -103,6 +112,7 @@ def main(argv=None) -> int:
             kv_cache_bytes=None if args.kv_cache_gib is None else int(args.kv_cache_gib * GIB),
             micro_batch=args.micro_batch,
             seq_len=args.seq_len,
+            max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
             activation_checkpointing=args.activation_checkpointing,
             bucket_bytes=args.bucket_mib << 20,
             cuda=not args.cpu,

@@ -88,9 +88,19 @@ class FrozenModelActor(RoleActor):
 
     @classmethod
     def footprint(cls, config: FrozenModelConfig) -> RoleFootprint:
-        """Frozen and forward-only: fp32 weights, ``micro_batch_size`` rows' forward."""
+        """Frozen and forward-only: fp32 weights and one forward's activations.
+
+        A forward of ``micro_batch_size`` rows, or of one packed row of
+        ``max_tokens_per_micro_batch`` tokens.
+        """
         shape = model_shape(config.model, cls.head)
-        return RoleFootprint.frozen(shape, 4, config.micro_batch_size, outputs=cls.outputs)
+        return RoleFootprint.frozen(
+            shape,
+            4,
+            config.micro_batch_size,
+            outputs=cls.outputs,
+            max_tokens_per_micro_batch=config.max_tokens_per_micro_batch,
+        )
 
     def build(self) -> torch.nn.Module:
         """The model in host memory, fp32 like the trainer's master weights, without grads."""

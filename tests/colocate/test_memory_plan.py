@@ -672,3 +672,194 @@ def test_coordinator_refuses_roles_that_cannot_fit_before_any_actor(
         assert time.monotonic() < deadline, "the refused run's GPUs were not given back"
         time.sleep(0.2)
     coord.shutdown()
+
+
+# Token budgets (max_tokens_per_micro_batch): a micro-batch is one packed row of the budget.
+
+
+def _train_rows(s: MemorySettings, shape=SHAPE) -> dict[str, int]:
+    return {k[1]: n for k, n in _phase(plan_memory(shape, s), "train").items() if k[0] == "trainer"}
+
+
+@pytest.mark.fast
+def test_a_token_budget_plans_one_packed_row_of_its_tokens():
+    base = MemorySettings(train_dtype_bytes=2, kv_cache_bytes=GIB, cuda=False)
+    # The linear terms count tokens: a packed row of 8 x 512 tokens holds what 8 padded rows
+    # of 512 do; micro_batch and seq_len do not enter once a budget is set.
+    padded = _train_rows(replace(base, micro_batch=8, seq_len=512))
+    packed = _train_rows(
+        replace(base, micro_batch=3, seq_len=4096, max_tokens_per_micro_batch=4096)
+    )
+    assert packed["activations (estimate)"] == padded["activations (estimate)"]
+    # Its mask: transformers' booleans, and every layer's copy in the compute dtype (kept for
+    # the backward); one layer's with activation checkpointing.
+    n, w, layers = 4096, 2, SHAPE.layers
+    assert "attention masks (estimate)" not in padded
+    assert packed["attention masks (estimate)"] == n * n + layers * w * n * n
+    ckpt = _train_rows(replace(base, max_tokens_per_micro_batch=n, activation_checkpointing=True))
+    assert ckpt["attention masks (estimate)"] == n * n + w * n * n
+    # flash-attention's varlen kernel takes no mask
+    varlen = _train_rows(replace(base, max_tokens_per_micro_batch=n, sdpa_mask=False))
+    assert "attention masks (estimate)" not in varlen
+    assert varlen["activations (estimate)"] == packed["activations (estimate)"]
+    # the budget reaches the trainer's step in both kinds of GPU that train
+    s = replace(base, max_tokens_per_micro_batch=n)
+    trainer_gpu = _phase(plan_memory(SHAPE, s), "train", Pool.TRAINER)
+    assert trainer_gpu[("trainer", "attention masks (estimate)")] == n * n + layers * w * n * n
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("budget", [0, -1, 1.5, True])
+def test_a_budget_that_is_not_a_positive_int_is_refused(budget):
+    with pytest.raises(ConfigError, match=r"MemorySettings.max_tokens_per_micro_batch=.*fix"):
+        MemorySettings(max_tokens_per_micro_batch=budget)
+    with pytest.raises(ConfigError, match=r"RoleFootprint.max_tokens_per_micro_batch=.*fix"):
+        RoleFootprint.frozen(SHAPE, max_tokens_per_micro_batch=budget)
+
+
+@pytest.mark.fast
+def test_roles_plan_their_own_budget_not_the_policys():
+    n, layers = 2048, SHAPE.layers
+    s = _role_settings(True, train_dtype_bytes=2, max_tokens_per_micro_batch=8192)
+    reference = _frozen(micro_batch=16, max_tokens_per_micro_batch=n)
+    critic = RoleLoad(
+        "critic",
+        RoleFootprint.trainer(SHAPE, dtype_bytes=2, outputs=1, max_tokens_per_micro_batch=n),
+        frozenset({"score", "train"}),
+        ranks=2,
+    )
+    padded = RoleLoad("padded", RoleFootprint.frozen(SHAPE, micro_batch=2), frozenset({"score"}))
+    memory = plan_memory(SHAPE, s, roles=[reference, critic, padded])
+    names = ["reference", "critic", "padded"]
+    gpu = {p.phase: _items(p) for p in memory.gpu(Pool.SHARED, names)}
+    h, v = SHAPE.hidden, SHAPE.vocab
+    # a forward of one packed row of n tokens (fp32): one layer, the residual stream, the
+    # logits, the mask and one layer's fp32 copy of it; the padded role: rows of seq_len
+    forward = 68 * n * h + 4 * n * h + 8 * n * v + n * n + 4 * n * n
+    assert gpu["score"][("role", "reference forward activations (estimate)")] == forward
+    t = s.seq_len
+    rows = 68 * t * 2 * h + 4 * t * 2 * h + 8 * t * 2 * v
+    assert gpu["score"][("role", "padded forward activations (estimate)")] == rows
+    # the critic's step: its budget (a value head: one output per token), bf16 mask copies
+    own = replace(s, max_tokens_per_micro_batch=n)
+    expected = _trainer_rows_of(own, outputs=1)
+    masks = gpu["train"][("role", "critic attention masks (estimate)")]
+    assert masks == expected["attention masks (estimate)"] == n * n + layers * 2 * n * n
+    assert (
+        gpu["train"][("role", "critic activations (estimate)")]
+        == expected["activations (estimate)"]
+    )
+    # the policy's own rows keep the policy's budget
+    policy = gpu["train"][("trainer", "attention masks (estimate)")]
+    assert policy == 8192 * 8192 * (1 + layers * 2)
+
+
+def _trainer_rows_of(s: MemorySettings, outputs=None) -> dict[str, int]:
+    from colocate.operations.memory_plan import _trainer
+
+    return _trainer(SHAPE, s, outputs)
+
+
+@pytest.mark.fast
+def test_a_budget_that_cannot_fit_is_refused_naming_it_and_a_budget_that_fits():
+    seven_b = replace_params(SHAPE, 7 * 10**9)
+    seven_b = replace(seven_b, layers=32, hidden=4096, vocab=32000)
+    s = MemorySettings(
+        trainer_ranks=2, train_dtype_bytes=2, kv_cache_bytes=GIB, seq_len=4096, cuda=True
+    )
+    gpus = [BundleMemory(f"bundle {i} (H200)", Pool.SHARED, 141 * GIB) for i in range(2)]
+    check_plan(plan_memory(seven_b, replace(s, max_tokens_per_micro_batch=4096)), gpus)
+    big = replace(s, max_tokens_per_micro_batch=65536)
+    with pytest.raises(MemoryPlanError) as err:
+        check_plan(plan_memory(seven_b, big), gpus)
+    msg = str(err.value)
+    assert "phase 'train'" in msg and "TrainerConfig.max_tokens_per_micro_batch (now 65536" in msg
+    fits = int(msg.split("(now 65536; ")[1].split(" fits")[0])
+    assert 4096 <= fits < 65536
+    check_plan(plan_memory(seven_b, replace(s, max_tokens_per_micro_batch=fits)), gpus)
+    with pytest.raises(MemoryPlanError):
+        check_plan(plan_memory(seven_b, replace(s, max_tokens_per_micro_batch=fits + 1)), gpus)
+    # No budget of at least seq_len fits: the budget is named, no value is offered.
+    small = [BundleMemory("bundle 0 (A100)", Pool.SHARED, 40 * GIB)]
+    with pytest.raises(MemoryPlanError) as err:
+        check_plan(plan_memory(seven_b, big), small)
+    assert "max_tokens_per_micro_batch (now 65536)" in str(err.value)
+    # Padded rows keep their fix.
+    with pytest.raises(MemoryPlanError, match="a smaller micro-batch, KV cache or gpu_memory"):
+        check_plan(plan_memory(seven_b, s), small)
+
+
+@pytest.mark.fast
+def test_a_role_budget_is_named_when_its_gpu_cannot_fit():
+    seven_b = replace_params(SHAPE, 7 * 10**9)
+    s = MemorySettings(trainer_ranks=2, train_dtype_bytes=2, kv_cache_bytes=GIB, cuda=True)
+    reference = _frozen(max_tokens_per_micro_batch=200_000)  # a 40 GB fp32 mask copy
+    memory = plan_memory(seven_b, s, roles=[reference])
+    gpus = [BundleMemory("bundle 0 (H200)", Pool.SHARED, 141 * GIB, roles=("reference",))]
+    with pytest.raises(MemoryPlanError, match=r"roles \['reference'\]: a smaller max_tokens_per"):
+        check_plan(memory, gpus)
+
+
+@pytest.mark.fast
+def test_the_run_configs_budgets_reach_the_plan(tiny_model_dir):
+    from colocate.operations.memory_check import trainer_footprint
+    from colocate.roles.reference import ReferenceActor, ReferenceConfig
+
+    spec = TopologySpec(nodes=1, gpus_per_node=2, trainer_world_size=2, engines=2)
+    engine = EngineConfig(model=tiny_model_dir, max_model_len=256)
+    trainer = TrainerConfig(model=tiny_model_dir, max_tokens_per_micro_batch=1024)
+    s = settings_for(engine, trainer, SyncConfig(), plan(spec), DeviceKind.CPU, 1)
+    assert (s.max_tokens_per_micro_batch, s.seq_len, s.sdpa_mask) == (1024, 256, True)
+    padded = settings_for(
+        engine, TrainerConfig(model=tiny_model_dir), SyncConfig(), plan(spec), DeviceKind.CPU, 1
+    )
+    assert padded.max_tokens_per_micro_batch is None
+    shape = model_shape(tiny_model_dir)
+    assert trainer_footprint(trainer, shape).max_tokens_per_micro_batch == 1024
+    config = ReferenceConfig(tiny_model_dir, max_tokens_per_micro_batch=512)
+    assert ReferenceActor.footprint(config).max_tokens_per_micro_batch == 512
+    assert (
+        ReferenceActor.footprint(ReferenceConfig(tiny_model_dir)).max_tokens_per_micro_batch is None
+    )
+
+
+@pytest.mark.fast
+def test_cli_plans_a_token_budget(tiny_model_dir, capsys):
+    args = ["--model", tiny_model_dir, "--cpu", "--max-tokens-per-micro-batch", "2048"]
+    assert plan_cli(args) == 0
+    assert "trainer: attention masks (estimate)" in capsys.readouterr().out
+    assert plan_cli([*args, "--ppo"]) == 0
+    assert "role: critic attention masks (estimate)" in capsys.readouterr().out
+
+
+@pytest.mark.fast
+def test_a_budget_below_max_model_len_is_refused_before_anything_starts(tiny_model_dir):
+    from colocate.core.phases import Phase
+    from colocate.core.run_config import RunConfig
+    from colocate.roles.base import Role
+    from colocate.roles.critic import CriticConfig, critic_role
+    from colocate.roles.reference import ReferenceActor, ReferenceConfig
+
+    spec = TopologySpec(nodes=1, gpus_per_node=2, trainer_world_size=2, engines=2)
+    engine = EngineConfig(model=tiny_model_dir, max_model_len=512)
+
+    def run(budget=None, roles=()):
+        trainer = TrainerConfig(model=tiny_model_dir, max_tokens_per_micro_batch=budget)
+        return RunConfig(spec, engine, trainer, grpo_loss, roles=roles)
+
+    run(512)
+    run(2048)  # larger than max_model_len: packs several sequences
+    with pytest.raises(ConfigError) as err:
+        run(256)
+    msg = str(err.value)
+    for words in ("TrainerConfig.max_tokens_per_micro_batch=256", "max_model_len=512", ">= 512"):
+        assert words in msg, msg
+    frozen = ReferenceConfig(tiny_model_dir, max_tokens_per_micro_batch=100)
+    reference = Role("reference", ReferenceActor, frozen, frozenset({Phase.SCORE}))
+    with pytest.raises(ConfigError, match=r"\(role 'reference'\) ReferenceConfig.max_tokens.*=100"):
+        run(roles=[reference])
+    critic = CriticConfig(TrainerConfig(model=tiny_model_dir, max_tokens_per_micro_batch=511))
+    with pytest.raises(ConfigError, match=r"CriticConfig.trainer.max_tokens_per_micro_batch=511"):
+        run(roles=[critic_role(critic)])
+    wide = replace(critic.trainer, max_tokens_per_micro_batch=4096)
+    run(roles=[critic_role(replace(critic, trainer=wide))])

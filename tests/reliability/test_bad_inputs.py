@@ -322,6 +322,17 @@ CATALOG = [
         ["deepspeed=False", "trainer_world_size=1"],
     ),
     (
+        "coordinator: token budget below max_model_len",
+        lambda t, m: Coordinator(
+            TopologySpec(**SPEC),
+            EngineConfig(model=m, max_model_len=512),
+            TrainerConfig(model=m, max_tokens_per_micro_batch=256),
+            grpo_loss,
+        ),
+        ConfigError,
+        ["TrainerConfig.max_tokens_per_micro_batch=256", "max_model_len=512", ">= 512"],
+    ),
+    (
         "trainer: batch with fewer rows than ranks",
         lambda t, m: shard_batch({"x": torch.zeros(1, 3)}, 0, 2),
         ValueError,
