@@ -56,6 +56,8 @@ _WHERE = {
     "lm_loss": "colocate.algorithms.losses",
     "make_grpo_batch": "colocate.algorithms.losses",
     "token_logprobs": "colocate.algorithms.losses",
+    "batch_logprobs": "colocate.algorithms.losses",
+    "SequencePackingError": "colocate.algorithms.packing",
     "Phase": "colocate.core.phases",
     "Rollout": "colocate.algorithms.rollouts",
     "StalenessError": "colocate.algorithms.rollouts",

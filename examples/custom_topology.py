@@ -28,9 +28,9 @@ from colocate import (
     RoleFootprint,
     Sampling,
     TrainerConfig,
+    batch_logprobs,
     build_tiny_model,
     make_grpo_batch,
-    token_logprobs,
 )
 from colocate.operations.cli import Checker
 from colocate.operations.cluster import connect
@@ -38,10 +38,15 @@ from placement import TopologySpec
 
 
 def reinforce_loss(model, batch):
-    """Plain REINFORCE with a group baseline: -(advantage x log-prob) over generated tokens."""
+    """Plain REINFORCE with a group baseline: -(advantage x log-prob) over generated tokens.
+
+    Takes padded rows or packed micro-batches (``batch_logprobs``; a packed batch's advantages
+    are already one per token).
+    """
     mask = batch["completion_mask"]
-    logp = token_logprobs(model, batch["input_ids"], batch["attention_mask"])
-    adv = batch["advantages"].unsqueeze(1)
+    logp = batch_logprobs(model, batch)
+    adv = batch["advantages"]
+    adv = adv.unsqueeze(1) if adv.dim() == 1 else adv
     loss = -(adv * logp * mask).sum() / mask.sum().clamp(min=1.0)
     return loss, {"mean_logprob": float((logp * mask).sum() / mask.sum().clamp(min=1.0))}
 

@@ -59,6 +59,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="rows per forward/backward on each trainer rank (gradient accumulation)",
     )
+    p.add_argument(
+        "--max-tokens-per-micro-batch",
+        type=int,
+        default=None,
+        help="train (and score) packed sequences, at most this many tokens per forward/backward "
+        "(at least --max-model-len; in place of --micro-batch-size)",
+    )
     p.add_argument("--sleep-level", type=int, default=1, choices=[1, 2])
     p.add_argument("--bucket-mb", type=float, default=None, help="sync bucket size (MiB)")
     p.add_argument("--seed", type=int, default=0)
@@ -101,6 +108,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     check.at_least("--engine-gpus", 1)
     check.at_least("--group-size", 2, "with one completion per prompt every advantage is zero")
     check.at_least("--max-model-len", 16)
+    budget = args.max_tokens_per_micro_batch
+    if budget is not None and budget < args.max_model_len:
+        check.fail(
+            "--max-tokens-per-micro-batch",
+            budget,
+            f"a sequence of --max-model-len {args.max_model_len} tokens would not fit",
+            f"pass at least {args.max_model_len}, or a smaller --max-model-len",
+        )
     check.at_least("--seed", 0)
     check.in_range("--lr", 0.0, 10.0)
     check.in_range("--bucket-mb", 0.0, 65536.0)
@@ -166,6 +181,7 @@ CONFIG_FLAGS = {
     "tensor_parallel_size": "--tp",
     "lr": "--lr",
     "micro_batch_size": "--micro-batch-size",
+    "max_tokens_per_micro_batch": "--max-tokens-per-micro-batch",
     "max_model_len": "--max-model-len",
     "bucket_bytes": "--bucket-mb",
     "n": "--group-size",
@@ -216,6 +232,7 @@ def build_configs(args) -> dict:
             zero_stage=args.zero_stage,
             seed=args.seed,
             micro_batch_size=args.micro_batch_size,
+            max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
         ),
         "sync": SyncConfig(bucket_bytes=int(args.bucket_mb * 2**20) if args.bucket_mb else None),
         "pipeline": PipelineConfig(mode=Pipeline(args.pipeline)),
@@ -271,7 +288,10 @@ def main(argv=None) -> dict:
     connect(args.address, logical_gpus=args.gpus)
     loss = functools.partial(grpo_loss, tis_cap=args.tis_cap, kl_coef=args.kl_coef)
     # The reference is the starting policy, frozen (a resumed run keeps its starting model).
-    roles = [reference_role(cfg["model"])] if args.kl_coef else []
+    budget = args.max_tokens_per_micro_batch  # the reference packs like the trainer
+    roles = (
+        [reference_role(cfg["model"], max_tokens_per_micro_batch=budget)] if args.kl_coef else []
+    )
     coord = Coordinator(
         cfg["spec"],
         cfg["engine"],
@@ -336,6 +356,9 @@ def main(argv=None) -> dict:
                 "weight_version": coord.weight_version,
                 "staleness": stats.get("staleness", 0.0),
                 "tokens": sum(len(c.token_ids) for c in completions),
+                # the share of the trainer's forward tokens that were padding (packed: 0)
+                "padding_fraction": stats["padding_fraction"],
+                "micro_batches": stats["micro_batches"],
                 "rollout_s": t1 - t0,
                 "score_s": t_score - t1,
                 "train_s": t2 - t_score,
@@ -408,6 +431,7 @@ def main(argv=None) -> dict:
             "tp": args.tp,
             "zero_stage": args.zero_stage,
             "micro_batch_size": args.micro_batch_size,
+            "max_tokens_per_micro_batch": args.max_tokens_per_micro_batch,
             "tis_cap": args.tis_cap,
             "sleep_level": args.sleep_level,
             "colocated": not args.separate,

@@ -48,6 +48,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gamma", type=float, default=1.0)
     p.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
     p.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3])
+    p.add_argument(
+        "--max-tokens-per-micro-batch",
+        type=int,
+        default=None,
+        help="every tenant's forwards (policy, critic, reference, reward model) on packed "
+        "sequences, at most this many tokens each (at least --max-model-len)",
+    )
+    p.add_argument("--max-model-len", type=int, default=512, help="prompt + completion tokens")
     p.add_argument("--rm-steps", type=int, default=150, help="reward-model training steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/ppo", help="output directory")
@@ -63,6 +71,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     check.in_range("--critic-lr", 0.0, 10.0)
     check.in_range("--kl-coef", 0.0, 100.0, lo_open=False)
     check.in_range("--gamma", 0.0, 1.0)
+    check.at_least("--max-model-len", 16)
+    budget = args.max_tokens_per_micro_batch
+    if budget is not None and budget < args.max_model_len:
+        check.fail(
+            "--max-tokens-per-micro-batch",
+            budget,
+            f"a sequence of --max-model-len {args.max_model_len} tokens would not fit",
+            f"pass at least {args.max_model_len}, or a smaller --max-model-len",
+        )
     check.in_range("--lam", 0.0, 1.0)
     if args.prompts * args.samples < args.gpus:
         check.fail(
@@ -137,14 +154,25 @@ def main(argv=None) -> dict:
     connect(args.address, logical_gpus=args.gpus)
     gpus = args.gpus
     spec = TopologySpec(nodes=1, gpus_per_node=gpus, trainer_world_size=gpus, engines=gpus)
-    trainer = TrainerConfig(model=model, lr=args.lr, zero_stage=args.zero_stage, seed=args.seed)
+    budget = args.max_tokens_per_micro_batch  # None: padded rows everywhere
+    common = {"zero_stage": args.zero_stage, "seed": args.seed}
+    trainer = TrainerConfig(model, lr=args.lr, max_tokens_per_micro_batch=budget, **common)
     critic = CriticConfig(
-        TrainerConfig(model=model, lr=args.critic_lr, zero_stage=args.zero_stage, seed=args.seed)
+        TrainerConfig(model, lr=args.critic_lr, max_tokens_per_micro_batch=budget, **common)
     )
-    roles = [reference_role(model), reward_model_role(rm["path"]), critic_role(critic)]
+    roles = [
+        reference_role(model, max_tokens_per_micro_batch=budget),
+        reward_model_role(rm["path"], max_tokens_per_micro_batch=budget),
+        critic_role(critic),
+    ]
     coord = Coordinator(
         spec,
-        EngineConfig(model=model, seed=args.seed, log_level=args.log_level),
+        EngineConfig(
+            model=model,
+            seed=args.seed,
+            log_level=args.log_level,
+            max_model_len=args.max_model_len,
+        ),
         trainer,
         functools.partial(grpo_loss, kl_coef=0.0),  # PPO-clip; the KL is in the reward
         roles=roles,
@@ -182,6 +210,7 @@ def main(argv=None) -> dict:
                 "kl": stats["kl"],  # to the reference, before this step's update
                 "clip_fraction": stats.get("clip_fraction", 0.0),
                 "value_loss": value["value_loss"],
+                "padding_fraction": stats["padding_fraction"],  # of the policy's forward tokens
                 "rollout_s": t1 - t0,
                 "score_s": t2 - t1,
                 "train_s": t3 - t2,
@@ -214,6 +243,7 @@ def main(argv=None) -> dict:
         "value_loss_first_last": [history[0]["value_loss"], history[-1]["value_loss"]],
         "rewards": [r["reward"] for r in history],
         "seed": args.seed,
+        "max_tokens_per_micro_batch": budget,
         "out": str(out.resolve()),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -189,7 +189,9 @@ def shard_for_ranks(
     if max_tokens is not None:
         fewest_bins(sequence_lengths(batch), max_tokens)  # a sequence over budget raises here
         shards, _ = shard_by_tokens(batch, world_size)
-        return shards, max(batch_rows(s) for s in shards)
+        max_rows = max(batch_rows(s) for s in shards)
+        plan_step(max_rows, max_rows, mini_batches)  # enough rows for the optimizer steps
+        return shards, max_rows
     shards = [shard_batch(batch, r, world_size) for r in range(world_size)]
     max_rows = max(batch_rows(s) for s in shards)
     plan_step(max_rows, max_rows, mini_batches, micro_batch_size)

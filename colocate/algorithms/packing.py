@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 __all__ = [
-    "PackingError",
+    "SequencePackingError",
     "PackedModel",
     "is_packed",
     "sequence_lengths",
@@ -45,7 +45,7 @@ __all__ = [
 CU_SEQLENS = "cu_seqlens"
 
 
-class PackingError(ValueError):
+class SequencePackingError(ValueError):
     """A batch or model that cannot be packed, or a forward that would mix packed sequences."""
 
 
@@ -72,11 +72,11 @@ def sequence_lengths(batch: dict) -> list[int]:
     """Each row's tokens, from ``attention_mask`` (rows must be right-padded).
 
     Raises:
-        PackingError: No ``attention_mask``, or a row whose mask is not ones then zeros.
+        SequencePackingError: No ``attention_mask``, or a row whose mask is not ones then zeros.
     """
     mask = batch.get("attention_mask")
     if mask is None:
-        raise PackingError(
+        raise SequencePackingError(
             "packing needs batch['attention_mask'] [B, T] (1 on each row's tokens); fix: add it"
         )
     mask = torch.as_tensor(mask).bool()
@@ -84,7 +84,7 @@ def sequence_lengths(batch: dict) -> list[int]:
     prefix = torch.arange(mask.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
     bad = (prefix != mask).any(1).nonzero().flatten()
     if len(bad):
-        raise PackingError(
+        raise SequencePackingError(
             f"batch['attention_mask'] row {int(bad[0])} is not right-padded (ones, then "
             "zeros); fix: right-pad every row (make_grpo_batch does), or pack no batch"
         )
@@ -104,7 +104,7 @@ def pack(batch: dict, rows: Sequence[int], lengths: Sequence[int] | None = None)
     """
     lengths = sequence_lengths(batch) if lengths is None else lengths
     if not rows:
-        raise PackingError("pack(rows=()): pack at least one row")
+        raise SequencePackingError("pack(rows=()): pack at least one row")
     b, width = len(lengths), int(torch.as_tensor(batch["attention_mask"]).shape[1])
     sizes = torch.tensor([lengths[r] for r in rows])
     index = torch.tensor(list(rows))
@@ -162,7 +162,7 @@ class PackedModel:
     """The model a loss function is given for a packed micro-batch: refuses a mixing call.
 
     A call without ``position_ids`` would attend across the packed sequences (one causal
-    mask over the whole row): it raises :class:`PackingError` instead. A 2-D all-ones mask
+    mask over the whole row): it raises :class:`SequencePackingError` instead. A 2-D all-ones mask
     passed beside them is dropped (see :func:`forward_kwargs`). Attributes are the model's.
     """
 
@@ -172,14 +172,14 @@ class PackedModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """The model's forward with ``position_ids``, no padding mask and no cache."""
         if kwargs.get("position_ids") is None:
-            raise PackingError(
+            raise SequencePackingError(
                 "a packed micro-batch's model was called without position_ids, so its "
                 "sequences would attend to each other; fix: pass "
                 "position_ids=batch['position_ids'] (colocate.algorithms.packing.forward_kwargs)"
             )
         mask = kwargs.pop("attention_mask", None)
         if mask is not None and mask.dim() == 2 and not bool(mask.bool().all()):
-            raise PackingError("a packed micro-batch takes no padding mask; fix: pass none")
+            raise SequencePackingError("a packed micro-batch takes no padding mask; fix: pass none")
         kwargs["use_cache"] = False
         return self._model(*args, **kwargs)
 
@@ -196,7 +196,7 @@ def check_packing(model: torch.nn.Module, where: str, vocab: int, atol: float) -
     forward's within ``atol``. Every rank of a ZeRO-3 group runs it together.
 
     Raises:
-        PackingError: Naming ``where`` and the model's class, with the gaps measured.
+        SequencePackingError: Naming ``where`` and the model's class, with the gaps measured.
     """
     ids = lambda *xs: torch.tensor([list(xs)]) % vocab  # noqa: E731
     a, b, c = ids(3, 5, 7, 11), ids(13, 17, 19, 23), ids(29, 31, 37, 41, 43)
@@ -214,7 +214,7 @@ def check_packing(model: torch.nn.Module, where: str, vocab: int, atol: float) -
     mixed = float((after_a - after_b).abs().max())
     gap = float((after_a - alone).abs().max())
     if mixed > atol or gap > atol:
-        raise PackingError(
+        raise SequencePackingError(
             f"{where}: {type(model).__name__} does not confine attention to each packed "
             f"sequence (a sequence's hidden states move by {mixed:.3g} with the sequence packed "
             f"before it, and differ from its own forward by {gap:.3g}); fix: leave "
@@ -255,6 +255,8 @@ def forward_packed(
         parts.append(unpack(out, part, width) if out.dim() >= 2 else out)
         order.extend(rows)
     if sorted(order) != list(range(len(lengths))):
-        raise PackingError(f"bins {list(bins)} do not cover the {len(lengths)} rows once each")
+        raise SequencePackingError(
+            f"bins {list(bins)} do not cover the {len(lengths)} rows once each"
+        )
     merged = torch.cat(parts)
     return merged[torch.tensor(order).argsort()]

@@ -202,23 +202,18 @@ class RunConfig:
         """Refuses a token budget that a sequence at ``max_model_len`` would not fit in.
 
         A packed micro-batch holds whole sequences; a budget above ``max_model_len`` packs
-        several. Checked: the policy trainer's, and the roles' (a frozen model's
-        :class:`~colocate.roles.frozen.FrozenModelConfig`, a trainer-like role's
-        ``trainer``).
+        several. Checked: the policy trainer's, and every role's
+        (``RoleActor.token_budget`` of its config).
         """
-        from colocate.roles.frozen import FrozenModelConfig
-
         longest = self.engine.max_model_len
-        budgets = [("TrainerConfig.max_tokens_per_micro_batch", self.trainer)]
+        budgets = [
+            ("TrainerConfig.max_tokens_per_micro_batch", self.trainer.max_tokens_per_micro_batch)
+        ]
         for role in self.roles:
-            config = getattr(role, "config", None)
-            owner = f"(role {getattr(role, 'name', '?')!r}) {type(config).__name__}"
-            if isinstance(config, FrozenModelConfig):
-                budgets.append((f"{owner}.max_tokens_per_micro_batch", config))
-            elif isinstance(getattr(config, "trainer", None), TrainerConfig):
-                budgets.append((f"{owner}.trainer.max_tokens_per_micro_batch", config.trainer))
-        for label, config in budgets:
-            budget = config.max_tokens_per_micro_batch
+            field = role.actor.token_budget_field
+            label = f"(role {role.name!r}) {type(role.config).__name__}.{field}"
+            budgets.append((label, role.actor.token_budget(role.config)))
+        for label, budget in budgets:
             if budget is not None and budget < longest:
                 raise ConfigError(
                     f"{label}={budget} < EngineConfig.max_model_len={longest}: a sequence at "

@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         "--max-tokens-per-micro-batch",
         type=int,
         help="token budget: each micro-batch is one packed row of this many tokens, in place "
-        "of --micro-batch rows of --seq-len (with --ppo, the critic's too)",
+        "of --micro-batch rows of --seq-len (with --ppo, every role's too)",
     )
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--bucket-mib", type=int, default=512, help="sync bucket size")
@@ -83,8 +83,9 @@ def _ppo_roles(args: argparse.Namespace) -> list[RoleLoad]:
         activation_checkpointing=args.activation_checkpointing,
     )
     roles = [
-        reference_role(args.model),
-        reward_model_role(args.model),  # the example's: the policy's body, a score head
+        reference_role(args.model, max_tokens_per_micro_batch=args.max_tokens_per_micro_batch),
+        # the example's: the policy's body, a score head
+        reward_model_role(args.model, max_tokens_per_micro_batch=args.max_tokens_per_micro_batch),
         critic_role(CriticConfig(critic)),
     ]
     g, placed = args.gpus, tuple(r.placement for r in roles)

@@ -173,6 +173,9 @@ class RoleActor(RoleTenant):
             policy_model: The policy's local model directory (to compare vocabularies).
         """
 
+    #: Where :meth:`token_budget` reads the budget in the role's config (for errors).
+    token_budget_field = "max_tokens_per_micro_batch"
+
     @classmethod
     def token_budget(cls, config: Any) -> int | None:
         """Most tokens per packed forward, or None for padded rows. Default: None.

@@ -151,6 +151,8 @@ class CriticActor(RoleActor):
         check_model_dir("CriticConfig.trainer.model", config.trainer.model)
         check_same_vocabulary("CriticConfig.trainer.model", config.trainer.model, policy_model)
 
+    token_budget_field = "trainer.max_tokens_per_micro_batch"
+
     @classmethod
     def token_budget(cls, config: CriticConfig) -> int | None:
         """``config.trainer.max_tokens_per_micro_batch``."""

@@ -84,9 +84,16 @@ def test_async_pipeline_learns_with_bounded_staleness(tmp_path):
     assert run["topology"]["pipeline"] == "async" and not run["topology"]["colocated"]
 
 
-def test_kl_to_a_reference_still_learns(synced, tmp_path):
-    """``--kl-coef 0.05`` adds the reference role and the KL term; the target is the same."""
-    run = _run(tmp_path, "--steps", str(STEPS), "--kl-coef", "0.05")
+def test_kl_to_a_reference_still_learns_packed(synced, tmp_path):
+    """``--kl-coef 0.05`` adds the reference role and the KL term; the target is the same.
+
+    With ``--max-tokens-per-micro-batch`` the trainer and the reference run on packed
+    sequences (no padding), in token-budget micro-batches.
+    """
+    run = _run(
+        tmp_path,
+        *("--steps", str(STEPS), "--kl-coef", "0.05", "--max-tokens-per-micro-batch", "512"),
+    )
     rewards = run["rewards"]
     late = sum(rewards[-3:]) / 3
     assert late > 4 * run["initial_reward"] and late > 0.05, rewards
@@ -95,3 +102,8 @@ def test_kl_to_a_reference_still_learns(synced, tmp_path):
     rows = [json.loads(x) for x in (Path(run["out"]) / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["kl"] < 1e-6  # the reference is the starting policy
     assert rewards[0] == synced["rewards"][0]  # same seed, same first rollout
+    assert all(r["padding_fraction"] == 0 and r["micro_batches"] >= 2 for r in rows)
+    padded = [
+        json.loads(x) for x in (Path(synced["out"]) / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert all(r["padding_fraction"] > 0 for r in padded)

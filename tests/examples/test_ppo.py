@@ -27,8 +27,10 @@ def _run(out: Path, *extra: str) -> tuple[dict, str]:
     return json.loads((out / "summary.json").read_text()), proc.stdout
 
 
-def test_ppo_learns_with_every_tenant_colocated(tmp_path):
-    summary, _ = _run(tmp_path)  # the defaults: 30 steps on 2 logical GPUs
+def test_ppo_learns_with_every_tenant_colocated_and_packed(tmp_path):
+    # the defaults (30 steps on 2 logical GPUs), every tenant's forwards on packed sequences
+    summary, _ = _run(tmp_path, "--max-tokens-per-micro-batch", "512")
+    assert summary["max_tokens_per_micro_batch"] == 512
     assert summary["roles"] == ["critic", "engine", "reference", "reward", "trainer"]
     assert summary["ordering_violations"] == []
     assert summary["reward_model"]["heldout_corr"] > 0.9, summary["reward_model"]
@@ -37,6 +39,7 @@ def test_ppo_learns_with_every_tenant_colocated(tmp_path):
     assert summary["kl"] > 0
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["kl"] < 1e-6  # before the first update the policy is the reference
+    assert all(r["padding_fraction"] == 0 for r in rows)
     values = [r["value_loss"] for r in rows]
     assert min(values[-5:]) < values[0], values  # the critic learns
     for name in ("timeline.json", "timeline.png", "reward_curve.png"):

@@ -45,6 +45,16 @@ GRPO = [
     ("--save-every 0", ["--save-every", "0"], ["--save-every 0", "fix:"]),
     ("--max-model-len 8", ["--max-model-len", "8"], ["--max-model-len 8", "fix:"]),
     (
+        "--max-tokens-per-micro-batch below --max-model-len",
+        ["--max-tokens-per-micro-batch", "100"],
+        ["--max-tokens-per-micro-batch 100", "--max-model-len 512", "fix:"],
+    ),
+    (
+        "--max-tokens-per-micro-batch with --micro-batch-size",
+        ["--max-tokens-per-micro-batch", "512", "--micro-batch-size", "4"],
+        ["--micro-batch-size", "max_tokens_per_micro_batch", "pass one of the two"],
+    ),
+    (
         "--out unwritable",
         ["--out", "/proc/colocate-out"],
         ["--out '/proc/colocate-out'", "cannot be written", "fix:"],
