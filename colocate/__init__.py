@@ -26,6 +26,7 @@ _WHERE = {
     "EngineConfig": "colocate.core.config",
     "LoadFormat": "colocate.core.config",
     "Pipeline": "colocate.core.config",
+    "StalenessPolicy": "colocate.core.config",
     "PipelineConfig": "colocate.core.config",
     "Sampling": "colocate.core.config",
     "SyncConfig": "colocate.core.config",

@@ -180,6 +180,32 @@ class FakeEngine(EngineTenant):
                     )
         return out
 
+    def rollout(self, requests, sampling, groups: int, finish: frozenset) -> list:
+        """Finishes every request at once: a few tokens each, tagged with this version."""
+        import dataclasses
+
+        if self.memory is not EngineMemory.AWAKE:
+            raise ActorStateError(f"{self.name}: rollout needs the engine awake")
+        self._maybe_crash(Fault.CRASH_IN_GENERATE)
+        out = []
+        with self.span("engine.rollout", requests=len(requests), groups=groups):
+            for r in requests:
+                if r.done:
+                    out.append(r)
+                    continue
+                n = min(3, sampling.max_tokens - len(r.token_ids))
+                out.append(
+                    dataclasses.replace(
+                        r,
+                        prompt_token_ids=r.prompt_token_ids or (1, 2),
+                        token_ids=(*r.token_ids, *([5] * n)),
+                        logprobs=(*r.logprobs, *([-1.0] * n)),
+                        spans=(*r.spans, (self.weight_version, n)),
+                        finish_reason="length",
+                    )
+                )
+        return out
+
     def expected_weights(self):
         from weight_sync.packing import LLAMA_PACKING, EngineWeights
 

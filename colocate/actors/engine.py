@@ -9,12 +9,21 @@ worker extension ``weight_sync.receiver.WeightSyncWorkerExtension``; this actor 
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 
+from colocate.actors.partial_generation import continue_requests
 from colocate.actors.sleep import SleepTag, make_sleep_strategy
 from colocate.core.config import EngineConfig, LoadFormat, Sampling
-from colocate.core.contract import Completion, EngineCapabilities, EngineTenant, Receipt, Seat
+from colocate.core.contract import (
+    Completion,
+    EngineCapabilities,
+    EngineTenant,
+    PartialRequest,
+    Receipt,
+    Seat,
+)
 from colocate.core.errors import ActorStateError, EngineRpcTimeoutError, InputError
 from colocate.core.faults import Fault, coerce_fault
 from colocate.core.phases import EngineMemory, PhaseError
@@ -151,6 +160,37 @@ class EngineActor(EngineTenant):
                 use_tqdm=False,
             )
             return self._completions(outputs, token_prompts, first_index)
+
+    def rollout(
+        self, requests: list[PartialRequest], sampling: Sampling, groups: int, finish: frozenset
+    ) -> list[PartialRequest]:
+        """Continues a partial rollout's requests (see ``EngineTenant.rollout``).
+
+        A request given as text is tokenized here first (its ids come back with it).
+
+        Raises:
+            PromptTooLongError: A prompt plus ``max_tokens`` exceeds ``max_model_len``.
+        """
+        llm = self._require_awake("rollout")
+        texts = [i for i, r in enumerate(requests) if not r.prompt_token_ids]
+        ids = (
+            self._tokenize([requests[i].prompt for i in texts], sampling.max_tokens)
+            if texts
+            else []
+        )
+        requests = list(requests)
+        for i, prompt in zip(texts, ids, strict=True):
+            requests[i] = dataclasses.replace(requests[i], prompt_token_ids=tuple(prompt))
+        self._tokenize([r.prompt_token_ids for r in requests], sampling.max_tokens)  # checks
+        self._finish_warm_up()
+        self._maybe_crash(Fault.CRASH_IN_GENERATE)
+        running = sum(not r.done for r in requests)
+        with self.span("engine.rollout", requests=running, groups=groups) as detail:
+            out = continue_requests(
+                llm.llm_engine, requests, sampling, groups, finish, self.weight_version
+            )
+            detail["kept"] = sum(not r.done for r in out)
+        return out
 
     def _completions(self, outputs, token_prompts, first_index: int) -> list[Completion]:
         out = []

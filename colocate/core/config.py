@@ -24,6 +24,7 @@ __all__ = [
     "SyncConfig",
     "Sampling",
     "Pipeline",
+    "StalenessPolicy",
     "PipelineConfig",
     "check_engine_model",
 ]
@@ -344,10 +345,26 @@ class Pipeline(enum.Enum):
     ASYNC: one-step off-policy, for trainer and engines on separate GPUs: the engines
         generate batch k+1 (``Coordinator.generate_async``) while the trainer trains on batch
         k; the weights of step k reach the engines before batch k+2 starts.
+    PARTIAL: partial rollouts, on shared GPUs too: the engines keep ``in_flight_groups``
+        prompt groups in flight; ``Coordinator.generate`` returns as soon as the batch's
+        groups are complete, the unfinished requests keep their tokens and resume after the
+        sync under the new weights (``colocate.algorithms.partial``).
     """
 
     SYNC = "sync"
     ASYNC = "async"
+    PARTIAL = "partial"
+
+
+class StalenessPolicy(enum.Enum):
+    """PARTIAL: what becomes of a group whose tokens would span more than ``max_staleness``.
+
+    WAIT: the rollout before that keeps generating until the group is finished (none dropped).
+    DROP: the group is dropped and counted (``dropped["stale"]``).
+    """
+
+    WAIT = "wait"
+    DROP = "drop"
 
 
 @dataclass(frozen=True)
@@ -355,17 +372,46 @@ class PipelineConfig:
     """Rollout/training overlap.
 
     Attributes:
-        mode: SYNC or ASYNC.
-        max_staleness: ASYNC only: most optimizer steps between the weights that generated a
+        mode: SYNC, ASYNC or PARTIAL.
+        max_staleness: ASYNC: most optimizer steps between the weights that generated a
             batch and the weights it is trained on (``Coordinator.train`` refuses more).
+            PARTIAL: most weight versions between a completion's oldest and newest tokens.
+        in_flight_groups: PARTIAL only: prompt groups kept in flight (started, unfinished)
+            at each rollout's start; more than a batch's groups, or nothing runs ahead.
+        staleness_policy: PARTIAL only: ``"wait"`` (a group that would exceed
+            ``max_staleness`` is finished before the hand-over; none dropped) or ``"drop"``
+            (it is dropped and counted).
     """
 
     mode: Pipeline = Pipeline.SYNC
     max_staleness: int = 1
+    in_flight_groups: int | None = None
+    staleness_policy: StalenessPolicy = StalenessPolicy.WAIT
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", _enum("PipelineConfig", "mode", self.mode, Pipeline))
         _positive_int("PipelineConfig", "max_staleness", self.max_staleness)
+        policy = _enum("PipelineConfig", "staleness_policy", self.staleness_policy, StalenessPolicy)
+        object.__setattr__(self, "staleness_policy", policy)
+        groups = self.in_flight_groups
+        if self.mode is Pipeline.PARTIAL:
+            if groups is None:
+                raise _err(
+                    "PipelineConfig",
+                    "in_flight_groups",
+                    groups,
+                    "mode='partial' keeps this many prompt groups in flight",
+                    "pass more than a train batch's groups, e.g. twice as many",
+                )
+            _positive_int("PipelineConfig", "in_flight_groups", groups)
+        elif groups is not None:
+            raise _err(
+                "PipelineConfig",
+                "in_flight_groups",
+                groups,
+                f"only mode='partial' keeps groups in flight (mode={self.mode.value!r})",
+                "drop it, or pass mode='partial'",
+            )
 
     @property
     def staleness_bound(self) -> int | None:

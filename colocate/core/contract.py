@@ -51,6 +51,7 @@ __all__ = [
     "TrainerTenant",
     "RoleTenant",
     "Completion",
+    "PartialRequest",
     "EngineCapabilities",
     "Receipt",
     "Reply",
@@ -135,6 +136,48 @@ class Completion:
     text: str
     finish_reason: str | None
     weight_version: int
+    #: ``(weight version, tokens)`` runs over ``token_ids`` (a partial rollout's completion
+    #: may span versions; ``weight_version`` is then the oldest). Empty: all ``weight_version``.
+    weight_versions: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class PartialRequest:
+    """One completion of a prompt group in a partial rollout, as far as it has got.
+
+    It crosses the hand-over: the engine returns the tokens it had when the rollout stopped,
+    and a later rollout resumes from them (prompt + kept tokens re-prefilled under the newer
+    weights; the kept tokens are never decoded and re-encoded).
+
+    Attributes:
+        group: The prompt group's id (unique over the run).
+        sample: Its index in the group.
+        prompt_token_ids: The prompt (empty until the engine tokenized ``prompt``).
+        prompt: The prompt's text, when given as text.
+        token_ids: Generated tokens so far.
+        logprobs: Each generated token's log-prob under the weights that sampled it.
+        spans: ``(weight version, tokens)`` runs over ``token_ids``, in order.
+        finish_reason: vLLM's, once finished; None while unfinished.
+    """
+
+    group: int
+    sample: int
+    prompt_token_ids: tuple[int, ...]
+    prompt: str | None = None
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] = ()
+    spans: tuple[tuple[int, int], ...] = ()
+    finish_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        """Finished (stopped, or reached ``max_tokens``)."""
+        return self.finish_reason is not None
+
+    @property
+    def oldest_version(self) -> int | None:
+        """The oldest weight version among its tokens (None before its first token)."""
+        return self.spans[0][0] if self.spans else None
 
 
 @dataclass(frozen=True)
@@ -294,6 +337,22 @@ class EngineTenant(Tenant):
         """``sampling.n`` completions per prompt, prompt-major; needs the engine awake.
 
         ``first_index`` is the ``prompt_index`` of the first prompt (its place in the batch).
+        """
+
+    @abstractmethod
+    def rollout(
+        self, requests: list[PartialRequest], sampling: Any, groups: int, finish: frozenset
+    ) -> list[PartialRequest]:
+        """Continues ``requests`` until ``groups`` of their groups are finished; keeps the rest.
+
+        Every request (one completion; ``sampling.n`` is not used) is generated from its
+        prompt plus its kept tokens, for at most ``sampling.max_tokens`` tokens in all. Once
+        every request of ``groups`` groups is done and every request of a group in ``finish``
+        too, the others are aborted with their tokens and log-probs kept. Needs the engine
+        awake.
+
+        Returns:
+            Every request, updated (new tokens tagged with this engine's weight version).
         """
 
     @abstractmethod

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from colocate.algorithms.batches import shard_for_ranks, split_contiguous
+from colocate.algorithms.batches import shard_for_ranks
 from colocate.algorithms.metrics import merge_metrics
 from colocate.algorithms.rollouts import Rollout
 from colocate.core import lifecycle
-from colocate.core.calls import Call, wait_all
-from colocate.core.config import LoadFormat, Pipeline, Sampling
-from colocate.core.contract import Completion, EngineTenant, Tag, TrainerTenant
+from colocate.core.config import LoadFormat, Sampling
+from colocate.core.contract import Completion, TrainerTenant
 from colocate.core.errors import InputError
 from colocate.core.executor import Executor
 from colocate.core.faults import Fault
 from colocate.core.handovers import SKIP_SYNC, TRAIN
 from colocate.core.phases import Phase, PhaseError, require
+from colocate.core.rollout_driver import RolloutDriver
 from colocate.core.run_config import RunConfig, SleepLevel, Timeouts
 from colocate.core.runtime import Progress, Runtime, build_runtime
 from colocate.core.syncing import SyncReport
@@ -61,6 +61,8 @@ class Coordinator:
         self._exec = Executor(self.plan, self.timeline, step_s, lambda: self._progress.step)
         self._rt: Runtime | None = None
         self._started = False
+        #: Generation for the pipeline; in PARTIAL mode it holds every group in flight.
+        self.rollouts = RolloutDriver(self.config, self._exec, self._progress, self.timeline)
 
     # ----- state ------------------------------------------------------------------------------
 
@@ -146,16 +148,19 @@ class Coordinator:
 
     # ----- the RL loop ------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence, sampling: Sampling) -> list[Completion]:
-        """Generates on every engine (prompts split in contiguous chunks); needs ROLLOUT.
+    def generate(
+        self, prompts: Sequence, sampling: Sampling, groups: int | None = None
+    ) -> list[Completion]:
+        """Generates ``sampling.n`` completions per prompt on the engines; needs ROLLOUT.
 
-        Returns:
-            Completions in prompt order (``prompt_index`` is global), ``sampling.n`` each.
+        SYNC/ASYNC: the prompts split in contiguous chunks, completions in prompt order
+        (``prompt_index`` global). PARTIAL: the prompts join the groups in flight and
+        ``groups`` complete groups come back (default one per prompt), the oldest first
+        (:meth:`RolloutDriver.generate_partial`; ``rollouts.wanted()`` prompts keep the
+        engines full; figures in ``rollouts.stats``).
         """
-        calls, tag = self._generate_calls(prompts, sampling)
-        with self._exec.span("generate", tag):
-            results = self._guard(lambda: self._exec.wait(calls, self.config.timeouts.step_s))
-        return [c for completions in results for c in completions]
+        run = self.rollouts.generate
+        return self._guard(lambda: run(self.fleet, prompts, sampling, groups))
 
     def generate_async(self, prompts: Sequence, sampling: Sampling) -> Rollout:
         """Starts a generate on every engine and returns at once (pipeline ASYNC; ROLLOUT).
@@ -164,38 +169,7 @@ class Coordinator:
         rollout it is generating. Every completion carries the weight version that produced
         it (staleness is enforced by :meth:`train`).
         """
-        if self.config.pipeline.mode is not Pipeline.ASYNC:
-            raise PhaseError(
-                "generate_async needs PipelineConfig(mode='async') (separate pools); with "
-                "mode='sync' call generate()"
-            )
-        calls, _ = self._generate_calls(prompts, sampling)
-        self._exec.rounds += 1
-        refs = [c.start() for c in calls]
-
-        def wait() -> list:
-            spans: list = []
-            try:
-                return self._guard(lambda: wait_all(calls, step_s, refs=refs, spans=spans))
-            finally:
-                self.timeline.extend(spans)
-
-        step_s = self.config.timeouts.step_s
-        return Rollout(lambda: [c for completions in wait() for c in completions])
-
-    def _generate_calls(self, prompts: Sequence, sampling: Sampling) -> tuple[list[Call], Tag]:
-        require(self.phase, Phase.ROLLOUT, "generate")
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("prompts is empty; pass at least one prompt")
-        tag = self._exec.tag(Phase.ROLLOUT.value)
-        chunks = split_contiguous(prompts, self.spec.engines)
-        generate = EngineTenant.generate
-        calls = [
-            self.fleet.engine_call(e, generate, chunk, sampling, offset, tag=tag)
-            for e, (offset, chunk) in enumerate(chunks)
-        ]
-        return calls, tag
+        return self.rollouts.generate_async(self.fleet, prompts, sampling, self._guard)
 
     def train(self, batch: dict) -> dict[str, float]:
         """The ``train`` row if needed, then one train step on every rank; returns rank means.

@@ -91,7 +91,8 @@ class RunConfig:
             (subclass :class:`~colocate.actors.trainer.TrainerActor` and keep its constructor).
         name: Prefix of actor, placement-group and rendezvous names (unique by default).
         probe: The placement probe run on each bundle (default ``placement.probe_bundle``).
-        pipeline: SYNC (default) or ASYNC one-step off-policy rollouts (separate pools only).
+        pipeline: SYNC (default), ASYNC one-step off-policy rollouts (separate pools only), or
+            PARTIAL rollouts (groups in flight across the hand-over; shared GPUs too).
         check_memory: Plan every phase's memory on the reserved bundles and refuse, before any
             actor starts, a run that cannot fit.
         roles: Extra tenants (:class:`~colocate.roles.base.Role`), placed beside the trainer
