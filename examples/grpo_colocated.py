@@ -85,8 +85,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--pipeline",
         default="sync",
-        choices=["sync", "async"],
-        help="async: one-step off-policy rollouts (needs --trainer-gpus and --engine-gpus)",
+        choices=["sync", "async", "partial"],
+        help="async: one-step off-policy rollouts (needs --trainer-gpus and --engine-gpus); "
+        "partial: groups stay in flight across the hand-over (same GPUs too)",
+    )
+    p.add_argument(
+        "--in-flight-groups",
+        type=int,
+        default=None,
+        help="partial: prompt groups kept in flight (default: twice --prompts)",
+    )
+    p.add_argument(
+        "--max-staleness",
+        type=int,
+        default=2,
+        help="partial: most weight versions within one completion (async: steps behind)",
     )
     p.add_argument("--trainer-gpus", type=int, default=None, help="separate pools: trainer GPUs")
     p.add_argument("--engine-gpus", type=int, default=None, help="separate pools: engine GPUs")
@@ -108,6 +121,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     check.at_least("--engine-gpus", 1)
     check.at_least("--group-size", 2, "with one completion per prompt every advantage is zero")
     check.at_least("--max-model-len", 16)
+    check.at_least("--max-staleness", 1)
+    check.at_least("--in-flight-groups", 1)
+    if args.in_flight_groups is not None and args.pipeline != "partial":
+        p.error("--in-flight-groups goes with --pipeline partial; fix: add it, or drop the flag")
+    if args.pipeline == "partial" and args.in_flight_groups is None:
+        args.in_flight_groups = 2 * args.prompts
     budget = args.max_tokens_per_micro_batch
     if budget is not None and budget < args.max_model_len:
         check.fail(
@@ -181,6 +200,8 @@ CONFIG_FLAGS = {
     "tensor_parallel_size": "--tp",
     "lr": "--lr",
     "micro_batch_size": "--micro-batch-size",
+    "in_flight_groups": "--in-flight-groups",
+    "max_staleness": "--max-staleness",
     "max_tokens_per_micro_batch": "--max-tokens-per-micro-batch",
     "max_model_len": "--max-model-len",
     "bucket_bytes": "--bucket-mb",
@@ -235,7 +256,12 @@ def build_configs(args) -> dict:
             max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
         ),
         "sync": SyncConfig(bucket_bytes=int(args.bucket_mb * 2**20) if args.bucket_mb else None),
-        "pipeline": PipelineConfig(mode=Pipeline(args.pipeline)),
+        "pipeline": PipelineConfig(
+            mode=Pipeline(args.pipeline),
+            # async: steps behind (one-step off-policy); partial: versions within a completion
+            max_staleness=1 if args.pipeline == "async" else args.max_staleness,
+            in_flight_groups=args.in_flight_groups,
+        ),
         "sampling": Sampling(
             n=args.group_size,
             max_tokens=args.max_tokens,
@@ -315,9 +341,11 @@ def main(argv=None) -> dict:
         startup_s = time.time() - t_start  # Coordinator.start(): reserve to ready (ROLLOUT)
         if state:  # the engines get the resumed weights by a verified sync before serving
             coord.resume(state.trainer, state.weight_version)
+            coord.rollouts.restore(state.task.get("rollouts"))  # partial: groups in flight
         setup_s = time.time() - started
         bar = tqdm(range(first, args.steps), disable=args.quiet, desc="grpo", unit="step")
         asynchronous = cfg["pipeline"].mode is Pipeline.ASYNC
+        partial = cfg["pipeline"].mode is Pipeline.PARTIAL
         if asynchronous:  # batch 0 starts now; each later one while the trainer trains
             pending = coord.generate_async(task.sample_prompts(rng, args.prompts), sampling)
         for step in bar:
@@ -327,6 +355,9 @@ def main(argv=None) -> dict:
                 if step + 1 < args.steps:
                     prompts = task.sample_prompts(rng, args.prompts)
                     pending = coord.generate_async(prompts, sampling)
+            elif partial:  # top the groups in flight up; take one batch of complete groups
+                prompts = task.sample_prompts(rng, coord.rollouts.wanted())
+                completions = coord.generate(prompts, sampling, groups=args.prompts)
             else:
                 completions = coord.generate(task.sample_prompts(rng, args.prompts), sampling)
             rewards = [task.reward(c.token_ids) for c in completions]
@@ -366,6 +397,10 @@ def main(argv=None) -> dict:
             }
             if "kl" in stats:  # to the reference: only a run with one has a KL
                 row["kl"] = stats["kl"]
+            if partial:  # versions within each completion, and the book of every group
+                figures = coord.rollouts.stats
+                keys = ("partial_fraction", "max_staleness", "dropped", "in_flight", "issued")
+                row.update({f"rollout_{k}": figures[k] for k in keys})
             for phase in phase_seconds:
                 phase_seconds[phase] += row[f"{phase}_s"]
             log.write(row)
@@ -384,7 +419,8 @@ def main(argv=None) -> dict:
                     coord.weight_version,
                     capture_rng(rng),
                     list(log.rows),
-                    {"seed": args.seed},
+                    # partial: the groups in flight, kept tokens included, resume where they were
+                    {"seed": args.seed, "rollouts": coord.rollouts.snapshot()},
                 )
                 save_run(
                     out, snapshot, lambda d: {"trainer": coord.save_trainer(str(d / "trainer"))}
@@ -438,6 +474,16 @@ def main(argv=None) -> dict:
             "pipeline": args.pipeline,
         },
         "max_staleness": max(r["staleness"] for r in history),
+        **(
+            {
+                "completion_max_staleness": max(r["rollout_max_staleness"] for r in history),
+                "partial_fraction": sum(r["rollout_partial_fraction"] for r in history)
+                / len(history),
+                "dropped": history[-1]["rollout_dropped"],
+            }
+            if partial
+            else {}
+        ),
         "rewards": [r["reward"] for r in history],
         "out": str(out.resolve()),
     }

@@ -12,7 +12,9 @@ completion unfinished), complete (waiting to be trained on), dropped (counted, w
 reason), and returned. ``issued == queued + in flight + complete + dropped + returned``
 groups at every moment (:meth:`RolloutBuffer.accounting`).
 
-Staleness of a completion is its newest minus its oldest token's weight version. A group with
+Staleness of a completion is how many trainer steps lie between the weights of its oldest and
+of its newest tokens: its newest minus its oldest weight version, except that a version sent
+again without a step between (``recover()``, ``resume()``) adds none. A group with
 a completion that could not be resumed within ``max_staleness`` is dropped
 (``StalenessPolicy.DROP``), or is never let get there (``StalenessPolicy.WAIT``: the rollout
 before that does not stop until it is finished). A completion that finished early waits for
@@ -73,6 +75,7 @@ class RolloutBuffer:
         self.next_group = 0
         self.dropped: Counter = Counter()
         self.returned = 0
+        self.steps: dict[int, int] = {}  # weight version -> the trainer step it carried
 
     # ----- groups in --------------------------------------------------------------------------
 
@@ -101,23 +104,33 @@ class RolloutBuffer:
         return sorted(g for g, rs in self.started.items() if not all(r.done for r in rs))
 
     def _oldest(self, group: int) -> int | None:
-        """The oldest version among the group's unfinished completions' tokens (to resume)."""
-        versions = [r.oldest_version for r in self.started[group] if r.spans and not r.done]
-        return min(versions) if versions else None
+        """The step of the oldest weights among the group's unfinished completions' tokens."""
+        steps = [
+            self.steps[r.oldest_version] for r in self.started[group] if r.spans and not r.done
+        ]
+        return min(steps) if steps else None
 
-    def dispatch(self, version: int, engines: int, wanted: int) -> Dispatch:
-        """The next round at weight ``version`` over ``engines`` engines, for ``wanted`` groups.
+    def staleness(self, spans: Sequence[tuple[int, int]]) -> int:
+        """Trainer steps between the weights of the oldest and the newest of ``spans``."""
+        if not spans:
+            return 0
+        steps = [self.steps[v] for v, _ in spans]
+        return max(steps) - min(steps)
 
-        Steps: (1) a group that would span more than ``max_staleness`` versions if resumed
-        now is dropped (DROP; under WAIT this cannot happen, and is counted as a defect if it
+    def dispatch(self, version: int, step: int, engines: int, wanted: int) -> Dispatch:
+        """The next round at weight ``version`` (carrying trainer ``step``) over ``engines``.
+
+        Steps: (1) a group that would span more than ``max_staleness`` steps if resumed now
+        is dropped (DROP; under WAIT this cannot happen, and is counted as a defect if it
         does); (2) new groups start from the queue until ``in_flight_groups`` are in flight;
         (3) whole groups go to engines in turn, each engine's quota its share of the groups
         still ``wanted``; (4) under WAIT, a group that could not survive one more version
         must finish in this round.
         """
+        self.steps[version] = step
         for g in self.in_flight():
             oldest = self._oldest(g)
-            if oldest is not None and version - oldest > self.max_staleness:
+            if oldest is not None and step - oldest > self.max_staleness:
                 del self.started[g]
                 reason = "stale" if self.policy is StalenessPolicy.DROP else "stale_under_wait"
                 self.dropped[reason] += 1
@@ -137,7 +150,7 @@ class RolloutBuffer:
             finish = frozenset(
                 g
                 for g in groups
-                if (o := self._oldest(g)) is not None and version + 1 - o > self.max_staleness
+                if (o := self._oldest(g)) is not None and step + 1 - o > self.max_staleness
             )
         return Dispatch(tuple(tuple(r) for r in per_engine), tuple(quotas), finish)
 
@@ -150,7 +163,12 @@ class RolloutBuffer:
             group[r.sample] = r
 
     def fill(
-        self, version: int, engines: int, wanted: int, run_round: Callable[[Dispatch], list]
+        self,
+        version: int,
+        step: int,
+        engines: int,
+        wanted: int,
+        run_round: Callable[[Dispatch], list],
     ) -> int:
         """Runs rounds until ``wanted`` groups are complete; returns how many rounds ran.
 
@@ -161,7 +179,7 @@ class RolloutBuffer:
         """
         rounds = 0
         while True:
-            plan = self.dispatch(version, engines, wanted)
+            plan = self.dispatch(version, step, engines, wanted)
             if len(self.complete()) >= wanted and not plan.finish:
                 return rounds
             if not any(plan.requests):
@@ -223,6 +241,7 @@ class RolloutBuffer:
             "started": [dataclasses.asdict(r) for rs in self.started.values() for r in rs],
             "dropped": dict(self.dropped),
             "returned": self.returned,
+            "steps": [[v, s] for v, s in self.steps.items()],
         }
 
     def restore(self, snapshot: dict) -> None:
@@ -245,3 +264,4 @@ class RolloutBuffer:
             rs.sort(key=lambda r: r.sample)
         self.dropped = Counter(snapshot["dropped"])
         self.returned = int(snapshot["returned"])
+        self.steps = {int(v): int(s) for v, s in snapshot["steps"]}

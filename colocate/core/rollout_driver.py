@@ -172,7 +172,7 @@ class RolloutDriver:
             return self.exec.wait(calls, self.config.timeouts.step_s)
 
         with self.exec.span("generate", tag, partial=True) as detail:
-            rounds = buffer.fill(version, engines, wanted, run_round)
+            rounds = buffer.fill(version, self.progress.step, engines, wanted, run_round)
             out = buffer.take(wanted)
             detail.update(rounds=rounds, **buffer.accounting())
         self.stats = _stats(out, buffer, rounds, version)
@@ -195,7 +195,7 @@ class RolloutDriver:
 def _stats(out: list[Completion], buffer: RolloutBuffer, rounds: int, version: int) -> dict:
     """Partial fraction, spans per completion, staleness histogram, dropped, the accounting."""
     spans = [c.weight_versions for c in out]
-    staleness = Counter(s[-1][0] - s[0][0] if s else 0 for s in spans)
+    staleness = Counter(buffer.staleness(s) for s in spans)
     n = max(1, len(out))
     return {
         **buffer.accounting(),  # issued, queued, in_flight, complete, dropped, returned

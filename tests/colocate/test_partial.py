@@ -65,6 +65,7 @@ def _run(buffer, engine, steps: int, batch: int, engines: int = 2):
         buffer.add([f"prompt {version}.{i}" for i in range(max(batch, buffer.wanted()))])
         buffer.fill(
             version,
+            version - 1,  # one sync per step: version v carries step v - 1
             engines,
             batch,
             lambda plan, v=version: [
@@ -108,6 +109,7 @@ def test_wait_policy_keeps_every_group_and_bounds_staleness(
     for b in batches:
         for c in b:
             assert c.weight_versions[-1][0] - c.weight_versions[0][0] <= staleness
+            assert buffer.staleness(c.weight_versions) <= staleness
             assert sum(k for _, k in c.weight_versions) == len(c.token_ids) == len(c.logprobs)
         groups = {c.prompt_index for c in b}
         assert all(sum(c.prompt_index == g for c in b) == n for g in groups)
@@ -154,3 +156,18 @@ def test_partial_config_is_checked():
         PipelineConfig(in_flight_groups=4)
     with pytest.raises(ConfigError, match="staleness_policy='never'"):
         PipelineConfig("partial", in_flight_groups=4, staleness_policy="never")
+
+
+def test_a_version_sent_again_without_a_step_ages_nothing():
+    """recover() and resume() re-send the trainer's weights: a new version, the same step."""
+    buffer = RolloutBuffer(1, 4, 1, StalenessPolicy.WAIT)
+    lengths = {(g, 0): 100 if g == 0 else 2 for g in range(40)}
+    engine = _engine(lengths, 1)
+    buffer.add(["a", "b", "c", "d"])
+    for version in (1, 2, 3, 4):  # all at step 0: three re-sends
+        plan = buffer.dispatch(version, 0, 1, 1)
+        assert not plan.finish
+        for reqs in plan.requests:
+            buffer.absorb(engine(list(reqs), 1, plan.finish, version))
+    assert not buffer.dropped and 0 in buffer.started
+    assert buffer.staleness(buffer.started[0][0].spans) == 0

@@ -84,6 +84,17 @@ def test_async_pipeline_learns_with_bounded_staleness(tmp_path):
     assert run["topology"]["pipeline"] == "async" and not run["topology"]["colocated"]
 
 
+def test_partial_pipeline_learns_on_the_same_gpus(tmp_path):
+    """``--pipeline partial``: groups stay in flight across hand-overs; the same target."""
+    run = _run(tmp_path, "--steps", str(STEPS), "--pipeline", "partial")
+    rewards = run["rewards"]
+    late = sum(rewards[-3:]) / 3
+    assert late > 4 * run["initial_reward"] and late > 0.05, rewards
+    assert run["ordering_violations"] == [] and run["topology"]["colocated"]
+    assert run["completion_max_staleness"] <= 2 and run["dropped"] == 0
+    assert run["weight_version"] == STEPS + 1
+
+
 def test_kl_to_a_reference_still_learns_packed(synced, tmp_path):
     """``--kl-coef 0.05`` adds the reference role and the KL term; the target is the same.
 

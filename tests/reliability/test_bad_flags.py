@@ -45,6 +45,12 @@ GRPO = [
     ("--save-every 0", ["--save-every", "0"], ["--save-every 0", "fix:"]),
     ("--max-model-len 8", ["--max-model-len", "8"], ["--max-model-len 8", "fix:"]),
     (
+        "--in-flight-groups without --pipeline partial",
+        ["--in-flight-groups", "8"],
+        ["--in-flight-groups", "--pipeline partial", "fix:"],
+    ),
+    ("--max-staleness 0", ["--max-staleness", "0"], ["--max-staleness 0", "fix:"]),
+    (
         "--max-tokens-per-micro-batch below --max-model-len",
         ["--max-tokens-per-micro-batch", "100"],
         ["--max-tokens-per-micro-batch 100", "--max-model-len 512", "fix:"],
