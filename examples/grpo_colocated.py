@@ -127,14 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--in-flight-groups goes with --pipeline partial; fix: add it, or drop the flag")
     if args.pipeline == "partial" and args.in_flight_groups is None:
         args.in_flight_groups = 2 * args.prompts
-    budget = args.max_tokens_per_micro_batch
-    if budget is not None and budget < args.max_model_len:
-        check.fail(
-            "--max-tokens-per-micro-batch",
-            budget,
-            f"a sequence of --max-model-len {args.max_model_len} tokens would not fit",
-            f"pass at least {args.max_model_len}, or a smaller --max-model-len",
-        )
+    why = "a sequence of the engines' longest length would not fit in a micro-batch"
+    check.not_below("--max-tokens-per-micro-batch", "--max-model-len", why)
     check.at_least("--seed", 0)
     check.in_range("--lr", 0.0, 10.0)
     check.in_range("--bucket-mb", 0.0, 65536.0)

@@ -72,14 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     check.in_range("--kl-coef", 0.0, 100.0, lo_open=False)
     check.in_range("--gamma", 0.0, 1.0)
     check.at_least("--max-model-len", 16)
-    budget = args.max_tokens_per_micro_batch
-    if budget is not None and budget < args.max_model_len:
-        check.fail(
-            "--max-tokens-per-micro-batch",
-            budget,
-            f"a sequence of --max-model-len {args.max_model_len} tokens would not fit",
-            f"pass at least {args.max_model_len}, or a smaller --max-model-len",
-        )
+    why = "a sequence of the engines' longest length would not fit in a micro-batch"
+    check.not_below("--max-tokens-per-micro-batch", "--max-model-len", why)
     check.in_range("--lam", 0.0, 1.0)
     if args.prompts * args.samples < args.gpus:
         check.fail(

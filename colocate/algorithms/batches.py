@@ -56,14 +56,14 @@ def take_rows(batch: dict, rows: list[int]) -> dict:
     }
 
 
-def _rows_check(batch: dict, world_size: int, who: str = "trainer") -> int:
+def _rows_check(batch: dict, world_size: int) -> int:
     sizes = {len(v) for v in batch.values() if isinstance(v, (torch.Tensor, list, tuple))}
     if len(sizes) != 1:
         raise ValueError(f"batch fields have different lengths {sorted(sizes)}; pass equal rows")
     (rows,) = sizes
     if rows < world_size:
         raise ValueError(
-            f"batch has {rows} rows for {world_size} {who} ranks; pass at least one row a rank"
+            f"batch has {rows} rows for {world_size} trainer ranks; pass at least one row a rank"
         )
     return rows
 

@@ -82,6 +82,17 @@ class Checker:
             problem = f"must be >= {minimum}" + (f" ({why})" if why else "")
             self.fail(flag, value, problem, f"pass {flag} {minimum} or more")
 
+    def not_below(self, flag: str, other: str, why: str) -> None:
+        """An int flag, when given, must be >= the value of flag ``other``."""
+        value, floor = self._value(flag), self._value(other)
+        if value is not None and value < floor:
+            self.fail(
+                flag,
+                value,
+                f"{why} (below {other} {floor})",
+                f"pass {floor} or more, or a smaller {other}",
+            )
+
     def in_range(self, flag: str, lo: float, hi: float, lo_open: bool = True) -> None:
         """A number flag must lie in (lo, hi] (or [lo, hi] when not ``lo_open``)."""
         value = self._value(flag)
