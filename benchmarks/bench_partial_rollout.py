@@ -1,8 +1,9 @@
 """Partial rollouts vs the sync pipeline: GRPO steps on a long-tailed workload, same GPUs.
 
-Two coordinators, one after the other, in one process, on the same topology (2 logical GPUs,
+Coordinators one after the other in one process, on the same topology (2 logical GPUs,
 colocated: 2 DeepSpeed ZeRO-3 trainer ranks and 2 vLLM CPU engines), the same model, seeds,
-sampling, train batch (``--groups`` B groups of ``--n`` completions) and number of steps:
+sampling, train batch (``--groups`` B groups of ``--n`` completions) and number of steps, in
+two modes:
 
 - sync: ``PipelineConfig()``; each step generates B prompts' groups, every completion to its
   end;
@@ -18,11 +19,17 @@ its batch, not its longest row. The model is a tiny Llama (``TinyModelSpec``: ``
 mostly its fixed overhead, which is where a near-empty batch waiting for its longest
 completion loses time.
 
+Order: ``--repeats`` blocks per mode, each block a fresh coordinator, in the balanced order
+sync, partial, partial, sync (ABBA, repeated): whichever coordinator runs later in the process
+(or in a quieter stretch of the machine) runs faster, and the order cancels that drift to
+first order. Each mode's figures pool its blocks' timed steps.
+
 Each step is generate -> score (a deterministic reward of the tokens, then
 ``make_grpo_batch``) -> ``coord.train`` -> ``coord.sync``. Prompts: one deterministic stream
 (``prompt_text(i)``); the sync mode takes B per step, the partial mode takes what ``wanted()``
 asks, from the same stream in the same order (so it has read further ahead: up to K - B
-prompts queued or in flight).
+prompts queued or in flight). A mode's ``j``-th block starts at prompt ``j * 100000``, so the
+two modes' ``j``-th blocks read the same stretch.
 
 Workload (long-tailed completion lengths): the untrained tiny model samples near-uniform
 tokens (temperature 1), and ``Sampling(extra={"stop_token_ids": ...})`` holds
@@ -33,22 +40,22 @@ is several times the median. The JSON's ``workload`` states the parameters and e
 measured lengths (mean, median, p90, max, and the mean over steps of the longest / median
 ratio).
 
-Timing: the first ``--warmup`` steps of each mode are not timed (the first pays the train
-row's first hand-over; the partial mode's also fills the pipeline). Over the ``--steps`` timed
-steps, per phase, the driver's wall seconds: ``generate_s``, ``score_s`` (reward and batch),
-``train_s``, ``sync_s``; their sum is ``wall_s``.
+Timing: the first ``--warmup`` steps of each block are not timed (the first pays the train
+row's first hand-over; the partial mode's also fill the pipeline). Over the ``--steps`` timed
+steps of each block, per phase, the driver's wall seconds: ``generate_s``, ``score_s``
+(reward and batch), ``train_s``, ``sync_s``; their sum is ``wall_s``.
 
 Keys: ``tokens_per_s_sync`` and ``tokens_per_s_partial`` = completion tokens of the
 completions trained on in the timed steps / ``wall_s`` of those steps; ``speedup`` =
 ``tokens_per_s_partial / tokens_per_s_sync`` (target >= 1.3 on the 2-core CPU machine).
-``generated_tokens_per_s_*`` counts the tokens generated in the timed window instead
-(partial: trained + kept in flight at the window's end - kept at its start; the kept tokens
+``generated_tokens_per_s_*`` counts the tokens generated in the timed windows instead
+(partial: trained + kept in flight at a window's end - kept at its start; the kept tokens
 read from ``coord.rollouts.buffer``). Partial mode's figures over its timed steps, from
 ``coord.rollouts.stats``: ``max_staleness`` (most weight versions within one trained
 completion; target <= S = 2), ``partial_fraction`` (mean over steps of the share of trained
 completions whose tokens span more than one version), ``staleness_histogram`` (summed over
 steps), ``dropped`` (groups dropped, total; target 0 under the wait policy), ``rounds``.
-``ordering_violations``: ``coord.timeline.ordering_violations()`` of both coordinators
+``ordering_violations``: ``coord.timeline.ordering_violations()`` of every coordinator
 (target 0). Verdicts (``*_pass`` and ``pass``) are computed from those measured numbers.
 
 Run: ``PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_partial_rollout.py --json out.json``
@@ -81,6 +88,7 @@ from placement import TopologySpec
 
 TARGET_SPEEDUP = 1.3
 TARGET_MAX_STALENESS = 2
+PROMPTS_PER_BLOCK = 100_000
 WORDS = ("kato", "rimu", "sela", "ponu", "vari", "nemo", "tuli", "basa", "orin", "leku")
 
 
@@ -93,8 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-staleness", type=int, default=2, help="S: partial max_staleness")
     p.add_argument("--max-tokens", type=int, default=384, help="Sampling.max_tokens (the cap)")
     p.add_argument("--stop-ids", type=int, default=10, help="stop token ids (ids 3, 4, ...)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode")
-    p.add_argument("--steps", type=int, default=30, help="timed steps per mode")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per block")
+    p.add_argument("--steps", type=int, default=15, help="timed steps per block")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--intermediate", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
@@ -102,12 +110,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=int, help="max_tokens_per_micro_batch (default 4 x max)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--repeats", type=int, default=2, help="blocks per mode, in the order ABBA ABBA ..."
+    )
     args = p.parse_args(argv)
+    if args.repeats < 1 or args.steps < 1 or args.warmup < 0:
+        p.error("need --repeats >= 1, --steps >= 1, --warmup >= 0")
     if args.in_flight is None:
         args.in_flight = 2 * args.groups
     if args.in_flight < args.groups:
         p.error("--in-flight must be at least --groups")
     return args
+
+
+def block_order(repeats: int) -> list[str]:
+    """sync, partial, partial, sync, sync, ...: ``repeats`` blocks per mode, order balanced."""
+    pairs = [("sync", "partial") if i % 2 == 0 else ("partial", "sync") for i in range(repeats)]
+    return [name for pair in pairs for name in pair]
 
 
 def prompt_text(i: int) -> str:
@@ -129,8 +148,12 @@ def held_tokens(coord) -> int:
     return sum(len(r.token_ids) for rs in buffer.started.values() for r in rs)
 
 
-def run_mode(name: str, args, model: str, sampling: Sampling, pipeline) -> dict:
-    """One coordinator: ``warmup`` + ``steps`` GRPO steps; per-step times and figures."""
+def run_block(name: str, args, model: str, sampling: Sampling, pipeline, block: int) -> dict:
+    """One coordinator: ``warmup`` + ``steps`` GRPO steps; per-step times and figures.
+
+    The prompts start at ``prompt_text(block * PROMPTS_PER_BLOCK)``: a mode's ``j``-th block
+    reads the same stretch of the stream as the other mode's ``j``-th block.
+    """
     spec = TopologySpec(nodes=1, gpus_per_node=2, trainer_world_size=2, engines=2)
     engine = EngineConfig(
         model=model,
@@ -147,7 +170,7 @@ def run_mode(name: str, args, model: str, sampling: Sampling, pipeline) -> dict:
     )
     coord = Coordinator(spec, engine, trainer, grpo_loss, pipeline=pipeline)
     partial = pipeline.mode.value == "partial"
-    next_prompt = 0
+    next_prompt = block * PROMPTS_PER_BLOCK
     rows = []
     try:
         t0 = time.perf_counter()
@@ -193,7 +216,7 @@ def run_mode(name: str, args, model: str, sampling: Sampling, pipeline) -> dict:
                 row["rollout"] = dict(coord.rollouts.stats)
             rows.append(row)
             print(
-                f"  {name:8s} step {i}{'' if row['timed'] else ' (warm-up)'}: "
+                f"  {name:8s} block {block} step {i}{'' if row['timed'] else ' (warm-up)'}: "
                 f"gen {row['generate_s']:.2f} s, train {row['train_s']:.2f} s, "
                 f"sync {row['sync_s']:.2f} s, {row['tokens']} tokens, longest {max(lengths)}, "
                 f"median {statistics.median(lengths)}"
@@ -207,18 +230,33 @@ def run_mode(name: str, args, model: str, sampling: Sampling, pipeline) -> dict:
             )
     finally:
         coord.shutdown()  # collects every actor's spans into the timeline
-    return summarize(rows, start_s, coord.timeline.ordering_violations(), partial)
+    if next_prompt >= (block + 1) * PROMPTS_PER_BLOCK:
+        raise SystemExit("a block read past its stretch of the prompt stream; fewer steps")
+    timed = [r for r in rows if r["timed"]]
+    return {
+        "rows": rows,
+        "start_s": start_s,
+        "violations": coord.timeline.ordering_violations(),
+        # tokens generated in the timed window but not trained on (partial: kept in flight)
+        "held_delta": timed[-1]["held_after"] - timed[0]["held_before"],
+        # cumulative over the coordinator's run: its last generate's count covers all
+        "dropped": rows[-1]["rollout"]["dropped"] if partial else 0,
+        "dropped_by_reason": rows[-1]["rollout"]["dropped_by_reason"] if partial else {},
+    }
 
 
-def summarize(rows: list[dict], start_s: float, violations: list[str], partial: bool) -> dict:
-    """A mode's timed-step totals, per-phase seconds and length figures."""
+def summarize(blocks: list[dict], partial: bool) -> dict:
+    """A mode's timed-step totals over its blocks, per-phase seconds and length figures."""
+    rows = [r for b in blocks for r in b["rows"]]
+    violations = [v for b in blocks for v in b["violations"]]
     timed = [r for r in rows if r["timed"]]
     wall = sum(r["wall_s"] for r in timed)
     tokens = sum(r["tokens"] for r in timed)
-    generated = tokens + timed[-1]["held_after"] - timed[0]["held_before"]
+    generated = tokens + sum(b["held_delta"] for b in blocks)
     lengths = [n for r in timed for n in r["lengths"]]
     out = {
-        "start_s": start_s,
+        "start_s": [b["start_s"] for b in blocks],
+        "blocks": len(blocks),
         "steps_timed": len(timed),
         "wall_s": wall,
         **{k: sum(r[k] for r in timed) for k in ("generate_s", "score_s", "train_s", "sync_s")},
@@ -253,9 +291,10 @@ def summarize(rows: list[dict], start_s: float, violations: list[str], partial: 
                 "partial_fraction": statistics.fmean(s["partial_fraction"] for s in stats),
                 "spans_per_completion": statistics.fmean(s["spans_per_completion"] for s in stats),
                 "staleness_histogram": dict(sorted(hist.items())),
-                # cumulative over the run: the last step's count covers every step
-                "dropped": rows[-1]["rollout"]["dropped"],
-                "dropped_by_reason": rows[-1]["rollout"]["dropped_by_reason"],
+                "dropped": sum(b["dropped"] for b in blocks),
+                "dropped_by_reason": dict(
+                    sum((Counter(b["dropped_by_reason"]) for b in blocks), Counter())
+                ),
                 "rounds": sum(s["rounds"] for s in stats),
             }
         )
@@ -297,12 +336,15 @@ def main(argv=None) -> dict:
             staleness_policy="wait",
         ),
     }
-    runs = {}
+    order = block_order(args.repeats)
+    blocks: dict[str, list[dict]] = {name: [] for name in pipelines}
     try:
-        for name, pipeline in pipelines.items():
-            runs[name] = run_mode(name, args, model, sampling, pipeline)
+        for name in order:
+            block = len(blocks[name])
+            blocks[name].append(run_block(name, args, model, sampling, pipelines[name], block))
     finally:
         ray.shutdown()
+    runs = {name: summarize(blocks[name], name == "partial") for name in pipelines}
     sync, part = runs["sync"], runs["partial"]
     speedup = part["tokens_per_s"] / sync["tokens_per_s"]
     violations = sync["ordering_violations"] + part["ordering_violations"]
@@ -324,7 +366,7 @@ def main(argv=None) -> dict:
             name: {k: run["lengths"][k] for k in ("mean", "median", "max")}
             for name, run in runs.items()
         },
-        "steps": args.steps,
+        "steps": {name: run["steps_timed"] for name, run in runs.items()},
         "B": args.groups,
         "n": args.n,
         "K": args.in_flight,
@@ -369,6 +411,7 @@ def main(argv=None) -> dict:
                     "1 node, 2 logical GPUs, colocated: 2 DeepSpeed ZeRO-3 trainer ranks (fp32,"
                     " gloo) + 2 vLLM CPU engines"
                 ),
+                "order": block_order(args.repeats),
                 "B": args.groups,
                 "n": args.n,
                 "K": args.in_flight,
