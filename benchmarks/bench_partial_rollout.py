@@ -20,9 +20,9 @@ mostly its fixed overhead, which is where a near-empty batch waiting for its lon
 completion loses time.
 
 Order: ``--repeats`` blocks per mode, each block a fresh coordinator, in the balanced order
-sync, partial, partial, sync (ABBA, repeated): whichever coordinator runs later in the process
-(or in a quieter stretch of the machine) runs faster, and the order cancels that drift to
-first order. Each mode's figures pool its blocks' timed steps.
+sync, partial, partial, sync (ABBA, repeated): the first coordinator in a process runs
+slower and the machine's load drifts, and the order cancels a linear drift. Each mode's
+figures pool its blocks' timed steps.
 
 Each step is generate -> score (a deterministic reward of the tokens, then
 ``make_grpo_batch``) -> ``coord.train`` -> ``coord.sync``. Prompts: one deterministic stream
