@@ -3,7 +3,7 @@
 The synchronous ``vllm.LLM`` runs its own loop to the last request; here its ``LLMEngine`` is
 stepped directly, so that the rollout can stop once the train batch's groups are done: every
 request still running is aborted, and its tokens and log-probs so far (streamed as deltas) go
-back to the driver, which resumes them after the sync (``colocate.core.partial_rollouts``).
+back to the driver, which resumes them after the sync (``colocate.core.rollout_driver``).
 Each request is one completion (``n = 1``): the samples of a group finish and resume apart.
 """
 
