@@ -322,9 +322,10 @@ def main(argv=None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model)
     vocab = len(tokenizer)
     stop_ids = list(range(3, 3 + args.stop_ids))
-    sampling = Sampling(
-        n=args.n, max_tokens=args.max_tokens, temperature=1.0, extra={"stop_token_ids": stop_ids}
-    )
+    # Token ids only, in both modes: GRPO reads no text, and the partial mode never
+    # detokenizes, so the sync baseline does not either (a competent user's setting).
+    extra = {"stop_token_ids": stop_ids, "detokenize": False}
+    sampling = Sampling(n=args.n, max_tokens=args.max_tokens, temperature=1.0, extra=extra)
     stop_p = (len(stop_ids) + 1) / vocab
     connect(logical_gpus=2, num_cpus=2)
     pipelines = {

@@ -36,6 +36,9 @@ def _params(sampling: Any, request: PartialRequest) -> Any:
     params.n = 1
     params.max_tokens = sampling.max_tokens - len(request.token_ids)
     params.output_kind = RequestOutputKind.DELTA
+    # A partial completion is token ids only (its text is never read): skip the per-step
+    # incremental detokenization, unless stop strings need it.
+    params.detokenize = bool(params.stop)
     if params.seed is not None:  # one seed per completion, or a group's samples coincide
         params.seed = params.seed + 7919 * request.group + request.sample
     return params
@@ -56,7 +59,10 @@ def continue_requests(
     step, stop once ``groups`` groups have every request done and every group in ``finish``
     is done; (4) abort what still runs. Requests already done pass through.
     """
-    state = {(r.group, r.sample): r for r in requests}
+    # Grown in place (a request's tokens arrive one step at a time), made immutable at the end.
+    tokens = {(r.group, r.sample): [] for r in requests}
+    logprobs = {key: [] for key in tokens}
+    finished = {(r.group, r.sample): r.finish_reason for r in requests}
     ids = {}
     for r in requests:
         if r.done:
@@ -66,11 +72,11 @@ def continue_requests(
         engine.add_request(rid, prompt, _params(sampling, r))
         ids[rid] = (r.group, r.sample)
     members: dict[int, list[tuple[int, int]]] = {}
-    for key in state:
+    for key in tokens:
         members.setdefault(key[0], []).append(key)
 
     def enough() -> bool:
-        complete = {g for g, keys in members.items() if all(state[k].done for k in keys)}
+        complete = {g for g, keys in members.items() if all(finished[k] for k in keys)}
         return len(complete) >= groups and finish <= complete | (finish - members.keys())
 
     while ids and not enough():
@@ -78,21 +84,27 @@ def continue_requests(
             key = ids.get(out.request_id)
             if key is None:
                 continue
-            r, c = state[key], out.outputs[0]
-            logprobs = (
-                [c.logprobs[i][t].logprob for i, t in enumerate(c.token_ids)]
-                if (c.logprobs)
-                else [0.0] * len(c.token_ids)
-            )
-            state[key] = dataclasses.replace(
-                r,
-                token_ids=(*r.token_ids, *c.token_ids),
-                logprobs=(*r.logprobs, *logprobs),
-                spans=extend_spans(r.spans, version, len(c.token_ids)),
-                finish_reason=c.finish_reason if out.finished else None,
-            )
+            c = out.outputs[0]
+            tokens[key].extend(c.token_ids)
+            if c.logprobs:
+                logprobs[key].extend(c.logprobs[i][t].logprob for i, t in enumerate(c.token_ids))
+            else:
+                logprobs[key].extend([0.0] * len(c.token_ids))
             if out.finished:
+                finished[key] = c.finish_reason
                 del ids[out.request_id]
     if ids:
         engine.abort_request(list(ids))
-    return [state[(r.group, r.sample)] for r in requests]
+    out = []
+    for r in requests:
+        key = (r.group, r.sample)
+        out.append(
+            dataclasses.replace(
+                r,
+                token_ids=(*r.token_ids, *tokens[key]),
+                logprobs=(*r.logprobs, *logprobs[key]),
+                spans=extend_spans(r.spans, version, len(tokens[key])),
+                finish_reason=finished[key],
+            )
+        )
+    return out
