@@ -102,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=384, help="Sampling.max_tokens (the cap)")
     p.add_argument("--stop-ids", type=int, default=10, help="stop token ids (ids 3, 4, ...)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per block")
-    p.add_argument("--steps", type=int, default=15, help="timed steps per block")
+    p.add_argument("--steps", type=int, default=25, help="timed steps per block")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--intermediate", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
