@@ -360,7 +360,7 @@ class StalenessPolicy(enum.Enum):
     """PARTIAL: what becomes of a group whose tokens would span more than ``max_staleness``.
 
     WAIT: the rollout before that keeps generating until the group is finished (none dropped).
-    DROP: the group is dropped and counted (``dropped["stale"]``).
+    DROP: the group is dropped and counted (``rollouts.stats["dropped_by_reason"]["stale"]``).
     """
 
     WAIT = "wait"
@@ -375,7 +375,8 @@ class PipelineConfig:
         mode: SYNC, ASYNC or PARTIAL.
         max_staleness: ASYNC: most optimizer steps between the weights that generated a
             batch and the weights it is trained on (``Coordinator.train`` refuses more).
-            PARTIAL: most weight versions between a completion's oldest and newest tokens.
+            PARTIAL: most trainer steps between the weights of a completion's oldest and
+            newest tokens (``colocate.algorithms.partial``).
         in_flight_groups: PARTIAL only: prompt groups kept in flight (started, unfinished)
             at each rollout's start; more than a batch's groups, or nothing runs ahead.
         staleness_policy: PARTIAL only: ``"wait"`` (a group that would exceed

@@ -497,6 +497,19 @@ class RoleTenant(Tenant):
     #: :class:`Tenant`: a stateful role is saved under ``<path>/<role>``.
     verbs = None
 
+    #: Where :meth:`token_budget` reads the budget in the role's config (for errors).
+    token_budget_field = "max_tokens_per_micro_batch"
+
+    @classmethod
+    def token_budget(cls, config: Any) -> int | None:
+        """Most tokens per packed forward, or None for padded rows (driver side). Default: None.
+
+        A role with a budget gets shards of near-equal tokens from a sharded call
+        (``colocate.algorithms.batches.shard_by_tokens``), its answers put back in row order,
+        and ``RunConfig`` refuses a budget below the engines' ``max_model_len``.
+        """
+        return None
+
     @abstractmethod
     def start(self, groups: tuple) -> RoleMemory:
         """Builds the role's state; returns the state reached. Idempotent.

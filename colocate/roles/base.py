@@ -173,18 +173,6 @@ class RoleActor(RoleTenant):
             policy_model: The policy's local model directory (to compare vocabularies).
         """
 
-    #: Where :meth:`token_budget` reads the budget in the role's config (for errors).
-    token_budget_field = "max_tokens_per_micro_batch"
-
-    @classmethod
-    def token_budget(cls, config: Any) -> int | None:
-        """Most tokens per packed forward, or None for padded rows. Default: None.
-
-        A role with a budget gets shards of near-equal tokens from a sharded call
-        (``colocate.algorithms.batches.shard_by_tokens``), its answers put back in row order.
-        """
-        return None
-
     @classmethod
     def footprint(cls, config: Any) -> RoleFootprint:
         """What one rank holds on its GPU, for the memory plan (in the driver, no actor).
