@@ -124,7 +124,7 @@ class RolloutBuffer:
         is dropped (DROP; under WAIT this cannot happen, and is counted as a defect if it
         does); (2) new groups start from the queue until ``in_flight_groups`` are in flight;
         (3) whole groups go to engines in turn, each engine's quota its share of the groups
-        still ``wanted``; (4) under WAIT, a group that could not survive one more version
+        still ``wanted``; (4) under WAIT, a group that could not survive one more train step
         must finish in this round.
         """
         self.steps[version] = step
