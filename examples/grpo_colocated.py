@@ -99,7 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--max-staleness",
         type=int,
         default=2,
-        help="partial: most weight versions within one completion (async: steps behind)",
+        help="partial: most trainer steps between the weights of one completion's tokens",
     )
     p.add_argument("--trainer-gpus", type=int, default=None, help="separate pools: trainer GPUs")
     p.add_argument("--engine-gpus", type=int, default=None, help="separate pools: engine GPUs")
@@ -252,7 +252,7 @@ def build_configs(args) -> dict:
         "sync": SyncConfig(bucket_bytes=int(args.bucket_mb * 2**20) if args.bucket_mb else None),
         "pipeline": PipelineConfig(
             mode=Pipeline(args.pipeline),
-            # async: steps behind (one-step off-policy); partial: versions within a completion
+            # async: one step behind (one-step off-policy); partial: steps within a completion
             max_staleness=1 if args.pipeline == "async" else args.max_staleness,
             in_flight_groups=args.in_flight_groups,
         ),
