@@ -59,13 +59,12 @@ from pathlib import Path
 
 import ray
 import torch
-from common import code_version, machine, median, write_json
+from common import add_model_args, code_version, machine, median, model_spec, write_json
 from safetensors.torch import load_file
 
 from colocate import (
     Coordinator,
     EngineConfig,
-    TinyModelSpec,
     TrainerConfig,
     build_tiny_model,
     grpo_loss,
@@ -97,10 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=True,
         help="also padded with micro_batch_size = budget // max-len rows",
     )
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--intermediate", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
+    add_model_args(p, hidden=256, intermediate=1024, layers=4)
     p.add_argument("--lr", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -263,15 +259,7 @@ def run_mode(name, args, model, batch, out_dir: Path, **trainer_fields) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
-    spec = TinyModelSpec(
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=max(1, args.heads // 2),
-        max_position_embeddings=max(512, args.max_len),
-        seed=args.seed,
-    )
+    spec = model_spec(args, args.max_len)
     model = build_tiny_model(spec)
     from transformers import AutoTokenizer
 

@@ -70,14 +70,13 @@ import time
 from collections import Counter
 
 import ray
-from common import code_version, machine, write_json
+from common import add_model_args, code_version, machine, model_spec, write_json
 
 from colocate import (
     Coordinator,
     EngineConfig,
     PipelineConfig,
     Sampling,
-    TinyModelSpec,
     TrainerConfig,
     build_tiny_model,
     grpo_loss,
@@ -103,10 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stop-ids", type=int, default=10, help="stop token ids (ids 3, 4, ...)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per block")
     p.add_argument("--steps", type=int, default=25, help="timed steps per block")
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--intermediate", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
+    add_model_args(p, hidden=128, intermediate=256, layers=2)
     p.add_argument("--budget", type=int, help="max_tokens_per_micro_batch (default 4 x max)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -141,11 +137,8 @@ def reward(token_ids) -> float:
 
 
 def held_tokens(coord) -> int:
-    """Tokens generated and kept for requests not yet returned (partial mode's buffer)."""
-    buffer = coord.rollouts.buffer
-    if buffer is None:
-        return 0
-    return sum(len(r.token_ids) for rs in buffer.started.values() for r in rs)
+    """Tokens generated and kept for groups not yet returned (after the last generate)."""
+    return coord.rollouts.stats.get("kept_tokens", 0)
 
 
 def run_block(name: str, args, model: str, sampling: Sampling, pipeline, block: int) -> dict:
@@ -307,15 +300,7 @@ def main(argv=None) -> dict:
     args.max_len = 64 + args.max_tokens  # prompts are ~10 tokens
     if args.budget is None:
         args.budget = 4 * args.max_len
-    spec = TinyModelSpec(
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=max(1, args.heads // 2),
-        max_position_embeddings=max(512, args.max_len),
-        seed=args.seed,
-    )
+    spec = model_spec(args, args.max_len)
     model = str(build_tiny_model(spec))
     from transformers import AutoTokenizer
 

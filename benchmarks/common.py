@@ -86,6 +86,29 @@ def clipped(spans, start: float, end: float) -> list[tuple[float, float]]:
     ]
 
 
+def add_model_args(p, hidden: int, intermediate: int, layers: int, heads: int = 4) -> None:
+    """The tiny Llama's shape flags: ``--hidden``, ``--intermediate``, ``--layers``, ``--heads``."""
+    p.add_argument("--hidden", type=int, default=hidden)
+    p.add_argument("--intermediate", type=int, default=intermediate)
+    p.add_argument("--layers", type=int, default=layers)
+    p.add_argument("--heads", type=int, default=heads)
+
+
+def model_spec(args, max_len: int):
+    """The ``TinyModelSpec`` of :func:`add_model_args`' flags (KV heads: half the heads)."""
+    from colocate import TinyModelSpec
+
+    return TinyModelSpec(
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=max(1, args.heads // 2),
+        max_position_embeddings=max(512, max_len),
+        seed=args.seed,
+    )
+
+
 def machine() -> dict:
     """Where the figures were measured."""
     import torch

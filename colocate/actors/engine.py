@@ -172,16 +172,14 @@ class EngineActor(EngineTenant):
             PromptTooLongError: A prompt plus ``max_tokens`` exceeds ``max_model_len``.
         """
         llm = self._require_awake("rollout")
-        texts = [i for i, r in enumerate(requests) if not r.prompt_token_ids]
-        ids = (
-            self._tokenize([requests[i].prompt for i in texts], sampling.max_tokens)
-            if texts
-            else []
+        # One pass: tokenizes the texts and checks every prompt + max_tokens against the length.
+        ids = self._tokenize(
+            [r.prompt_token_ids or r.prompt for r in requests], sampling.max_tokens
         )
-        requests = list(requests)
-        for i, prompt in zip(texts, ids, strict=True):
-            requests[i] = dataclasses.replace(requests[i], prompt_token_ids=tuple(prompt))
-        self._tokenize([r.prompt_token_ids for r in requests], sampling.max_tokens)  # checks
+        requests = [
+            r if r.prompt_token_ids else dataclasses.replace(r, prompt_token_ids=tuple(p))
+            for r, p in zip(requests, ids, strict=True)
+        ]
         self._finish_warm_up()
         self._maybe_crash(Fault.CRASH_IN_GENERATE)
         running = sum(not r.done for r in requests)

@@ -220,6 +220,10 @@ class RolloutBuffer:
         waiting = len(self.queued) + len(self.started)
         return max(0, self.in_flight_groups - waiting)
 
+    def kept_tokens(self) -> int:
+        """Tokens generated for the completions of groups started and not yet returned."""
+        return sum(len(r.token_ids) for rs in self.started.values() for r in rs)
+
     def accounting(self) -> dict[str, int]:
         """Groups issued, queued, in flight, complete, dropped and returned (they add up)."""
         return {

@@ -206,4 +206,5 @@ def _stats(out: list[Completion], buffer: RolloutBuffer, rounds: int, version: i
         "dropped_by_reason": dict(buffer.dropped),
         "rounds": rounds,
         "version": version,
+        "kept_tokens": buffer.kept_tokens(),  # generated, held for groups not yet returned
     }
