@@ -18,6 +18,8 @@ one's own reads the model's outputs through :func:`batch_logprobs` (or passes
 
 from __future__ import annotations
 
+import enum
+
 import torch
 
 from colocate.algorithms.packing import forward_kwargs
@@ -30,6 +32,15 @@ __all__ = [
     "make_grpo_batch",
     "kl_to_reference",
 ]
+
+
+class LossAgg(enum.Enum):
+    """How a policy loss's per-token terms become one number (verl's ``loss_agg_mode``)."""
+
+    TOKEN_MEAN = "token-mean"
+    SEQ_MEAN_TOKEN_MEAN = "seq-mean-token-mean"
+    SEQ_MEAN_TOKEN_SUM = "seq-mean-token-sum"
+    SEQ_MEAN_TOKEN_SUM_NORM = "seq-mean-token-sum-norm"
 
 
 def token_logprobs(
