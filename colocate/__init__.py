@@ -54,6 +54,8 @@ _WHERE = {
     "Fault": "colocate.core.faults",
     "ActorId": "colocate.core.handovers",
     "grpo_loss": "colocate.algorithms.losses",
+    "policy_loss": "colocate.algorithms.losses",
+    "make_batch": "colocate.algorithms.losses",
     "lm_loss": "colocate.algorithms.losses",
     "make_grpo_batch": "colocate.algorithms.losses",
     "token_logprobs": "colocate.algorithms.losses",

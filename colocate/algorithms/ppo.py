@@ -4,26 +4,38 @@ Batches follow ``colocate.algorithms.losses`` (right-padded rows of prompt + com
 adds, per row: ``ref_logprobs`` (the reference's), ``values`` (the critic's,
 ``colocate.roles.critic``) and a sequence score (the reward model's, or a Python reward).
 :func:`ppo_advantages` turns them into token-level ``advantages`` (whitened over completion
-tokens) and ``returns``; the policy's loss is then :func:`colocate.algorithms.losses.grpo_loss`
-(PPO-clip, which takes token-level advantages) and the critic's is
-:func:`colocate.roles.critic.value_loss`.
+tokens) and ``returns``; the policy's loss is then :func:`colocate.algorithms.losses.policy_loss`
+(PPO-clip, which takes token-level advantages; ``grpo_loss`` is its token-mean form) and the
+critic's is :func:`colocate.roles.critic.value_loss`. ``colocate.algorithms.advantages`` lists
+every estimator, GAE among them.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["token_rewards", "gae", "ppo_advantages"]
+__all__ = ["token_rewards", "gae", "whiten", "ppo_advantages"]
 
 
 def token_rewards(batch: dict, scores: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """Per-token rewards [B, T]: the KL penalty on every token, the score on the last.
 
     ``-kl_coef * (log pi_old - log pi_ref)`` on every completion token, plus the row's score
-    on its last completion token.
+    on its last completion token. With ``kl_coef`` 0 the batch needs no ``old_logprobs`` or
+    ``ref_logprobs``. A row without completion tokens gets its score outside the mask (at
+    position 0), where the returns and advantages computed from it are 0.
     """
     mask = batch["completion_mask"].float()
-    rewards = -kl_coef * (batch["old_logprobs"] - batch["ref_logprobs"]) * mask
+    if kl_coef:
+        if "ref_logprobs" not in batch:
+            raise KeyError(
+                f"a KL penalty in the reward (kl_coef={kl_coef}) needs batch['ref_logprobs']; "
+                "fix: add the reference role's log-probs (Coordinator.call_role('reference', "
+                "ReferenceActor.logprobs, batch)), or pass kl_coef=0"
+            )
+        rewards = -kl_coef * (batch["old_logprobs"] - batch["ref_logprobs"]) * mask
+    else:
+        rewards = torch.zeros_like(mask)
     positions = torch.arange(mask.shape[1]).expand_as(mask)
     last = (positions * (mask > 0)).max(dim=1).values  # the last completion token of each row
     rewards[torch.arange(len(last)), last] += scores.float()
@@ -53,6 +65,18 @@ def gae(
     return adv, (adv + values) * mask
 
 
+def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` brought to mean 0 and unit population std over the tokens of ``mask``; 0 outside.
+
+    One mean and one std over every masked token of the batch (not per row).
+    """
+    mask = mask.float()
+    tokens = mask.sum().clamp(min=1.0)
+    mean = (x * mask).sum() / tokens
+    std = (((x - mean) * mask) ** 2).sum().div(tokens).sqrt()
+    return (x - mean) / (std + 1e-6) * mask
+
+
 def ppo_advantages(
     batch: dict,
     scores: torch.Tensor,
@@ -65,10 +89,10 @@ def ppo_advantages(
     """``batch`` with PPO's advantages.
 
     Adds ``advantages`` (whitened over completion tokens), ``returns``, ``old_values`` and
-    ``token_rewards``. Needs ``completion_mask``, ``old_logprobs``, ``ref_logprobs`` and
-    ``values`` [B, T]. With ``normalize_scores`` the batch's scores are first brought to mean
-    0 and unit spread (OpenRLHF's ``--normalize_reward``, per batch): a reward model's scale
-    then does not decide how much the KL penalty weighs.
+    ``token_rewards``. Needs ``completion_mask`` and ``values`` [B, T], and with ``kl_coef``
+    > 0 ``old_logprobs`` and ``ref_logprobs`` [B, T]. With ``normalize_scores`` the batch's
+    scores are first brought to mean 0 and unit spread (OpenRLHF's ``--normalize_reward``, per
+    batch): a reward model's scale then does not decide how much the KL penalty weighs.
     """
     scores = scores.float()
     if normalize_scores and len(scores) > 1:
@@ -77,13 +101,9 @@ def ppo_advantages(
     values = batch["values"].float() * mask
     rewards = token_rewards(batch, scores, kl_coef)
     adv, returns = gae(rewards, values, mask, gamma, lam)
-    tokens = mask.sum().clamp(min=1.0)
-    mean = (adv * mask).sum() / tokens
-    std = (((adv - mean) * mask) ** 2).sum().div(tokens).sqrt()
-    whitened = (adv - mean) / (std + 1e-6) * mask
     return {
         **batch,
-        "advantages": whitened,
+        "advantages": whiten(adv, mask),
         "returns": returns,
         "old_values": values,
         "token_rewards": rewards,
