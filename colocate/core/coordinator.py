@@ -162,6 +162,14 @@ class Coordinator:
         run = self.rollouts.generate
         return self._guard(lambda: run(self.fleet, prompts, sampling, groups))
 
+    def evaluate(self, prompts: Sequence, sampling: Sampling) -> list[Completion]:
+        """Generates for evaluation on the served weights (ROLLOUT; the trainer stays offloaded).
+
+        Like a SYNC generate in every pipeline: PARTIAL's groups in flight are left alone.
+        """
+        run = self.rollouts.evaluate
+        return self._guard(lambda: run(self.fleet, prompts, sampling))
+
     def generate_async(self, prompts: Sequence, sampling: Sampling) -> Rollout:
         """Starts a generate on every engine and returns at once (pipeline ASYNC; ROLLOUT).
 

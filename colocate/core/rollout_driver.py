@@ -79,6 +79,18 @@ class RolloutDriver:
             results = self.exec.wait(calls, self.config.timeouts.step_s)
         return [c for completions in results for c in completions]
 
+    def evaluate(self, fleet, prompts: Sequence, sampling: Sampling) -> list[Completion]:
+        """Every engine's chunk in one bounded wait, whatever the pipeline (ROLLOUT).
+
+        Evaluation runs in the ROLLOUT phase, which the ``rollout`` row reached with the
+        trainer offloaded, on the weights the engines serve; in PARTIAL mode it leaves the
+        groups in flight as they are (their requests were stopped, their tokens kept).
+        """
+        calls, tag = self.calls(fleet, prompts, sampling)
+        with self.exec.span("evaluate", tag, prompts=len(calls)):
+            results = self.exec.wait(calls, self.config.timeouts.step_s)
+        return [c for completions in results for c in completions]
+
     def generate_async(self, fleet, prompts: Sequence, sampling: Sampling, guard) -> Rollout:
         """ASYNC: starts every engine's chunk and returns at once (``guard`` wraps the wait)."""
         if self.config.pipeline.mode is not Pipeline.ASYNC:

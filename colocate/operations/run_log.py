@@ -30,7 +30,9 @@ _SYNC = ("weight_version", "weight_version_used", "sync_bytes")
 
 
 def tensorboard_name(key: str) -> str:
-    """The grouped TensorBoard tag of metric ``key``."""
+    """The grouped TensorBoard tag of metric ``key`` (a key with a ``/`` is grouped already)."""
+    if "/" in key:
+        return key
     if key.endswith("_s"):
         return f"timing/{key}"
     for group, names in (("actor", _ACTOR), ("rollout", _ROLLOUT), ("sync", _SYNC)):

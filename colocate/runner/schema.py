@@ -270,6 +270,10 @@ class AlgorithmSection:
         dynamic_sampling: DAPO: drop groups whose raw rewards are all equal and generate more
             until the batch is full.
         max_sampling_rounds: Most generate rounds per step with ``dynamic_sampling``.
+        filter_metric: The raw score ``dynamic_sampling`` filters on: a reward function's
+            name (e.g. ``math_answer``, so a shaping term such as the overlong penalty does
+            not make a group look informative), or None for the total reward (verl's
+            ``filter_groups.metric``).
     """
 
     estimator: Estimator = Estimator.GRPO
@@ -283,6 +287,7 @@ class AlgorithmSection:
     critic_lr: float = 1e-5
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 3
+    filter_metric: str | None = None
 
     def __post_init__(self) -> None:
         _num("algorithm.clip_low", self.clip_low, 0.0, 1.0, lo_open=True)
@@ -553,6 +558,14 @@ class RunnerConfig:
                 f"generates extra rounds within a step; rollout.pipeline={rollout.pipeline.value}"
                 " generates ahead",
                 "pass rollout.pipeline=sync, or drop dynamic sampling",
+            )
+        if alg.dynamic_sampling and self.reward.model is not None:
+            raise RecipeError(
+                "algorithm.dynamic_sampling",
+                alg.dynamic_sampling,
+                "filters each round on the reward functions' raw scores; a reward model only "
+                "scores after the rollout (the SCORE hand-over)",
+                "drop reward.model, or dynamic sampling",
             )
         budget = self.trainer.max_tokens_per_micro_batch
         if budget is not None and budget < rollout.max_model_len:

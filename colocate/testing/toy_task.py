@@ -11,7 +11,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["TargetTokens", "TARGET_TOKENS"]
+__all__ = ["TargetTokens", "TARGET_TOKENS", "target_fraction", "write_dataset"]
 
 TARGET_TOKENS = 10
 _SPECIAL = 3  # the tokenizer's special tokens come first and are never rewarded
@@ -48,3 +48,47 @@ class TargetTokens:
     def sample_prompts(self, rng: random.Random, n: int) -> list[str]:
         """``n`` distinct prompts drawn with ``rng``."""
         return rng.sample(self.prompts, n)
+
+
+def target_fraction(prompt, completion, completion_ids, row, **_) -> float:
+    """The toy task as a reward function of the runner: the share of ``row["targets"]`` ids.
+
+    The signature is the runner's (``colocate.runner.rewards``): the dataset row carries the
+    rewarded token ids (:func:`write_dataset`).
+    """
+    targets = set(row["targets"])
+    return sum(t in targets for t in completion_ids) / max(1, len(completion_ids))
+
+
+def write_dataset(out, vocab_size: int, seed: int = 0, eval_rows: int = 32) -> dict:
+    """Writes the toy task as a prompt dataset: ``OUT/train.jsonl`` and ``OUT/eval.jsonl``.
+
+    Each row has ``prompt`` (text) and ``targets`` (the rewarded token ids, the same in every
+    row); the eval rows are the last ``eval_rows`` prompts of the pool. Returns the paths.
+    """
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    task = TargetTokens.make(vocab_size, seed)
+    targets = sorted(task.targets)
+    prompts = list(dict.fromkeys(task.prompts))  # distinct, in pool order
+    paths = {}
+    for name, part in (("train", prompts[:-eval_rows]), ("eval", prompts[-eval_rows:])):
+        paths[name] = out / f"{name}.jsonl"
+        with open(paths[name], "w") as f:
+            for prompt in part:
+                f.write(json.dumps({"prompt": prompt, "targets": targets}) + "\n")
+    return {k: str(v) for k, v in paths.items()}
+
+
+if __name__ == "__main__":  # python -m colocate.testing.toy_task OUT [MODEL]: the demo's data
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from colocate.testing.tiny_model import build_tiny_model
+
+    model = sys.argv[2] if len(sys.argv) > 2 else str(build_tiny_model())
+    print(write_dataset(sys.argv[1], len(AutoTokenizer.from_pretrained(model))))
