@@ -230,7 +230,7 @@ def run(prepared: Prepared) -> dict:
         evaluator = Evaluator(cfg.eval, prepared.eval, cfg.rollout.max_tokens, prepared.decode)
     evals: list[dict] = list(task.get("evals", []))
     exports: list[str] = list(task.get("exports", []))
-    export_root = Path(cfg.export.dir) if cfg.export.dir else out / "export"
+    export_root = (Path(cfg.export.dir) if cfg.export.dir else out / "export").resolve()
     log = RunLog(out, state.history if state else [], cfg.log.tensorboard, cfg.log.wandb_project)
     eval_log = open(out / "eval.jsonl", "w")  # noqa: SIM115 - closed below
     for row in evals:
