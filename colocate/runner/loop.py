@@ -95,7 +95,10 @@ def _resume(cfg: RunnerConfig):
     try:
         state = load_run(Path(path))
     except (FileNotFoundError, ValueError) as exc:
-        raise RecipeError("checkpoint.resume", path, str(exc), "pass a run's OUT dir") from None
+        # load_run's own fix names the example's flag (--save-every); the recipe's key replaces it
+        problem = str(exc).split("; fix: ")[0]
+        fix = "pass the OUT dir of a run saved with checkpoint.save_every, or its checkpoints/stepN"
+        raise RecipeError("checkpoint.resume", path, problem, fix) from None
     if state.next_step >= cfg.steps:
         raise RecipeError(
             "steps",

@@ -54,8 +54,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import ray
-
 from colocate.runner import _reward_worker as worker_module
 from colocate.runner.schema import OnError, RecipeError, RewardSection
 
@@ -268,6 +266,8 @@ def _check_signature(fn: Callable, kwargs: dict, key: str, spec: str, name: str)
 
 @functools.cache
 def _actor_class():
+    import ray
+
     # No CPU asked: the runner's cluster gives its CPUs to the trainer and the engines, and the
     # workers are mostly idle between batches.
     return ray.remote(num_cpus=0)(worker_module.RewardWorker)
@@ -344,6 +344,8 @@ class RewardScorer:
         if self._started or not self.names:
             self._started = True
             return
+        import ray
+
         self._slots = [_Slot(self._spawn()) for _ in range(self.section.workers)]
         self._started = True
         refs = [s.handle.ready.remote() for s in self._slots]
@@ -371,6 +373,8 @@ class RewardScorer:
     def _replace(self, slot: _Slot) -> None:
         if slot not in self._slots:  # shut down since: nothing to replace
             return
+        import ray
+
         try:
             ray.kill(slot.handle, no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
@@ -390,6 +394,8 @@ class RewardScorer:
 
     def shutdown(self) -> None:
         """Kills the workers (idempotent)."""
+        import ray
+
         for slot in self._slots:
             try:
                 ray.kill(slot.handle, no_restart=True)
@@ -479,6 +485,8 @@ class PendingScores:
         return self._scores
 
     def _collect(self) -> list[list[tuple] | None]:
+        import ray
+
         scorer = self._scorer
         outcomes: list[list[tuple] | None] = [None] * self._n
         pending = {c.ref: c for c in self._chunks}
