@@ -1,7 +1,13 @@
-"""`ray job submit` of the GRPO example against a real local head started with `ray start`."""
+"""`ray job submit` against a real local head started with `ray start`.
+
+The GRPO example is submitted from the repository (``--working-dir .``); the runner,
+``colocate-rl train``, from a task directory the test writes (prompts, a reward module, a
+recipe), as a user would submit theirs.
+"""
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -12,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from recipes import RECIPE, write_task
 
 pytestmark = pytest.mark.timeout(900)
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +52,9 @@ def ray_head(tmp_path):
     """A head node with 2 logical GPUs, on its own ports and temp dir; stopped even on failure.
 
     Every port is chosen free: the test session's own Ray runs beside it. The head is stopped
-    by ending its process group (``ray stop`` would stop every Ray on the machine).
+    by ending its process group (``ray stop`` would stop every Ray on the machine). Its jobs
+    find the venv's console scripts (``colocate-rl``) on PATH, and this checkout's packages on
+    PYTHONPATH (the venv's install may be another checkout's, editable).
     """
     (port, dash, agent_http, agent_grpc, env_agent, metrics, node_mgr, obj_mgr, client) = (
         _free_ports(9)
@@ -53,6 +62,7 @@ def ray_head(tmp_path):
     env = {
         **os.environ,
         "PATH": f"{BIN}:{os.environ['PATH']}",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         "RAY_AUTH_MODE": "token",
     }
     env.pop("RAY_ADDRESS", None)
@@ -122,20 +132,18 @@ def _ops_snapshot() -> dict:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*.so")}
 
 
-def _submit(address, env, *flags) -> str:
+def _submit(address, env, command, working_dir=ROOT) -> str:
+    """Submits ``command`` (an argv list) with ``working_dir`` uploaded; returns the job id."""
     submitted = _ray(
         "job",
         "submit",
         "--address",
         address,
         "--working-dir",
-        ".",
+        str(working_dir),
         "--no-wait",
         "--",
-        "python",
-        "examples/grpo_colocated.py",
-        "--quiet",
-        *flags,
+        *command,
         env=env,
     )
     return next(
@@ -164,7 +172,8 @@ def test_ray_job_submit_runs_grpo(ray_head, tmp_path):
     address, env = ray_head
     ops_before = _ops_snapshot()
     out = tmp_path / "job-out"
-    job_id = _submit(address, env, "--steps", "4", "--out", str(out))
+    example = ["python", "examples/grpo_colocated.py", "--quiet"]
+    job_id = _submit(address, env, [*example, "--steps", "4", "--out", str(out)])
     status = _wait(address, env, job_id)
     logs = _logs(address, env, job_id)
     assert "SUCCEEDED" in status, f"{status}\n{logs[-4000:]}"
@@ -184,13 +193,40 @@ def test_ray_job_submit_runs_grpo(ray_head, tmp_path):
     assert ops_before and _ops_snapshot() == ops_before
 
 
-def test_ray_job_stopped_mid_run_resumes_in_a_new_job(ray_head, tmp_path):
-    """`ray job stop` mid-run, then a new job with --resume: every step logged exactly once."""
+def _runner_task(root: Path) -> Path:
+    """A task directory as a user submits it: prompts, a reward module and a recipe."""
+    from transformers import AutoTokenizer
+
+    from colocate.testing.tiny_model import build_tiny_model
+
+    root.mkdir()
+    write_task(root, len(AutoTokenizer.from_pretrained(str(build_tiny_model()))))
+    (root / "recipe.yaml").write_text(RECIPE.format(steps=40))
+    return root
+
+
+def test_runner_job_stopped_mid_run_resumes_in_a_new_job(ray_head, tmp_path):
+    """`ray job stop` mid-run of `colocate-rl train`, then a new job resuming: every step once.
+
+    The job's working directory is the uploaded task directory: the recipe's relative data
+    files and its reward module (``my_rewards.py:share``) resolve there.
+    """
     address, env = ray_head
-    out = tmp_path / "job-out"
+    assert shutil.which("colocate-rl", path=env["PATH"]) == str(BIN / "colocate-rl")
+    task = _runner_task(tmp_path / "task")
+    out = tmp_path / "job-out"  # outside the working dir: the second upload stays small
     # Enough steps that the stop lands mid-run (it takes a few seconds to reach the driver).
-    flags = ("--steps", "40", "--save-every", "3", "--out", str(out))
-    first = _submit(address, env, *flags)
+    train = [
+        "colocate-rl",
+        "train",
+        "--config",
+        "recipe.yaml",
+        "checkpoint.save_every=3",
+        f"out={out}",
+        "log.progress=false",
+        "eval.every=0",  # evaluations at the start and at the end only
+    ]
+    first = _submit(address, env, train, working_dir=task)
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 600
     while not metrics.is_file() or len(metrics.read_text().splitlines()) < 4:
@@ -200,13 +236,23 @@ def test_ray_job_stopped_mid_run_resumes_in_a_new_job(ray_head, tmp_path):
         time.sleep(1)
     _ray("job", "stop", "--address", address, first, env=env, timeout=180)
     assert "STOPPED" in _wait(address, env, first, timeout=120)
-    second = _submit(address, env, *flags, "--resume", str(out))
+    second = _submit(address, env, [*train, f"checkpoint.resume={out}"], working_dir=task)
     status = _wait(address, env, second)
-    assert "SUCCEEDED" in status, _logs(address, env, second)[-4000:]
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert steps == list(range(40)), steps
+    logs = _logs(address, env, second)
+    assert "SUCCEEDED" in status, f"{shlex.join(train)}\n{logs[-4000:]}"
+    assert "colocate-rl done" in logs
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(40)), [r["step"] for r in rows]
+    # the reward module the job loaded from its working directory scored every step
+    assert all("reward/share/mean" in r for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     resumed = summary["resumed_from"]
     assert 3 <= resumed < 40 and resumed % 3 == 0 and summary["ordering_violations"] == []
     saved = json.loads((out / "checkpoints" / f"step{resumed}" / "run.json").read_text())
+    # the resume's verified sync is a version of its own, then one per step
     assert summary["weight_version"] == saved["weight_version"] + 1 + (40 - resumed)
+    # the first job's evaluation before step 0, the second's after the last: each once
+    assert [e["eval/step"] for e in summary["eval"]] == [0, 40]
+    lines = (out / "eval.jsonl").read_text().splitlines()
+    assert [json.loads(line)["eval/step"] for line in lines] == [0, 40]
+    assert [Path(e).name for e in summary["exports"]] == ["step-40"]
