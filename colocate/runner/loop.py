@@ -7,7 +7,9 @@ and nothing has started. :func:`run` then connects to Ray, starts the coordinato
 reward workers, and runs the steps (:class:`~colocate.runner.steps.StepRunner`) with
 evaluation (:class:`~colocate.runner.evaluation.Evaluator`), HF exports and whole-run
 checkpoints at their intervals; metrics go to ``OUT/metrics.jsonl``, TensorBoard (and W&B),
-evaluations to ``OUT/eval.jsonl`` as well, the run's summary to ``OUT/summary.json``.
+evaluations to ``OUT/eval.jsonl`` as well; the timeline to ``OUT/timeline.{json,png}``, the
+reward curve to ``OUT/reward_curve.png`` and the run's summary to ``OUT/summary.json``
+(:mod:`colocate.runner.summary`).
 """
 
 from __future__ import annotations
@@ -188,14 +190,19 @@ def _bar(row: dict) -> dict:
     }
 
 
-def run(prepared: Prepared) -> dict:
+def run(prepared: Prepared, announce: bool = True) -> dict:
     """Runs the prepared recipe to ``steps``; returns (and writes) its summary.
 
     Order: connect to Ray; start the coordinator (and with it every actor, the first sync
     included) and the reward workers; on resume, the checkpoint's weights reach the engines
     by a verified sync and the data order, the groups in flight and the metrics continue;
     an evaluation before the first step (``eval.at_start``); then each step, with evaluation,
-    export and checkpoint at their intervals and at the end.
+    export and checkpoint at their intervals and at the end; then the timeline, the summary
+    and its console line (:mod:`colocate.runner.summary`).
+
+    Args:
+        prepared: The checked run (:func:`prepare`).
+        announce: Print the summary's console line (a caller with its own passes False).
     """
     from tqdm import tqdm
 
@@ -208,6 +215,7 @@ def run(prepared: Prepared) -> dict:
     from colocate.runner.evaluation import Evaluator
     from colocate.runner.rewards import RewardScorer
     from colocate.runner.steps import StepRunner
+    from colocate.runner.summary import coordinator_facts, headline, summarize, write_summary
 
     started = time.time()
     cfg, libs, state = prepared.config, prepared.libs, prepared.state
@@ -248,13 +256,16 @@ def run(prepared: Prepared) -> dict:
         eval_log.flush()
         return row
 
+    t_start = time.time()
     try:
         with coord:
+            startup_s = time.time() - t_start  # Coordinator.start(): from call to ready
             scorer.start()
             if state:  # the engines get the resumed weights by a verified sync first
                 coord.resume(state.trainer, state.weight_version)
                 coord.rollouts.restore(task.get("rollouts"))
             runner = StepRunner(prepared, coord, scorer, sampler, task.get("group_rows"))
+            setup_s = time.time() - started
             if evaluator and cfg.eval.at_start and first == 0:
                 evaluate(0)
             bar = tqdm(range(first, cfg.steps), disable=not cfg.log.progress, desc="colocate-rl")
@@ -291,39 +302,15 @@ def run(prepared: Prepared) -> dict:
                         out, snapshot, lambda d: {"trainer": coord.save_trainer(str(d / "trainer"))}
                     )
             runner.stop()
-            coord.timeline.to_chrome_trace(out / "timeline.json")
-            violations = coord.timeline.ordering_violations()
-            weight_version = coord.weight_version
+            facts = coordinator_facts(coord, out)
     finally:
         scorer.shutdown()
         eval_log.close()
         log.close()
-    history = log.rows
-    last_rows = history[-5:]
-    summary = {
-        "initial_reward": history[0]["reward"],
-        "final_reward": sum(r["reward"] for r in last_rows) / len(last_rows),
-        "rewards": [r["reward"] for r in history],
-        "steps": cfg.steps,
-        "resumed_from": first if state else None,
-        "weight_version": weight_version,
-        "ordering_violations": violations,
-        "eval": evals,
-        "exports": exports,
-        "data": {
-            "train_rows": len(prepared.train),
-            "eval_rows": len(prepared.eval) if prepared.eval is not None else 0,
-            "filtered": prepared.train.filtered,
-            "epochs_started": sampler.epoch + 1,
-        },
-        "total_seconds": time.time() - started,
-        "out": str(out.resolve()),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(
-        f"colocate-rl done: reward {summary['initial_reward']:.3f} -> "
-        f"{summary['final_reward']:.3f} (mean of the last {len(last_rows)} steps) in "
-        f"{cfg.steps} steps, {summary['total_seconds']:.0f} s; weight version {weight_version}; "
-        f"outputs in {out}/"
-    )
+    facts.update(startup_seconds=startup_s, setup_seconds=setup_s, eval=evals, exports=exports)
+    facts.update(epochs_started=sampler.epoch + 1, total_seconds=time.time() - started)
+    summary = summarize(prepared, log.rows, first, facts)
+    write_summary(summary, log.rows, out)
+    if announce:
+        print(headline(summary))
     return summary
