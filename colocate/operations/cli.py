@@ -1,9 +1,10 @@
 """Checks of an example's command line, all before any actor starts.
 
 Every check names the flag, the value and the fix, and reports through ``argparse``'s
-``error`` (exit status 2, the usage status). :func:`check_configs` turns the library's own
-validation of the configs an example builds (``ConfigError``, ``TopologyError``) into such
-errors too, naming the flag the field came from.
+``error`` (exit status 2, the usage status). :meth:`Checker.check_recipe` turns a refusal of
+the runner's recipe an example builds from its flags (``RecipeError``, the library's own
+``ConfigError`` and ``TopologyError`` among its causes) into such errors too, naming the flag
+the recipe key came from.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import threading
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "Checker",
     "address_answers",
 ]
+
+T = TypeVar("T")
 
 
 def address_answers(address: str, timeout_s: float = 10.0) -> str | None:
@@ -146,19 +149,26 @@ class Checker:
                 source, value, why, "start the cluster (`ray start --head`) or fix the address"
             )
 
-    def check_configs(self, build: Callable[[], Any], flags: dict[str, str]) -> Any:
-        """Runs ``build`` (which constructs the configs); a config error names its flag.
+    def check_recipe(self, build: Callable[[], T], flags: dict[str, str]) -> T:
+        """Runs ``build`` (which loads or prepares the runner's recipe); a refusal names its flag.
+
+        A refusal of the library's own checks keeps the library's words (``--tp:
+        TopologySpec.engine_tp=2: ...``); any other is ``--flag value: problem; fix: ...``.
 
         Args:
-            build: Makes the run's configs (TopologySpec, EngineConfig, ...); returns them.
-            flags: Config field name -> the flag it came from (e.g. ``"lr": "--lr"``).
+            build: Makes the recipe the flags ask for (``load_recipe``, ``prepare``).
+            flags: Recipe key -> the flag it came from (``"trainer.lr": "--lr"``); a key that
+                no flag sets is named as it is.
         """
         from colocate.core.config import ConfigError
+        from colocate.runner.schema import RecipeError
         from placement import TopologyError
 
         try:
             return build()
-        except (ConfigError, TopologyError) as exc:
-            message = str(exc)
-            flag = next((f for field, f in flags.items() if f".{field}=" in message), None)
-            self.parser.error(f"{flag + ': ' if flag else ''}{message}")
+        except RecipeError as exc:
+            flag = flags.get(exc.key, exc.key)
+            if isinstance(exc.__cause__, (ConfigError, TopologyError)):
+                self.parser.error(f"{flag}: {exc.__cause__}")
+            problem = str(exc).removeprefix(f"{exc.key}={exc.value!r}: ")
+            self.parser.error(f"{flag} {exc.value!r}: {problem}")
