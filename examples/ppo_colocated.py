@@ -7,28 +7,38 @@ tenant that must release does so before any tenant there acquires.
 
 The reward model is made first, in seconds: a tiny sequence-classification model of the
 policy's architecture, regressed on synthetic completions labelled by the toy rule (the
-fraction of tokens in the target set), saved, then loaded by the reward role. Each step:
-
-1. ROLLOUT: the engines sample completions;
-2. SCORE (engines asleep): the reference's log-probs, the reward model's scores and the critic's
-   values of the rollout; per-token rewards (score at the last token, a KL penalty to the
-   reference on every token) and GAE advantages;
-3. TRAIN: the policy (PPO-clip) and the critic (clipped value loss) train;
-4. SYNC: a verified weight transfer to the engines.
+fraction of tokens in the target set), saved, then loaded by the reward role. Then the runner
+(``colocate-rl train``, ``docs/runner.md``) runs the recipe the flags make: the toy task's
+dataset (written to ``OUT/data``), ``algorithm.estimator=gae`` (the critic role) with the KL
+to the reference in the per-token reward, ``reward.model`` the fitted model, and the toy rule
+as a reward function of weight 0, so the reward trained on is the reward model's while the
+toy rule's is logged (``reward/target_fraction/mean``) and reported as the run's reward.
 
 Runs as ``python examples/ppo_colocated.py`` (a local Ray: logical GPUs on a CPU machine) and
 as ``ray job submit --working-dir . -- python examples/ppo_colocated.py``. Outputs in ``--out``:
-metrics.jsonl, summary.json, timeline.json/png (one lane per tenant), reward_curve.png.
+metrics.jsonl, summary.json, timeline.json/png (one lane per tenant), reward_curve.png (the
+reward model's score), reward_model/, data/.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import random
 import time
 from pathlib import Path
+
+#: Flag (its dest) -> the recipe key it sets; a refusal of that key names the flag.
+KEYS = {
+    **{"model": "model.path", "gpus": "cluster.gpus", "address": "cluster.address"},
+    **{"steps": "steps", "seed": "seed", "out": "out", "log_level": "log.vllm_log_level"},
+    **{"prompts": "rollout.prompts", "samples": "rollout.group_size"},
+    **{"max_tokens": "rollout.max_tokens", "max_model_len": "rollout.max_model_len"},
+    **{"lr": "trainer.lr", "zero_stage": "trainer.zero_stage"},
+    "max_tokens_per_micro_batch": "trainer.max_tokens_per_micro_batch",
+    **{k: f"algorithm.{k}" for k in ("critic_lr", "kl_coef", "gamma", "lam")},
+}
+FLAGS = {key: "--" + dest.replace("_", "-") for dest, key in KEYS.items()}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -85,7 +95,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     check.existing_dir("--model", must_hold="config.json")
     check.writable_dir("--out")
     check.address("--address")
+    args.check = check  # a refusal of the recipe, later, names its flag too
+    args.recipe = check.check_recipe(lambda: _recipe(args), FLAGS)
     return args
+
+
+def _recipe(args):
+    """The recipe of the flags (its keys checked; the data and reward model come later)."""
+    from colocate.runner.recipe import load_recipe
+    from colocate.testing.tiny_model import build_tiny_model
+
+    args.model = args.model or str(build_tiny_model())
+    given = {k: getattr(args, d) for d, k in KEYS.items() if getattr(args, d) is not None}
+    out = Path(args.out)
+    fixed = {
+        "data.train": str(out / "data" / "train.jsonl"),
+        "algorithm.estimator": "gae",
+        "reward.model": str(out / "reward_model"),
+        "reward.functions": ["colocate.testing.toy_task:target_fraction"],
+        "reward.weights": [0.0],  # logged, not trained on: the reward model's score is
+        "log.progress": not args.quiet,
+        "log.tensorboard": False,
+        "export.at_end": False,
+    }
+    return load_recipe(None, [f"{k}={json.dumps(v)}" for k, v in {**given, **fixed}.items()])
 
 
 def make_reward_model(policy: str, out: Path, task, tokenizer, steps: int, seed: int) -> dict:
@@ -114,139 +147,30 @@ def make_reward_model(policy: str, out: Path, task, tokenizer, steps: int, seed:
 def main(argv=None) -> dict:
     """Runs the PPO demo (see the module docstring); returns its summary."""
     args = parse_args(argv)
-    from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from colocate import (
-        Coordinator,
-        CriticActor,
-        CriticConfig,
-        EngineConfig,
-        ReferenceActor,
-        RewardModelActor,
-        Sampling,
-        TrainerConfig,
-        build_tiny_model,
-        critic_role,
-        grpo_loss,
-        make_grpo_batch,
-        ppo_advantages,
-        reference_role,
-        reward_model_role,
-    )
-    from colocate.operations.cluster import connect
-    from colocate.operations.run_log import RunLog
-    from colocate.testing.toy_task import TargetTokens
-    from placement import TopologySpec
+    from colocate.runner.loop import prepare, run
+    from colocate.runner.summary import headline
+    from colocate.testing.toy_task import TargetTokens, write_dataset
 
-    started = time.time()
     out = Path(args.out)
-    model = args.model or str(build_tiny_model())
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    write_dataset(out / "data", len(tokenizer), args.seed)
     task = TargetTokens.make(len(tokenizer), args.seed)
-    rm = make_reward_model(model, out / "reward_model", task, tokenizer, args.rm_steps, args.seed)
-    connect(args.address, logical_gpus=args.gpus)
-    gpus = args.gpus
-    spec = TopologySpec(nodes=1, gpus_per_node=gpus, trainer_world_size=gpus, engines=gpus)
-    budget = args.max_tokens_per_micro_batch  # None: padded rows everywhere
-    common = {"zero_stage": args.zero_stage, "seed": args.seed}
-    trainer = TrainerConfig(model, lr=args.lr, max_tokens_per_micro_batch=budget, **common)
-    critic = CriticConfig(
-        TrainerConfig(model, lr=args.critic_lr, max_tokens_per_micro_batch=budget, **common)
+    rm = make_reward_model(
+        args.model, out / "reward_model", task, tokenizer, args.rm_steps, args.seed
     )
-    roles = [
-        reference_role(model, max_tokens_per_micro_batch=budget),
-        reward_model_role(rm["path"], max_tokens_per_micro_batch=budget),
-        critic_role(critic),
-    ]
-    coord = Coordinator(
-        spec,
-        EngineConfig(
-            model=model,
-            seed=args.seed,
-            log_level=args.log_level,
-            max_model_len=args.max_model_len,
-        ),
-        trainer,
-        functools.partial(grpo_loss, kl_coef=0.0),  # PPO-clip; the KL is in the reward
-        roles=roles,
-    )
-    sampling = Sampling(n=args.samples, max_tokens=args.max_tokens)
-    rng = random.Random(args.seed)
-    log = RunLog(out, tensorboard=False)
-    seconds = {"rollout": 0.0, "score": 0.0, "train": 0.0, "sync": 0.0}
-    with coord:
-        setup_s = time.time() - started
-        for step in tqdm(range(args.steps), disable=args.quiet, desc="ppo", unit="step"):
-            t0 = time.time()
-            completions = coord.generate(task.sample_prompts(rng, args.prompts), sampling)
-            rewards = [task.reward(c.token_ids) for c in completions]
-            t1 = time.time()
-            batch = make_grpo_batch(completions, rewards, args.samples, tokenizer.pad_token_id)
-            del batch["advantages"]  # PPO's come from GAE below
-            batch["ref_logprobs"] = coord.call_role("reference", ReferenceActor.logprobs, batch)
-            scores = coord.call_role("reward", RewardModelActor.scores, batch)
-            batch["values"] = coord.call_role("critic", CriticActor.values, batch)
-            batch = ppo_advantages(
-                batch, scores, kl_coef=args.kl_coef, gamma=args.gamma, lam=args.lam
-            )
-            t2 = time.time()
-            stats = coord.train(batch)
-            value = coord.call_role("critic", CriticActor.train_values, batch)
-            t3 = time.time()
-            coord.sync()
-            t4 = time.time()
-            row = {
-                "step": step,
-                "reward": sum(rewards) / len(rewards),  # the toy rule's
-                "rm_score": float(scores.mean()),
-                "loss": stats["loss"],
-                "kl": stats["kl"],  # to the reference, before this step's update
-                "clip_fraction": stats.get("clip_fraction", 0.0),
-                "value_loss": value["value_loss"],
-                "padding_fraction": stats["padding_fraction"],  # of the policy's forward tokens
-                "rollout_s": t1 - t0,
-                "score_s": t2 - t1,
-                "train_s": t3 - t2,
-                "sync_s": t4 - t3,
-            }
-            for phase in seconds:
-                seconds[phase] += row[f"{phase}_s"]
-            log.write(row)
-        coord.timeline.to_chrome_trace(out / "timeline.json")
-        coord.timeline.to_png(out / "timeline.png", title="PPO: one lane per GPU")
-        violations = coord.timeline.ordering_violations()
-        kinds = sorted(
-            {s.actor.rstrip("0123456789") for s in coord.timeline.spans} - {"coordinator"}
-        )
-    history = log.rows
-    log.plot("reward", out / "reward_curve.png", "mean reward (fraction of target tokens)")
-    log.close()
-    last = history[-5:]
-    summary = {
-        "initial_reward": history[0]["reward"],
-        "final_reward": sum(r["reward"] for r in last) / len(last),
-        "kl": sum(r["kl"] for r in last) / len(last),
-        "steps": args.steps,
-        "total_seconds": time.time() - started,
-        "setup_seconds": setup_s,
-        "phase_seconds": seconds,
-        "ordering_violations": violations,
-        "roles": kinds,
-        "reward_model": rm,
-        "value_loss_first_last": [history[0]["value_loss"], history[-1]["value_loss"]],
-        "rewards": [r["reward"] for r in history],
-        "seed": args.seed,
-        "max_tokens_per_micro_batch": budget,
-        "out": str(out.resolve()),
-    }
+    prepared = args.check.check_recipe(lambda: prepare(args.recipe), FLAGS)
+    summary = run(prepared, announce=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    toy = [r["reward/target_fraction/mean"] for r in rows]  # the toy rule's, per step
+    values = [rows[0]["critic/vf_loss"], rows[-1]["critic/vf_loss"]]
+    summary.update(rm_scores=summary["rewards"], rewards=toy, initial_reward=toy[0])
+    summary.update(final_reward=sum(toy[-5:]) / len(toy[-5:]), value_loss_first_last=values)
+    summary.update(reward_model=rm, seed=args.seed)
+    summary["max_tokens_per_micro_batch"] = args.max_tokens_per_micro_batch
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(
-        f"PPO done: reward {summary['initial_reward']:.3f} -> {summary['final_reward']:.3f} "
-        f"(mean of last {len(last)} steps) in {args.steps} steps, "
-        f"{summary['total_seconds']:.0f} s total; kl {summary['kl']:.3f}; tenants {kinds}; "
-        f"timeline ordering violations: {len(violations)}; outputs in {out}/"
-    )
+    print(f"{headline(summary, 'PPO')}; kl {summary['kl']:.3f}; tenants {summary['roles']}")
     return summary
 
 

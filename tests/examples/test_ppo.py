@@ -38,9 +38,9 @@ def test_ppo_learns_with_every_tenant_colocated_and_packed(tmp_path):
     assert final >= 0.6 and final >= 10 * first, summary["rewards"]
     assert summary["kl"] > 0
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["kl"] < 1e-6  # before the first update the policy is the reference
-    assert all(r["padding_fraction"] == 0 for r in rows)
-    values = [r["value_loss"] for r in rows]
+    assert rows[0]["actor/kl"] < 1e-6  # before the first update the policy is the reference
+    assert all(r["actor/padding_fraction"] == 0 for r in rows)
+    values = [r["critic/vf_loss"] for r in rows]
     assert min(values[-5:]) < values[0], values  # the critic learns
     for name in ("timeline.json", "timeline.png", "reward_curve.png"):
         assert (tmp_path / name).stat().st_size > 0, name

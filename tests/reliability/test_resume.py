@@ -81,7 +81,7 @@ def test_sigkill_mid_run_then_resume_logs_every_step_once(tmp_path, report):
     # The history before the checkpoint is the killed run's own, and the first resumed step
     # rolled out with the resumed weights: one verified sync past the saved version.
     assert rows[:resumed] == saved["history"]
-    assert rows[resumed]["weight_version_used"] == saved["weight_version"] + 1
+    assert rows[resumed]["sync/weight_version_used"] == saved["weight_version"] + 1
     assert summary["weight_version"] == saved["weight_version"] + 1 + (STEPS - resumed)
     assert summary["ordering_violations"] == []
     assert summary["final_reward"] > summary["initial_reward"]
@@ -92,7 +92,7 @@ def test_sigkill_mid_run_then_resume_logs_every_step_once(tmp_path, report):
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"rollout/reward", "actor/loss", "timing/sync_s", "sync/weight_version"} <= tags
+    assert {"rollout/reward", "actor/loss", "timing_s/sync", "sync/weight_version"} <= tags
     reward_steps = [e.step for e in events.Scalars("rollout/reward")]
     assert sorted(reward_steps) == list(range(STEPS)), reward_steps
     report.setdefault("resume", []).append(
