@@ -164,7 +164,7 @@ def main(argv=None) -> dict:
     topology["colocated"] = args.trainer_gpus is None
     summary.update(kl_coef=args.kl_coef, sync=not args.no_sync, seed=args.seed, topology=topology)
     (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(headline(summary, "GRPO"))
+    print(headline(summary, args.out, "GRPO"))
     return summary
 
 

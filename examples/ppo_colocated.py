@@ -170,7 +170,7 @@ def main(argv=None) -> dict:
     summary.update(reward_model=rm, seed=args.seed)
     summary["max_tokens_per_micro_batch"] = args.max_tokens_per_micro_batch
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"{headline(summary, 'PPO')}; kl {summary['kl']:.3f}; tenants {summary['roles']}")
+    print(f"{headline(summary, out, 'PPO')}; kl {summary['kl']:.3f}; tenants {summary['roles']}")
     return summary
 
 

@@ -312,5 +312,5 @@ def run(prepared: Prepared, announce: bool = True) -> dict:
     summary = summarize(prepared, log.rows, first, facts)
     write_summary(summary, log.rows, out)
     if announce:
-        print(headline(summary))
+        print(headline(summary, out))
     return summary

@@ -121,13 +121,18 @@ def write_summary(summary: dict, history: list[dict], out: Path) -> None:
     plot_curve(history, "reward", out / "reward_curve.png", "mean reward", ylim=None)
 
 
-def headline(summary: dict, name: str = "colocate-rl") -> str:
-    """The console line of a finished run (``<name> done: reward a -> b ...``)."""
+def headline(summary: dict, out: str | Path, name: str = "colocate-rl") -> str:
+    """The console line of a finished run (``<name> done: reward a -> b ...; outputs in OUT/``).
+
+    Args:
+        summary: The run's summary (:func:`summarize`).
+        out: The output directory as the user gave it.
+        name: What ran.
+    """
     last = min(5, len(summary["rewards"]))
     return (
-        f"{name} done: reward {summary['initial_reward']:.3f} -> {summary['final_reward']:.3f} "
-        f"(mean of last {last} steps) in {summary['steps']} steps, "
-        f"{summary['total_seconds']:.0f} s total; weight version {summary['weight_version']}; "
-        f"timeline ordering violations: {len(summary['ordering_violations'])}; outputs in "
-        f"{summary['out']}/"
+        f"{name} done: reward {summary['initial_reward']:.3f} -> "
+        f"{summary['final_reward']:.3f} (mean of the last {last} steps) in "
+        f"{summary['steps']} steps, {summary['total_seconds']:.0f} s; weight version "
+        f"{summary['weight_version']}; outputs in {out}/"
     )

@@ -94,6 +94,8 @@ def test_partial_rollouts_and_a_run_without_a_reference(tmp_path):
 
 def test_the_console_line(tmp_path):
     summary = summarize(_prepared(tmp_path, resumed=False), [_row(0), _row(1)], 0, FACTS)
-    line = headline(summary, "GRPO")
-    assert line.startswith("GRPO done: reward 0.000 -> 0.050 (mean of last 2 steps) in 7 steps")
-    assert "weight version 8; timeline ordering violations: 0" in line
+    line = headline(summary, "runs/x", "GRPO")
+    assert line == (
+        "GRPO done: reward 0.000 -> 0.050 (mean of the last 2 steps) in 7 steps, 30 s; "
+        "weight version 8; outputs in runs/x/"
+    )
