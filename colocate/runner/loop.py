@@ -133,6 +133,21 @@ def _check_eval(cfg: RunnerConfig, eval_data, names: list[str]) -> None:
         )
 
 
+def _check_data_order(cfg: RunnerConfig, state, rows: int, seed: int) -> None:
+    """The checkpoint's data order must continue on this recipe's data (same rows, seed)."""
+    from colocate.runner.data import PromptSampler
+
+    try:
+        PromptSampler(rows, seed, cfg.data.shuffle).restore(state.task["sampler"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RecipeError(
+            "checkpoint.resume",
+            cfg.checkpoint.resume,
+            f"its data order does not continue on this recipe's data ({exc!s})",
+            "resume with the saved run's data.train, data.seed and data.shuffle",
+        ) from None
+
+
 def prepare(config: RunnerConfig) -> Prepared:
     """Checks everything that can be checked before Ray starts; see the module docstring.
 
@@ -174,6 +189,8 @@ def prepare(config: RunnerConfig) -> Prepared:
     _check_eval(cfg, eval_data, names)
     _check_out(cfg.out)
     state = _resume(cfg)
+    if state is not None:
+        _check_data_order(cfg, state, len(train), seed)
     _check_address(cfg)
     cluster = cfg.cluster
     gpus = cluster.trainer_gpus + cluster.engine_gpus if cluster.separate else cluster.gpus
@@ -270,8 +287,8 @@ def run(prepared: Prepared, announce: bool = True) -> dict:
                 evaluate(0)
             bar = tqdm(range(first, cfg.steps), disable=not cfg.log.progress, desc="colocate-rl")
             for step in bar:
-                row = {"step": step, **runner.step()}
                 done, last = step + 1, step + 1 == cfg.steps
+                row = {"step": step, **runner.step(last)}
                 row["data/epoch"] = float(sampler.epoch)
                 if evaluator and evaluator.due(done, last):
                     row.update(evaluate(done))

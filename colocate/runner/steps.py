@@ -80,8 +80,12 @@ class StepRunner:
     def _prompts(self, rows: list[int]) -> list[list[int]]:
         return [self.p.train.prompt_ids[i] for i in rows]
 
-    def _draw(self, count: int) -> Drawn:
-        """One generate of ``count`` prompts' groups (PARTIAL: ``count`` complete groups)."""
+    def _draw(self, count: int, last: bool = False) -> Drawn:
+        """One generate of ``count`` prompts' groups (PARTIAL: ``count`` complete groups).
+
+        ASYNC: the batch started during the previous step, and the next one started at once
+        (not after the run's ``last`` step: its prompts would be drawn and never trained).
+        """
         coord = self.coord
         if self.mode is Pipeline.PARTIAL:
             rows = self.sampler.take(coord.rollouts.wanted())
@@ -93,7 +97,9 @@ class StepRunner:
                 self._start_async(count)
             rollout, rows = self._pending
             done = rollout.result()
-            self._start_async(count)
+            self._pending = None
+            if not last:
+                self._start_async(count)
             return Drawn(done, [rows[c.prompt_index] for c in done])
         rows = self.sampler.take(count)
         done = coord.generate(self._prompts(rows), self.sampling)
@@ -121,19 +127,19 @@ class StepRunner:
         name = self.cfg.algorithm.filter_metric
         return scores.total if name is None else scores.per_function[name]
 
-    def rollout(self) -> tuple[Drawn, object | None, dict]:
+    def rollout(self, last: bool = False) -> tuple[Drawn, object | None, dict]:
         """Step 1: the batch's groups; with dynamic sampling their rewards too."""
         wanted = self.cfg.rollout.prompts
         alg = self.cfg.algorithm
         if not alg.dynamic_sampling:
-            return self._draw(wanted), None, {}
+            return self._draw(wanted, last), None, {}
         kept, scored, rounds, dropped = Drawn(), [], 0, 0
-        last = None
+        latest = None
         while rounds < alg.max_sampling_rounds and len(kept.rows) < wanted * self.group:
             rounds += 1
             drawn = self._draw(wanted - len(kept.rows) // self.group)
             scores = self.scorer.score(self.items(drawn))
-            last = (drawn, scores)
+            latest = (drawn, scores)
             useful = informative_groups(self._filter_metric(scores), self.group)
             for g, keep in enumerate(useful):
                 lo, hi = g * self.group, (g + 1) * self.group
@@ -148,17 +154,17 @@ class StepRunner:
             "dynamic_sampling/kept_groups": float(len(kept.rows) // self.group),
         }
         if not kept.rows:  # nothing informative: train on the last round (zero advantages)
-            drawn, scores = last
+            drawn, scores = latest
             return drawn, scores, figures
         return kept, _joined(scored), figures
 
     # ----- 2-4. rewards, advantages, train, sync ----------------------------------------------
 
-    def step(self) -> dict:
-        """One step (see the module docstring); returns its metrics."""
+    def step(self, last: bool = False) -> dict:
+        """One step (see the module docstring); returns its metrics (``last``: the run's)."""
         cfg, coord = self.cfg, self.coord
         t0 = time.time()
-        drawn, scores, row = self.rollout()
+        drawn, scores, row = self.rollout(last)
         t_gen = time.time()
         pending = None if scores is not None else self.scorer.submit(self.items(drawn))
         batch = make_batch(drawn.completions, self.p.pad_id)

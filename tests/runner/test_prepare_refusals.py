@@ -62,6 +62,12 @@ def task(tmp_path) -> Path:
 def test_train_refuses_what_prepare_finds_before_ray(task):
     address = f"127.0.0.1:{_closed_port()}"
     not_a_run = task / "not-a-run"
+    # a checkpoint of a run over 5 rows: this recipe's 300 rows cannot continue its order
+    other = task / "other-run"
+    other.mkdir(exist_ok=True)
+    sampler = {"size": 5, "seed": 0, "shuffle": True, "epoch": 0, "position": 1}
+    state = {"next_step": 1, "weight_version": 2, "rng": [3, [0], None]}
+    (other / "run.json").write_text(json.dumps({**state, "task": {"sampler": sampler}}))
     # (overrides, how stderr starts after "error: ", what else it says)
     cases = [
         (["data.train=absent.jsonl"], "data.train='absent.jsonl': no such file", []),
@@ -91,6 +97,11 @@ def test_train_refuses_what_prepare_finds_before_ray(task):
             [f"checkpoint.resume={not_a_run}"],
             f"checkpoint.resume='{not_a_run}':",
             ["no checkpoints/step<N>", "checkpoint.save_every"],
+        ),
+        (
+            [f"checkpoint.resume={other}"],
+            f"checkpoint.resume='{other}': its data order does not continue",
+            ["size=5", "data.train"],
         ),
         ([f"model.path={task}"], f"model.path='{task}': holds no config.json", []),
         (["data.prompt_key=prompt"], "data.prompt_key='prompt': no such column", ["question"]),
