@@ -162,7 +162,7 @@ def prepare(config: RunnerConfig) -> Prepared:
 
     from colocate.runner.build import library_configs, resolve_model
     from colocate.runner.data import load_data
-    from colocate.runner.rewards import check_functions
+    from colocate.runner.reward_specs import check_functions
 
     cfg = config
     model = resolve_model(cfg.model)

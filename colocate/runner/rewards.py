@@ -15,9 +15,10 @@ reward model's term is added by the loop).
 
 The order of the steps:
 
-1. :func:`check_functions`, in the driver before Ray starts: loads every function, refuses a
-   spec that does not load, ``reward.kwargs`` that name no function, and a function whose
-   signature does not take the keyword arguments (a :class:`RecipeError` each).
+1. :func:`colocate.runner.reward_specs.check_functions`, in the driver before Ray starts:
+   loads every function, refuses a spec that does not load, ``reward.kwargs`` that name no
+   function, and a function whose signature does not take the keyword arguments (a
+   :class:`RecipeError` each).
 2. :meth:`RewardScorer.start`: ``reward.workers`` Ray actors (``num_cpus=0``), each loading the
    functions once (the driver's directory on its ``sys.path``; file paths made absolute).
 3. :meth:`RewardScorer.submit`: the items go out in one chunk per worker; it returns at once.
@@ -50,12 +51,13 @@ import functools
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from colocate.runner import _reward_worker as worker_module
-from colocate.runner.schema import OnError, RecipeError, RewardSection
+from colocate.runner.reward_specs import function_names, kwargs_by_name
+from colocate.runner.schema import OnError, RewardSection
 
 __all__ = [
     "RewardError",
@@ -63,9 +65,6 @@ __all__ = [
     "Scores",
     "RewardScorer",
     "PendingScores",
-    "load_function",
-    "check_functions",
-    "function_names",
     "REASONS",
 ]
 
@@ -76,9 +75,6 @@ REASONS = (
     worker_module.NON_FINITE,
     worker_module.BAD_TYPE,
 )
-
-#: The keyword arguments every reward function receives; ``reward.kwargs`` may not set them.
-_STANDARD_ARGS = ("prompt", "completion", "completion_ids", "row")
 
 #: Seconds added to a chunk's bound (``timeout_s`` per item): the call's round trip and a
 #: replacement worker's start (a new process importing the reward modules).
@@ -157,113 +153,6 @@ class Scores:
     messages: dict[str, str] = field(default_factory=dict)
 
 
-def function_names(specs: Sequence[str]) -> list[str]:
-    """The functions' names: the part after ``:``; a repeated name gets ``#2``, ``#3``, ..."""
-    names, seen = [], {}
-    for spec in specs:
-        base = spec.rpartition(":")[2]
-        seen[base] = seen.get(base, 0) + 1
-        names.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
-    return names
-
-
-def load_function(spec: str, key: str) -> Callable:
-    """Loads the function a spec names.
-
-    ``"pkg.module:fn"`` is imported (the current directory is appended to ``sys.path``, as a
-    console script does not have it); ``"path/to/file.py:fn"`` is loaded from the file (a path
-    relative to the current directory) under a module name unique to that file.
-
-    Args:
-        spec: ``"pkg.module:fn"`` or ``"path/to/file.py:fn"``.
-        key: The recipe key the spec came from (``reward.functions[1]``), for the error.
-
-    Returns:
-        The function.
-
-    Raises:
-        RecipeError: No such module or file, the import raised (the exception is named), no
-            such attribute, or not callable.
-    """
-    worker_module.add_to_path(os.getcwd())
-    try:
-        return worker_module.load(spec)
-    except worker_module.LoadError as e:
-        raise RecipeError(key, spec, e.problem, e.fix) from None
-
-
-def check_functions(section: RewardSection) -> list[str]:
-    """Loads every function in the driver and checks the section's keyword arguments.
-
-    Args:
-        section: The recipe's ``reward`` section.
-
-    Returns:
-        The functions' names (see :func:`function_names`), in the order of the specs.
-
-    Raises:
-        RecipeError: A spec does not load (:func:`load_function`); a ``reward.kwargs`` key
-            names no function, is not a mapping, or sets one of the standard arguments; a
-            function cannot be called with the standard arguments and its ``reward.kwargs``.
-    """
-    names = function_names(section.functions)
-    fns = [
-        load_function(spec, f"reward.functions[{i}]") for i, spec in enumerate(section.functions)
-    ]
-    kwargs = _kwargs_by_name(section, names)
-    for i, (spec, name, fn) in enumerate(zip(section.functions, names, fns, strict=True)):
-        _check_signature(fn, kwargs[name], f"reward.functions[{i}]", spec, name)
-    return names
-
-
-def _kwargs_by_name(section: RewardSection, names: list[str]) -> dict[str, dict]:
-    given = dict(section.kwargs or {})
-    for key, value in given.items():
-        if key not in names:
-            raise RecipeError(
-                f"reward.kwargs.{key}",
-                value,
-                f"names no reward function (the functions: {', '.join(names) or 'none'})",
-                "key the arguments by a function's name (the part of its spec after ':')",
-            )
-        if not isinstance(value, Mapping):
-            raise RecipeError(
-                f"reward.kwargs.{key}",
-                value,
-                "must be a mapping of keyword arguments",
-                f"pass e.g. reward.kwargs.{key}.NAME=VALUE",
-            )
-        for arg in value:
-            if arg in _STANDARD_ARGS:
-                raise RecipeError(
-                    f"reward.kwargs.{key}.{arg}",
-                    value[arg],
-                    "is one of the arguments the scorer passes itself",
-                    f"drop it (the scorer passes {', '.join(_STANDARD_ARGS)})",
-                )
-    return {name: dict(given.get(name) or {}) for name in names}
-
-
-def _check_signature(fn: Callable, kwargs: dict, key: str, spec: str, name: str) -> None:
-    import inspect
-
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):  # some builtins have none; the call will tell
-        return
-    try:
-        signature.bind(prompt="", completion="", completion_ids=[], row={}, **kwargs)
-    except TypeError as e:
-        given = ", ".join([*_STANDARD_ARGS, *kwargs])
-        raise RecipeError(
-            key,
-            spec,
-            f"cannot be called with the keyword arguments {given}: {e}",
-            f"define it as {name.split('#')[0]}(prompt, completion, completion_ids, row, "
-            f"**kwargs), and give its own arguments in reward.kwargs.{name}",
-        ) from None
-
-
 @functools.cache
 def _actor_class():
     import ray
@@ -299,7 +188,7 @@ class RewardScorer:
     Args:
         section: The recipe's ``reward`` section.
         names: The functions' names as :func:`check_functions` returned them (default:
-            :func:`function_names` of the specs).
+            :func:`~colocate.runner.reward_specs.function_names` of the specs).
         margin_s: Seconds added to each chunk's bound of ``timeout_s`` per item.
 
     Attributes:
@@ -320,7 +209,7 @@ class RewardScorer:
         self.weights = [float(w) for w in section.weights] or [1.0] * len(self.names)
         self._cwd = os.getcwd()
         self._specs = [_absolute(s, self._cwd) for s in section.functions]
-        kwargs = _kwargs_by_name(section, self.names)
+        kwargs = kwargs_by_name(section, self.names)
         self._kwargs = [kwargs[n] for n in self.names]
         self._margin_s = margin_s
         self._slots: list[_Slot] = []

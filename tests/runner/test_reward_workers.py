@@ -6,7 +6,8 @@ import time
 import pytest
 import ray
 
-from colocate.runner.rewards import RewardError, RewardItem, RewardScorer, check_functions
+from colocate.runner.reward_specs import check_functions
+from colocate.runner.rewards import RewardError, RewardItem, RewardScorer
 from colocate.runner.schema import OnError, RewardSection
 
 pytestmark = pytest.mark.timeout(180)

@@ -8,12 +8,8 @@ import pytest
 
 from colocate.runner import _reward_worker as worker_module
 from colocate.runner.reward_functions import format_regex, math_answer, overlong_penalty
-from colocate.runner.rewards import (
-    RewardScorer,
-    check_functions,
-    function_names,
-    load_function,
-)
+from colocate.runner.reward_specs import check_functions, function_names, load_function
+from colocate.runner.rewards import RewardScorer
 from colocate.runner.schema import RecipeError, RewardSection
 
 pytestmark = pytest.mark.fast
