@@ -42,6 +42,7 @@ __all__ = [
     "LibraryConfigs",
     "resolve_model",
     "library_configs",
+    "check_run",
     "memory_plan",
     "loss_function",
 ]
@@ -365,6 +366,32 @@ def library_configs(config: RunnerConfig, model: str) -> LibraryConfigs:
         sleep_level=cluster.sleep_level,
         roles=roles,
     )
+
+
+def check_run(config: RunnerConfig, configs: LibraryConfigs) -> None:
+    """The coordinator's own cross-checks of the configs, in the driver, before Ray starts.
+
+    ``RunConfig.of`` as ``Coordinator(...)`` calls it: the roles attached (each role's model
+    checked against the policy's), the engine's model checked for this machine's attention
+    backend, the pipeline and the token budgets checked together.
+
+    Raises:
+        RecipeError: On the recipe key of the field the library refused.
+    """
+    from colocate.core.run_config import RunConfig
+
+    keys = _ROLE_CHECK_KEYS | _ENGINE_KEYS | _PIPELINE_KEYS | _FROZEN_KEYS
+    with _recipe_keys(config, keys, "model.path"):
+        RunConfig.of(
+            configs.spec,
+            configs.engine,
+            configs.trainer,
+            loss_function(config),
+            sync=configs.sync,
+            sleep_level=configs.sleep_level,
+            pipeline=configs.pipeline,
+            roles=configs.roles,
+        )
 
 
 def memory_plan(

@@ -151,16 +151,17 @@ def _check_data_order(cfg: RunnerConfig, state, rows: int, seed: int) -> None:
 def prepare(config: RunnerConfig) -> Prepared:
     """Checks everything that can be checked before Ray starts; see the module docstring.
 
-    Order: the model, the reward model's directory, the library configs, the data (its
-    length budget included), the reward functions, evaluation's needs, the output
-    directory, the checkpoint to resume, the Ray address.
+    Order: the model, the reward model's directory, the library configs and the
+    coordinator's own checks of them, the data (its length budget included), the reward
+    functions, evaluation's needs, the output directory, the checkpoint to resume, the Ray
+    address.
 
     Raises:
         RecipeError: Naming the recipe key, the value and the fix.
     """
     from transformers import AutoTokenizer
 
-    from colocate.runner.build import library_configs, resolve_model
+    from colocate.runner.build import check_run, library_configs, resolve_model
     from colocate.runner.data import load_data
     from colocate.runner.reward_specs import check_functions
 
@@ -173,6 +174,7 @@ def prepare(config: RunnerConfig) -> Prepared:
         )
     tokenizer = AutoTokenizer.from_pretrained(model)
     libs = library_configs(cfg, model)
+    check_run(cfg, libs)
     rollout = cfg.rollout
     budget = cfg.data.max_prompt_tokens or rollout.max_model_len - rollout.max_tokens
     if budget + rollout.max_tokens > rollout.max_model_len:
