@@ -86,6 +86,17 @@ class LibraryConfigs:
     sleep_level: int
     roles: list[Role]
 
+    def coordinator_args(self, loss_fn: Callable) -> tuple[tuple, dict]:
+        """``(args, options)`` of ``Coordinator(*args, **options)`` and ``RunConfig.of``."""
+        args = (self.spec, self.engine, self.trainer, loss_fn)
+        options = {
+            "sync": self.sync,
+            "sleep_level": self.sleep_level,
+            "pipeline": self.pipeline,
+            "roles": self.roles,
+        }
+        return args, options
+
 
 def resolve_model(section: ModelSection) -> str:
     """The policy's local directory: ``tiny`` builds the tiny Llama (cached), else a checked dir.
@@ -382,16 +393,8 @@ def check_run(config: RunnerConfig, configs: LibraryConfigs) -> None:
 
     keys = _ROLE_CHECK_KEYS | _ENGINE_KEYS | _PIPELINE_KEYS | _FROZEN_KEYS
     with _recipe_keys(config, keys, "model.path"):
-        RunConfig.of(
-            configs.spec,
-            configs.engine,
-            configs.trainer,
-            loss_function(config),
-            sync=configs.sync,
-            sleep_level=configs.sleep_level,
-            pipeline=configs.pipeline,
-            roles=configs.roles,
-        )
+        args, options = configs.coordinator_args(loss_function(config))
+        RunConfig.of(*args, **options)
 
 
 def memory_plan(

@@ -240,16 +240,8 @@ def run(prepared: Prepared, announce: bool = True) -> dict:
     cfg, libs, state = prepared.config, prepared.libs, prepared.state
     out = Path(cfg.out)
     connect(cfg.cluster.address, logical_gpus=prepared.gpus)
-    coord = Coordinator(
-        libs.spec,
-        libs.engine,
-        libs.trainer,
-        loss_function(cfg),
-        sync=libs.sync,
-        sleep_level=libs.sleep_level,
-        pipeline=libs.pipeline,
-        roles=libs.roles,
-    )
+    args, options = libs.coordinator_args(loss_function(cfg))
+    coord = Coordinator(*args, **options)
     seed = cfg.data.seed if cfg.data.seed is not None else cfg.seed
     sampler = PromptSampler(len(prepared.train), seed, cfg.data.shuffle)
     task = state.task if state else {}
