@@ -122,15 +122,19 @@ def group_advantages(
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
     """Returns-to-go ``G_t = r_t + gamma * G_{t+1}`` over each row's masked tokens [B, T].
 
-    0 outside ``mask``, where the recursion restarts: a row's prompt gets nothing back from
-    its completion, and a reward outside the mask is dropped.
+    The recursion runs over the masked tokens only: a position outside ``mask`` is skipped,
+    the running return carried past it unchanged, and gets 0. In a multi-turn row an earlier
+    turn thus gets the later turns' rewards back across the observation tokens between them
+    (as if they were not there); a row's prompt gets 0, and a reward outside the mask is
+    dropped.
     """
     mask = mask.float()
     out = torch.zeros_like(rewards, dtype=torch.float32)
     running = torch.zeros(rewards.shape[0], dtype=torch.float32)
     for t in reversed(range(rewards.shape[1])):
-        running = (rewards[:, t].float() + gamma * running) * mask[:, t]
-        out[:, t] = running
+        on = mask[:, t] > 0
+        running = torch.where(on, rewards[:, t].float() + gamma * running, running)
+        out[:, t] = torch.where(on, running, 0.0)
     return out
 
 

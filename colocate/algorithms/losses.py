@@ -3,7 +3,10 @@
 Batches are dicts of tensors with one row per sequence (prompt + completion, right-padded):
 
 - ``input_ids`` [B, T] and ``attention_mask`` [B, T];
-- ``completion_mask`` [B, T]: 1 where the token is a generated one (its log-prob is trained);
+- ``completion_mask`` [B, T]: 1 where the token is a generated one (its log-prob is trained),
+  0 elsewhere: the prompt, padding, and in a multi-turn row the observation tokens between its
+  turns. What a per-token field holds where the mask is 0 is never read by these losses (it
+  may be anything, even an inf: it is masked out before any exp or square);
 - ``sequence_starts`` [B, T]: 1.0 at each row's first completion token (the per-sequence
   :class:`LossAgg` modes count sequences by it; per token, so it survives packing);
 - for the policy loss, ``old_logprobs`` [B, T] (the rollout's log-probs at those positions, 0
@@ -77,13 +80,31 @@ def batch_logprobs(model, batch: dict) -> torch.Tensor:
     )
 
 
-def kl_to_reference(new: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+def kl_to_reference(
+    new: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-token KL(pi || pi_ref) estimate, the unbiased non-negative "k3" one (GRPO's).
 
     ``exp(ref - new) - (ref - new) - 1`` of the sampled tokens' log-probs: 0 where they agree.
+
+    Args:
+        new: The policy's log-probs.
+        ref: The reference's log-probs, same shape.
+        mask: Where given, the estimate is 0 (with a zero gradient) wherever ``mask`` is not
+            positive, whatever ``ref`` and ``new`` hold there: their difference is dropped
+            before the exp, so a large ``ref`` outside the mask cannot make an inf whose
+            product with 0 would be NaN.
     """
     d = ref - new
+    if mask is not None:
+        d = _on(d, mask)
     return torch.exp(d) - d - 1
+
+
+def _on(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # x where the mask is positive, 0 elsewhere, taken before any nonlinear op: a product with
+    # the mask afterwards turns an inf (or its gradient) outside it into NaN.
+    return torch.where(mask > 0, x, 0.0)
 
 
 def first_tokens(mask: torch.Tensor) -> torch.Tensor:
@@ -115,7 +136,9 @@ def aggregate(
     Sequences are found the same way in padded rows ``[B, T]`` and a packed row ``[1, N]``:
     ``sequence_starts`` marks each sequence's first masked token, so over the flattened tokens
     the running count of starts is each masked token's sequence. A sequence with no masked
-    token counts none; an empty batch gives 0.
+    token counts none; an empty batch gives 0. A multi-turn sequence (masked tokens with gaps
+    of unmasked ones between its turns) has one start and is one sequence. ``values`` outside
+    ``mask`` are never read.
 
     Args:
         values: Per-token terms ``[B, T]`` or ``[1, N]``.
@@ -132,6 +155,7 @@ def aggregate(
     """
     mode = LossAgg(mode)
     mask = mask.float()
+    values = _on(values, mask)
     total = (values * mask).sum()
     if mode is LossAgg.TOKEN_MEAN:
         return total / mask.sum().clamp(min=1.0)
@@ -213,6 +237,10 @@ def policy_loss(
     ``ref_diff`` (mean |log pi - log pi_ref|: 0 before the first update when the reference is
     the starting policy).
 
+    Only tokens where ``completion_mask`` is 1 enter the loss, its gradient and the metrics:
+    ``old_logprobs``, ``trainer_logprobs``, ``ref_logprobs`` and per-token ``advantages`` are
+    dropped elsewhere (a multi-turn row's observation tokens included) before any exp.
+
     Without ``tis_cap`` the ratio is taken against the rollout's log-probs, so the first update
     of a step is exactly the policy gradient and later ones (if any) stay clipped.
 
@@ -248,27 +276,30 @@ def policy_loss(
     old = batch["old_logprobs"]
     adv = batch["advantages"].float()
     adv = adv.unsqueeze(1) if adv.dim() == 1 else adv  # per row or per token
+    # Outside the mask (prompt, padding, a multi-turn row's observations) every input is
+    # dropped before the exps, so whatever it holds there adds neither loss nor gradient.
+    adv = _on(adv, mask)
     tokens = mask.sum().clamp(min=1.0)
     if tis_cap is None:
-        ratio = torch.exp((new - old) * mask)
+        ratio = torch.exp(_on(new - old, mask))
         weight = 1.0
     else:
         behind = batch.get("trainer_logprobs")
         behind = new.detach() if behind is None else behind
-        ratio = torch.exp((new - behind) * mask)
-        weight = torch.exp((behind - old) * mask).clamp(max=tis_cap)
+        ratio = torch.exp(_on(new - behind, mask))
+        weight = torch.exp(_on(behind - old, mask)).clamp(max=tis_cap)
     surrogate = clipped_surrogate(ratio, adv, clip_low, clip_high)
     pg = aggregate(-(surrogate * weight), mask, starts, mode, norm_tokens)
     loss = pg
     if kl_coef:
         loss = loss + kl_coef * aggregate(
-            kl_to_reference(new, ref), mask, starts, mode, norm_tokens
+            kl_to_reference(new, ref, mask), mask, starts, mode, norm_tokens
         )
     with torch.no_grad():
         # Counts, divided once: the symmetric case's clip_fraction is the former |r - 1| > clip.
         low = ((1 - ratio) > clip_low).float().mul(mask).sum()
         high = ((ratio - 1) > clip_high).float().mul(mask).sum()
-        diff = (new - old) * mask
+        diff = _on(new - old, mask)
         engine_ratio = torch.exp(diff)[mask > 0]
         metrics = {
             "pg_loss": float(pg),
@@ -280,8 +311,8 @@ def policy_loss(
             "ratio_std": float(engine_ratio.std()) if engine_ratio.numel() > 1 else 0.0,
         }
         if ref is not None:
-            metrics["kl"] = float((kl_to_reference(new, ref) * mask).sum() / tokens)
-            metrics["ref_diff"] = float(((new - ref) * mask).abs().sum() / tokens)
+            metrics["kl"] = float((kl_to_reference(new, ref, mask) * mask).sum() / tokens)
+            metrics["ref_diff"] = float(_on(new - ref, mask).abs().sum() / tokens)
         if tis_cap is not None:
             truncated = (torch.exp(diff) > tis_cap).float().mul(mask).sum() / tokens
             metrics["tis_truncated"] = float(truncated)
@@ -309,7 +340,7 @@ def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean negative log-likelihood of the tokens where ``completion_mask`` is 1."""
     mask = batch["completion_mask"].float()
     logp = batch_logprobs(model, batch)
-    loss = -(logp * mask).sum() / mask.sum().clamp(min=1.0)
+    loss = -(_on(logp, mask) * mask).sum() / mask.sum().clamp(min=1.0)
     return loss, {}
 
 

@@ -21,9 +21,11 @@ def token_rewards(batch: dict, scores: torch.Tensor, kl_coef: float) -> torch.Te
     """Per-token rewards [B, T]: the KL penalty on every token, the score on the last.
 
     ``-kl_coef * (log pi_old - log pi_ref)`` on every completion token, plus the row's score
-    on its last completion token. With ``kl_coef`` 0 the batch needs no ``old_logprobs`` or
-    ``ref_logprobs``. A row without completion tokens gets its score outside the mask (at
-    position 0), where the returns and advantages computed from it are 0.
+    on its last completion token (in a multi-turn row, the last token of its last turn). With
+    ``kl_coef`` 0 the batch needs no ``old_logprobs`` or ``ref_logprobs``; whatever they hold
+    outside ``completion_mask`` (an observation's tokens, padding) is never read. A row without
+    completion tokens gets its score outside the mask (at position 0), where the returns and
+    advantages computed from it are 0.
     """
     mask = batch["completion_mask"].float()
     if kl_coef:
@@ -33,7 +35,8 @@ def token_rewards(batch: dict, scores: torch.Tensor, kl_coef: float) -> torch.Te
                 "fix: add the reference role's log-probs (Coordinator.call_role('reference', "
                 "ReferenceActor.logprobs, batch)), or pass kl_coef=0"
             )
-        rewards = -kl_coef * (batch["old_logprobs"] - batch["ref_logprobs"]) * mask
+        diff = batch["old_logprobs"] - batch["ref_logprobs"]
+        rewards = -kl_coef * torch.where(mask > 0, diff, 0.0)
     else:
         rewards = torch.zeros_like(mask)
     positions = torch.arange(mask.shape[1]).expand_as(mask)
@@ -47,6 +50,13 @@ def gae(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over the masked (completion) tokens of each row.
 
+    The recursion runs over each row's masked tokens only, from its last one back: a position
+    outside ``mask`` is skipped, the running advantage and the next value carried past it
+    unchanged (verl's multi-turn GAE). In a multi-turn row (turns separated by observation
+    tokens, mask 0) an earlier turn thus sees the later turns' rewards and values as if the
+    observations were not there; in a row of one completion nothing flows into its prompt or
+    its padding. Rewards and values outside ``mask`` are never read.
+
     Returns:
         ``(advantages, returns)`` [B, T], 0 outside ``mask``; ``returns = advantages + values``.
     """
@@ -55,22 +65,22 @@ def gae(
     running = torch.zeros(rewards.shape[0])
     next_value = torch.zeros(rewards.shape[0])
     for t in reversed(range(rewards.shape[1])):
-        m = mask[:, t]
+        on = mask[:, t] > 0
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = delta + gamma * lam * running
-        adv[:, t] = running * m
-        # outside the completion nothing flows: the recursion restarts at its last token
-        running = running * m
-        next_value = values[:, t] * m
-    return adv, (adv + values) * mask
+        running = torch.where(on, delta + gamma * lam * running, running)
+        next_value = torch.where(on, values[:, t], next_value)
+        adv[:, t] = torch.where(on, running, 0.0)
+    return adv, torch.where(mask > 0, adv + values, 0.0)
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``x`` brought to mean 0 and unit population std over the tokens of ``mask``; 0 outside.
 
-    One mean and one std over every masked token of the batch (not per row).
+    One mean and one std over every masked token of the batch (not per row); what ``x`` holds
+    outside ``mask`` is never read.
     """
     mask = mask.float()
+    x = torch.where(mask > 0, x, 0.0)
     tokens = mask.sum().clamp(min=1.0)
     mean = (x * mask).sum() / tokens
     std = (((x - mean) * mask) ** 2).sum().div(tokens).sqrt()
@@ -98,7 +108,8 @@ def ppo_advantages(
     if normalize_scores and len(scores) > 1:
         scores = (scores - scores.mean()) / (scores.std(unbiased=False) + 1e-6)
     mask = batch["completion_mask"].float()
-    values = batch["values"].float() * mask
+    # Outside the mask (observations, prompt, padding) the critic's values are never read.
+    values = torch.where(mask > 0, batch["values"].float(), 0.0)
     rewards = token_rewards(batch, scores, kl_coef)
     adv, returns = gae(rewards, values, mask, gamma, lam)
     return {

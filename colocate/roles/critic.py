@@ -95,19 +95,23 @@ def batch_values(model, batch: dict) -> torch.Tensor:
 def value_loss(model, batch: dict, clip: float | None = 0.2):
     """PPO's value loss: 0.5 x squared error to ``returns`` (clipped around ``old_values``).
 
-    Means over ``completion_mask`` tokens. Metrics: ``value_loss``, ``value_clip_fraction``,
-    ``value_mean``.
+    Means over ``completion_mask`` tokens; ``returns`` and ``old_values`` outside it (prompt,
+    padding, a multi-turn row's observation tokens) are never read. Metrics: ``value_loss``,
+    ``value_clip_fraction``, ``value_mean``.
     """
     mask = batch["completion_mask"].float()
+    on = mask > 0
     tokens = mask.sum().clamp(min=1.0)
     v = batch_values(model, batch)
     ret = batch["returns"].float()
-    err = (v - ret) ** 2
+    # The errors are dropped outside the mask before they are squared: a product with the
+    # mask afterwards turns an overflowing square (or its gradient) into NaN.
+    err = torch.where(on, v - ret, 0.0) ** 2
     clipped = torch.zeros(())
     if clip is not None:
         old = batch["old_values"].float()
         vc = old + (v - old).clamp(-clip, clip)
-        err_c = (vc - ret) ** 2
+        err_c = torch.where(on, vc - ret, 0.0) ** 2
         clipped = ((err_c > err).float() * mask).sum() / tokens
         err = torch.maximum(err, err_c)
     loss = 0.5 * (err * mask).sum() / tokens
