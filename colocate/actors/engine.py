@@ -93,6 +93,8 @@ class EngineActor(EngineTenant):
         self.released: dict[str, int] = {}  # what the last sleep released (summed over workers)
         self._warming = False  # the workers' warm-up compile may still run
         self._plan = None  # the bucket plan of the sync set-up
+        self._agent = None  # (AgentConfig, AgentLoop) of the last run_episodes
+        self._episodes: list = []  # agent episodes paused by a run_episodes that stopped early
 
     def start(self) -> EngineCapabilities:
         """Builds the vLLM engine (allocates weights and KV cache). Idempotent."""
@@ -189,6 +191,58 @@ class EngineActor(EngineTenant):
             )
             detail["kept"] = sum(not r.done for r in out)
         return out
+
+    def run_episodes(self, starts: list, sampling: Sampling, agent, groups: int | None) -> list:
+        """Runs agent episodes here (see ``EngineTenant.run_episodes``; ``colocate.agents``).
+
+        Raises:
+            ValueError: A prompt that leaves no room for a turn in ``max_context``.
+        """
+        from colocate.agents.episode import Stage
+
+        llm = self._require_awake("run_episodes")
+        loop = self._agent_loop(agent, llm)
+        self._finish_warm_up()
+        self._maybe_crash(Fault.CRASH_IN_GENERATE)
+        try:
+            new = loop.start(starts)
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
+        episodes = self._episodes + new
+        with self.span("engine.run_episodes", new=len(new), resumed=len(self._episodes)) as d:
+            loop.run(llm.llm_engine, episodes, sampling, self.weight_version, groups)
+            by_group: dict[int, list] = {}
+            for e in episodes:
+                by_group.setdefault(e.start.group, []).append(e)
+            finished = [g for g, m in by_group.items() if all(e.stage is Stage.DONE for e in m)]
+            if groups is not None:  # the oldest; other finished groups wait for the next call
+                finished = sorted(finished)[:groups]
+            done = set(finished)
+            self._episodes = [e for e in episodes if e.start.group not in done]
+            tokenizer = llm.get_tokenizer()
+            out = [
+                e.result(tokenizer.decode(e.ids))
+                for g in finished
+                for e in sorted(by_group[g], key=lambda e: e.start.sample)
+            ]
+            d.update(returned=len(out), paused=len(self._episodes), steps=loop.steps)
+        return out
+
+    def _agent_loop(self, agent, llm):
+        """The agent loop for ``agent`` (made again when the config changes)."""
+        from colocate.agents.loop import AgentLoop
+
+        if self._agent is None or self._agent[0] != agent:
+            if self._episodes:
+                raise InputError(
+                    f"{self.name}: {len(self._episodes)} episodes of another AgentConfig are "
+                    "paused here; fix: finish them with the same config first"
+                )
+            if self._agent is not None:
+                self._agent[1].close()
+            loop = AgentLoop(agent, llm.get_tokenizer(), self.config.max_model_len)
+            self._agent = (agent, loop)
+        return self._agent[1]
 
     def _completions(self, outputs, token_prompts, first_index: int) -> list[Completion]:
         out = []
@@ -437,6 +491,9 @@ class EngineActor(EngineTenant):
 
     def shutdown(self) -> None:
         """Leaves the transfer group and drops the engine."""
+        if self._agent is not None:
+            self._agent[1].close()
+            self._agent, self._episodes = None, []
         if self._llm is not None:
             from weight_sync.receiver import WeightSyncWorkerExtension as Ext
 

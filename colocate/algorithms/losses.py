@@ -347,9 +347,11 @@ def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
 def make_batch(completions, pad_id: int) -> dict:
     """A padded batch of engine completions, one right-padded row of prompt + completion each.
 
-    Fields: ``input_ids``, ``attention_mask``, ``completion_mask``, ``old_logprobs`` (the
-    engine's, where it returned them; 0 elsewhere), ``sequence_starts`` (1.0 at each row's
-    first completion token, :func:`first_tokens`) and ``weight_version``; no advantages
+    Fields: ``input_ids``, ``attention_mask``, ``completion_mask`` (1 on the completion's
+    sampled tokens: its ``loss_mask`` where it has one, so a multi-turn episode's observation
+    tokens are 0), ``old_logprobs`` (the engine's, where it returned them; 0 elsewhere),
+    ``sequence_starts`` (1.0 at each row's first completion token, :func:`first_tokens`) and
+    ``weight_version``; no advantages
     (``colocate.algorithms.advantages.estimate`` adds them).
 
     A completion of no tokens (an engine may stop before the first) makes a row with no
@@ -377,7 +379,7 @@ def make_batch(completions, pad_id: int) -> dict:
         p, n = len(c.prompt_token_ids), len(c.token_ids)
         input_ids[i, : len(ids)] = torch.tensor(ids)
         attention[i, : len(ids)] = 1
-        comp[i, p : p + n] = 1
+        comp[i, p : p + n] = torch.tensor(c.loss_mask, dtype=torch.float32) if c.loss_mask else 1
         if c.logprobs:
             old[i, p : p + n] = torch.tensor(c.logprobs, dtype=torch.float32)
     return {

@@ -139,6 +139,10 @@ class Completion:
     #: ``(weight version, tokens)`` runs over ``token_ids`` (a partial rollout's completion
     #: may span versions; ``weight_version`` is then the oldest). Empty: all ``weight_version``.
     weight_versions: tuple[tuple[int, int], ...] = ()
+    #: Per token of ``token_ids``: 1 where the model sampled it (trained), 0 where an
+    #: environment appended it (a multi-turn episode's observations: no log-prob, never in
+    #: the loss). Empty: every token is sampled.
+    loss_mask: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -354,6 +358,24 @@ class EngineTenant(Tenant):
         Returns:
             Every request, updated (new tokens tagged with this engine's weight version).
         """
+
+    def run_episodes(self, starts: list, sampling: Any, agent: Any, groups: int | None) -> list:
+        """Runs agent episodes (``colocate.agents``) on this engine, each at its own pace.
+
+        ``starts`` (``EpisodeStart``) join the episodes paused here by an earlier call; each
+        turn samples at most ``agent.turn_tokens`` tokens with ``sampling`` (``n`` is not
+        used: one episode per start). With ``groups`` None every episode runs to its end;
+        otherwise the call returns once ``groups`` prompt groups are done, and the other
+        episodes are paused here (the turn in the engine aborted with its tokens kept, the
+        environment steps settled) until the next call. Nothing runs in the engine when it
+        returns. Needs the engine awake.
+
+        Returns:
+            ``EpisodeResult`` of every episode of each finished group, group by group.
+
+        The default refuses: an engine without an agent loop (a test double) runs none.
+        """
+        raise NotImplementedError(f"{type(self).__name__} runs no agent episodes")
 
     @abstractmethod
     def expected_weights(self) -> Any:

@@ -162,6 +162,24 @@ class Coordinator:
         run = self.rollouts.generate
         return self._guard(lambda: run(self.fleet, prompts, sampling, groups))
 
+    def run_episodes(
+        self, rows: Sequence, agent, sampling: Sampling, groups: int | None = None
+    ) -> list:
+        """Runs ``sampling.n`` multi-turn agent episodes per row on the engines; needs ROLLOUT.
+
+        ``agent`` is a ``colocate.agents.AgentConfig`` (the environment, the episode limits).
+        Each episode's turns go to the engines as soon as its environment answers
+        (``colocate.agents.AgentLoop``); every episode is finished, or in PARTIAL mode paused
+        with its tokens kept, when this returns (:meth:`RolloutDriver.run_episodes`).
+
+        Returns:
+            ``colocate.agents.EpisodeResult`` per episode, group by group: ``completion``
+            (observation tokens have ``loss_mask`` 0; ``make_batch`` makes them 0 in
+            ``completion_mask``), ``reward`` (the environment's), ``stats``.
+        """
+        run = self.rollouts.run_episodes
+        return self._guard(lambda: run(self.fleet, rows, agent, sampling, groups))
+
     def evaluate(self, prompts: Sequence, sampling: Sampling) -> list[Completion]:
         """Generates for evaluation on the served weights (ROLLOUT; the trainer stays offloaded).
 

@@ -46,6 +46,9 @@ class RolloutDriver:
         self.timeline = timeline
         self.buffer: RolloutBuffer | None = None  # PARTIAL: made by the first generate
         self._snapshot: dict | None = None  # restored before the first generate
+        #: Agent episode groups issued over the run (the next group's id).
+        self.episodes_issued = 0
+        self._episode_groups = [0] * config.spec.engines  # per engine, groups not yet returned
         #: PARTIAL: the figures of the last generate (see :meth:`generate_partial`).
         self.stats: dict = {}
 
@@ -111,6 +114,79 @@ class RolloutDriver:
                 self.timeline.extend(spans)
 
         return Rollout(lambda: [c for completions in wait() for c in completions])
+
+    # ----- agent episodes ---------------------------------------------------------------------
+
+    def run_episodes(
+        self, fleet, rows: Sequence, agent, sampling: Sampling, groups: int | None = None
+    ) -> list:
+        """Runs ``sampling.n`` agent episodes per dataset row on the engines (ROLLOUT).
+
+        Each row's group goes to one engine (its episodes share a prompt prefix there); group
+        ids are issued in order over the run (``completion.prompt_index``).
+
+        SYNC/ASYNC: contiguous rows per engine, every episode run to its end, in one bounded
+        wait. PARTIAL: new groups go to the engines holding the fewest; rounds of calls (one
+        bounded wait each), each engine returning its share of ``groups`` finished groups
+        (default: one per row) and pausing its other episodes, which resume in a later call
+        after the sync (their tokens kept, the newer weights' tokens in their spans).
+
+        Returns:
+            ``EpisodeResult`` per episode, group by group (the oldest groups first).
+        """
+        require(self.exec.phase, Phase.ROLLOUT, "run_episodes")
+        from colocate.agents.episode import EpisodeStart
+
+        rows = list(rows)
+        partial = self.config.pipeline.mode is Pipeline.PARTIAL
+        if groups is not None and not partial:
+            raise InputError(
+                f"run_episodes(groups={groups}) needs PipelineConfig(mode='partial'); fix: drop it"
+            )
+        wanted = len(rows) if groups is None else groups
+        if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 1:
+            raise InputError(f"run_episodes: pass rows (got {len(rows)}) or groups >= 1")
+        engines = self.config.spec.engines
+        held = self._episode_groups
+        starts: list[list] = [[] for _ in range(engines)]
+        first = self.episodes_issued
+        for i, row in enumerate(rows):
+            e = i * engines // len(rows) if not partial else held.index(min(held))
+            starts[e] += [EpisodeStart(first + i, s, row) for s in range(sampling.n)]
+            held[e] += 1
+        self.episodes_issued += len(rows)
+        tag = self.exec.tag(Phase.ROLLOUT.value)
+        run = EngineTenant.run_episodes
+        out: list = []
+        with self.exec.span("run_episodes", tag, rows=len(rows)) as detail:
+            rounds = 0
+            while len(out) < wanted * sampling.n:
+                need = wanted - len(out) // sampling.n
+                active = [e for e in range(engines) if held[e] or starts[e]]
+                if not active:
+                    break
+                share = -(-need // len(active))
+                calls = [
+                    fleet.engine_call(
+                        e,
+                        run,
+                        starts[e],
+                        sampling,
+                        agent,
+                        min(held[e], share) if partial else None,
+                        tag=tag,
+                    )
+                    for e in active
+                ]
+                results = self.exec.wait(calls, self.config.timeouts.step_s)
+                starts = [[] for _ in range(engines)]
+                for e, got in zip(active, results, strict=True):
+                    held[e] -= len({r.completion.prompt_index for r in got})
+                    out += got
+                rounds += 1
+            detail.update(rounds=rounds, returned=len(out))
+        out.sort(key=lambda r: (r.completion.prompt_index, r.completion.sample_index))
+        return out
 
     # ----- PARTIAL ----------------------------------------------------------------------------
 
