@@ -144,7 +144,8 @@ def lockstep(llm, tokenizer, prompts, args, sampling, pool) -> tuple[list, list[
             mask[i] += [1] * len(tokens)
             lengths.append(len(tokens))
             turns[i] = Turn(k, tuple(tokens), "", out.outputs[0].finish_reason)
-        results = dict(zip(active, pool.map(lambda i: envs[i].step(turns[i]), active)))
+        steps = [pool.submit(envs[i].step, turns[i]) for i in active]  # every tool at once
+        results = {i: f.result() for i, f in zip(active, steps, strict=True)}
         for i in active:
             if not results[i].done:
                 ids[i] += list(results[i].observation)
@@ -206,13 +207,8 @@ def main(argv=None) -> dict:
     )
     loop = AgentLoop(agent, tokenizer, max_len)
     pool = cf.ThreadPoolExecutor(args.episodes)
-    order = ["lockstep", "interleaved", "interleaved", "lockstep"] * args.repeats
-    order = order[: 2 * args.repeats]  # ABBA: repeats blocks per mode
-    order = [
-        m
-        for i in range(args.repeats)
-        for m in (("lockstep", "interleaved") if i % 2 == 0 else ("interleaved", "lockstep"))
-    ]
+    pairs = [("lockstep", "interleaved"), ("interleaved", "lockstep")]
+    order = [m for i in range(args.repeats) for m in pairs[i % 2]]  # ABBA ...
     # Untimed blocks first: the CPU engine's first steps at each new batch size and context
     # length are many times slower than later ones (measured: 34 s, then 16 s, then 1.8 s for
     # the same lockstep block), so both modes run until a block's time settles.
