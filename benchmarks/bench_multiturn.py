@@ -39,6 +39,7 @@ import argparse
 import concurrent.futures as cf
 import os
 import statistics
+import sys
 import time
 
 from common import add_model_args, code_version, machine, model_spec, verdict, write_json
@@ -175,8 +176,17 @@ def interleaved(loop, llm, prompts, sampling, block: int) -> tuple[list, list[in
     return results, lengths, overlapped / max(1, len(later))
 
 
+#: The environment the library's engine actors get on CPU (``Fleet.engine_env``): the engine
+#: core in the engine's process, and no torch.compile of an eager engine's log-prob gather.
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCHDYNAMO_DISABLE": "1"}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if any(os.environ.get(k) != v for k, v in ENGINE_ENV.items()):
+        # vLLM reads it at import: this process starts again with it, passed explicitly
+        argv = sys.argv[1:] if argv is None else list(argv)
+        os.execve(sys.executable, [sys.executable, __file__, *argv], {**os.environ, **ENGINE_ENV})
     max_len = 64 + args.turns * (args.turn_tokens + 8)
     model = str(build_tiny_model(model_spec(args, max_len)))
     config = EngineConfig(
@@ -186,9 +196,6 @@ def main(argv=None) -> dict:
         max_num_seqs=256,
         seed=args.seed,
     )
-    # The environment the library's engine actors set on CPU (Fleet.engine_env): the engine
-    # core in this process, no torch.compile of an eager engine's log-prob gather.
-    os.environ.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCHDYNAMO_DISABLE": "1"})
     import vllm
 
     llm = vllm.LLM(**llm_kwargs(config, cuda=False))

@@ -186,7 +186,13 @@ class RolloutDriver:
                 rounds += 1
             detail.update(rounds=rounds, returned=len(out))
         out.sort(key=lambda r: (r.completion.prompt_index, r.completion.sample_index))
+        if partial:
+            self.stats = _episode_stats(out, sum(held), rounds)
         return out
+
+    def episodes_held(self) -> int:
+        """Agent episode groups issued and not yet returned (paused or finished on engines)."""
+        return sum(self._episode_groups)
 
     # ----- PARTIAL ----------------------------------------------------------------------------
 
@@ -295,4 +301,23 @@ def _stats(out: list[Completion], buffer: RolloutBuffer, rounds: int, version: i
         "rounds": rounds,
         "version": version,
         "kept_tokens": buffer.kept_tokens(),  # generated, held for groups not yet returned
+    }
+
+
+def _episode_stats(results: list, held: int, rounds: int) -> dict:
+    """PARTIAL agent episodes: the partial-rollout figures of the episodes returned.
+
+    ``partial_fraction``: the share whose tokens span more than one weight version (paused
+    across a hand-over); ``max_staleness``: the most versions between an episode's oldest and
+    newest tokens; ``in_flight``: groups held by the engines after the call.
+    """
+    spans = [[v for v, _ in r.completion.weight_versions] for r in results]
+    n = max(1, len(spans))
+    return {
+        "partial_fraction": sum(len(set(s)) > 1 for s in spans) / n,
+        "max_staleness": max((max(s) - min(s) for s in spans if s), default=0),
+        "dropped": 0,
+        "in_flight": held,
+        "rounds": rounds,
+        "returned": len(results),
     }

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from colocate.agents.config import AgentConfig
 from colocate.algorithms.advantages import Estimator
 from colocate.algorithms.losses import LossAgg
 from colocate.core.config import (
@@ -74,6 +75,7 @@ class LibraryConfigs:
         sleep_level: vLLM sleep level of the engines while the trainer trains.
         roles: The reference (``algorithm.kl_coef > 0``), the reward model (``reward.model``)
             and the critic (``algorithm.estimator=gae``), in that order.
+        agent: The agent loop (``agent.env``; None: single-turn rollouts).
     """
 
     model: str
@@ -85,6 +87,7 @@ class LibraryConfigs:
     sampling: Sampling
     sleep_level: int
     roles: list[Role]
+    agent: AgentConfig | None = None
 
     def coordinator_args(self, loss_fn: Callable) -> tuple[tuple, dict]:
         """``(args, options)`` of ``Coordinator(*args, **options)`` and ``RunConfig.of``."""
@@ -156,6 +159,19 @@ _SAMPLING_KEYS = {
     "max_tokens": "rollout.max_tokens",
     "temperature": "rollout.temperature",
     "top_p": "rollout.top_p",
+}
+_AGENT_KEYS = {
+    f"AgentConfig.{name}": f"agent.{name}"
+    for name in (
+        "env",
+        "env_kwargs",
+        "max_turns",
+        "turn_tokens",
+        "max_context",
+        "step_timeout_s",
+        "step_workers",
+        "observation",
+    )
 }
 _FROZEN_KEYS = {"max_tokens_per_micro_batch": "trainer.max_tokens_per_micro_batch"}
 _ROLE_CHECK_KEYS = {
@@ -366,7 +382,22 @@ def library_configs(config: RunnerConfig, model: str) -> LibraryConfigs:
         if alg.estimator is Estimator.GAE:
             critic = TrainerConfig(model=model, lr=alg.critic_lr, **common)
             roles.append(critic_role(CriticConfig(critic)))
+    agent = None
+    if config.agent.env is not None:
+        with _recipe_keys(config, _AGENT_KEYS, "agent.env"):
+            a = config.agent
+            agent = AgentConfig(
+                env=a.env,
+                env_kwargs=dict(a.env_kwargs),
+                max_turns=a.max_turns,
+                turn_tokens=a.turn_tokens,
+                max_context=a.max_context,
+                step_timeout_s=a.step_timeout_s,
+                step_workers=a.step_workers,
+                observation=a.observation,
+            )
     return LibraryConfigs(
+        agent=agent,
         model=model,
         spec=spec,
         engine=engine,

@@ -248,7 +248,7 @@ def run(prepared: Prepared, announce: bool = True) -> dict:
     if state:
         sampler.restore(task["sampler"])
     evaluator = None
-    if prepared.eval is not None and prepared.reward_names:
+    if prepared.eval is not None and prepared.reward_names and libs.agent is None:
         evaluator = Evaluator(cfg.eval, prepared.eval, cfg.rollout.max_tokens, prepared.decode)
     evals: list[dict] = list(task.get("evals", []))
     exports: list[str] = list(task.get("exports", []))

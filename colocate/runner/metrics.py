@@ -47,12 +47,36 @@ def _stats(prefix: str, values: Sequence[float]) -> dict[str, float]:
 def length_metrics(completions: Sequence, max_tokens: int) -> dict[str, float]:
     """``response_length/{mean,max,min,clip_ratio}`` and ``prompt_length/{mean,max,min}``.
 
-    ``clip_ratio`` is the share of completions that stopped at ``max_tokens`` (truncated).
+    ``clip_ratio`` is the share of completions that stopped at ``max_tokens`` (truncated). A
+    multi-turn episode's response length counts the tokens the model sampled (its
+    observations' are ``agent/observation_tokens``), and it is clipped when its last turn
+    stopped at its length limit.
     """
-    lengths = [len(c.token_ids) for c in completions]
+    lengths = [sum(c.loss_mask) if c.loss_mask else len(c.token_ids) for c in completions]
     out = _stats("response_length", lengths)
-    out["response_length/clip_ratio"] = sum(n >= max_tokens for n in lengths) / max(1, len(lengths))
+    clipped = [
+        c.finish_reason == "length" if c.loss_mask else n >= max_tokens
+        for c, n in zip(completions, lengths, strict=True)
+    ]
+    out["response_length/clip_ratio"] = sum(clipped) / max(1, len(lengths))
     out.update(_stats("prompt_length", [len(c.prompt_token_ids) for c in completions]))
+    return out
+
+
+def agent_metrics(episodes: Sequence) -> dict[str, float]:
+    """Agent episodes: ``agent/<counter>/mean`` per episode, ``agent/<counter>`` summed.
+
+    The counters are ``colocate.agents.STAT_KEYS`` (turns, tool calls, errors, timeouts, each
+    kind of truncation, observation and sampled tokens) and the environment's ``info`` keys;
+    ``agent/env_reward/mean`` is the environments' reward before its weight.
+    """
+    n = max(1, len(episodes))
+    out = {"agent/env_reward/mean": sum(e.reward for e in episodes) / n}
+    keys = sorted({k for e in episodes for k in e.stats})
+    for k in keys:
+        total = sum(e.stats.get(k, 0.0) for e in episodes)
+        out[f"agent/{k}"] = float(total)
+        out[f"agent/{k}/mean"] = total / n
     return out
 
 

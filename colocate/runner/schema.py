@@ -33,6 +33,7 @@ __all__ = [
     "ClusterSection",
     "DataSection",
     "RewardSection",
+    "AgentSection",
     "AlgorithmSection",
     "RolloutSection",
     "TrainerSection",
@@ -220,13 +221,6 @@ class RewardSection:
     on_error: OnError = OnError.FAIL
 
     def __post_init__(self) -> None:
-        if not self.functions and self.model is None:
-            raise RecipeError(
-                "reward.functions",
-                list(self.functions),
-                "no reward: neither functions nor a model",
-                'pass reward.functions=["pkg.module:fn"] or reward.model=PATH',
-            )
         if self.weights and len(self.weights) != len(self.functions):
             raise RecipeError(
                 "reward.weights",
@@ -247,6 +241,56 @@ class RewardSection:
                     "is not MODULE:FUNCTION or FILE.py:FUNCTION",
                     'pass e.g. "my_rewards:score" or "rewards.py:score"',
                 )
+
+
+@dataclass(frozen=True)
+class AgentSection:
+    """Multi-turn episodes: each prompt's group plays ``agent.env`` instead of one completion.
+
+    The environment (``colocate.agents.Environment``) gets the dataset row in ``reset`` and
+    each model turn in ``step``; its observations are appended with loss mask 0 and its
+    rewards are the episode's reward (weighted by ``reward_weight``, plus the reward
+    functions' and the reward model's, if any). ``docs/agents.md`` has the details.
+
+    Attributes:
+        env: ``"pkg.module:Class"``, the environment factory (None: single-turn rollouts).
+        env_kwargs: Passed to the factory for every episode.
+        max_turns: Model turns per episode.
+        turn_tokens: Tokens per model turn (default ``rollout.max_tokens``).
+        max_context: Tokens of a whole episode (default ``rollout.max_model_len``).
+        step_timeout_s: Bound on one environment step (a tool call).
+        step_workers: Threads running environment steps, per engine.
+        observation: ``text`` or ``chat`` (the chat template's turn boundaries).
+        reward_weight: The environment's reward's weight in the sum.
+    """
+
+    env: str | None = None
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    max_turns: int = 4
+    turn_tokens: int | None = None
+    max_context: int | None = None
+    step_timeout_s: float = 30.0
+    step_workers: int = 32
+    observation: str = "text"
+    reward_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.env is not None and (
+            not isinstance(self.env, str)
+            or self.env.count(":") != 1
+            or not all(self.env.split(":"))
+        ):
+            raise RecipeError(
+                "agent.env", self.env, "is not MODULE:CLASS", 'pass e.g. "my_envs:SearchEnv"'
+            )
+        for name in ("max_turns", "turn_tokens", "max_context", "step_workers"):
+            _int(f"agent.{name}", getattr(self, name))
+        _num("agent.step_timeout_s", self.step_timeout_s, 0.0, 86400.0, lo_open=True)
+        _num("agent.reward_weight", self.reward_weight, -1e6, 1e6)
+        if self.observation not in ("text", "chat"):
+            raise RecipeError(
+                "agent.observation", self.observation, "is not a format", "pass text or chat"
+            )
 
 
 @dataclass(frozen=True)
@@ -507,7 +551,8 @@ class RunnerConfig:
     model: ModelSection = field(default_factory=ModelSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     data: DataSection = field(default_factory=DataSection)
-    reward: RewardSection = MISSING
+    reward: RewardSection = field(default_factory=RewardSection)
+    agent: AgentSection = field(default_factory=AgentSection)
     algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
     rollout: RolloutSection = field(default_factory=RolloutSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
@@ -527,6 +572,16 @@ class RunnerConfig:
 
     def _check_combinations(self) -> None:
         alg, rollout, cluster = self.algorithm, self.rollout, self.cluster
+        agent = self.agent.env is not None
+        if not self.reward.functions and self.reward.model is None and not agent:
+            raise RecipeError(
+                "reward.functions",
+                list(self.reward.functions),
+                "no reward: neither functions, a model, nor an environment (agent.env)",
+                'pass reward.functions=["pkg.module:fn"], reward.model=PATH or agent.env',
+            )
+        if agent:
+            self._check_agent()
         grouped = alg.estimator in (Estimator.GRPO, Estimator.DR_GRPO, Estimator.RLOO)
         if grouped and rollout.group_size < 2:
             raise RecipeError(
@@ -583,3 +638,33 @@ class RunnerConfig:
                 "cluster.sleep_level=2 drops the engines' weights, which only a sync restores",
                 "drop one of the two",
             )
+
+    def _check_agent(self) -> None:
+        """What multi-turn episodes do not run with (yet): each refusal names its key."""
+        rollout = self.rollout
+        refusals = [
+            (
+                "rollout.pipeline",
+                rollout.pipeline.value,
+                rollout.pipeline is Pipeline.ASYNC,
+                "agent episodes run in the colocated loop (sync or partial)",
+                "pass rollout.pipeline=sync (or partial)",
+            ),
+            (
+                "algorithm.dynamic_sampling",
+                self.algorithm.dynamic_sampling,
+                self.algorithm.dynamic_sampling,
+                "dynamic sampling is not implemented for agent episodes",
+                "drop algorithm.dynamic_sampling",
+            ),
+            (
+                "eval.every",
+                self.eval.every,
+                self.eval.every > 0,
+                "evaluation generates single-turn completions; it does not run episodes",
+                "pass eval.every=0",
+            ),
+        ]
+        for key, value, refused, problem, fix in refusals:
+            if refused:
+                raise RecipeError(key, value, problem, fix)

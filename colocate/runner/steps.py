@@ -43,11 +43,14 @@ class Drawn:
 
     completions: list = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
+    #: Agent episodes: the ``EpisodeResult`` of each completion (its reward and counters).
+    episodes: list = field(default_factory=list)
 
     def extend(self, other: Drawn) -> None:
         """Appends ``other``'s completions and rows."""
         self.completions += other.completions
         self.rows += other.rows
+        self.episodes += other.episodes
 
 
 class StepRunner:
@@ -74,6 +77,8 @@ class StepRunner:
         self.mode = prepared.libs.pipeline.mode
         self.roles = {r.name for r in prepared.libs.roles}
         self._pending = None  # ASYNC: (rollout, rows) generating for the next step
+        self.agent = prepared.libs.agent  # multi-turn episodes instead of completions
+        self._episode_rows: dict[int, int] = {}  # agent episodes: group id -> dataset row
 
     # ----- 1. rollout -------------------------------------------------------------------------
 
@@ -87,6 +92,8 @@ class StepRunner:
         (not after the run's ``last`` step: its prompts would be drawn and never trained).
         """
         coord = self.coord
+        if self.agent is not None:
+            return self._episodes(count)
         if self.mode is Pipeline.PARTIAL:
             rows = self.sampler.take(coord.rollouts.wanted())
             self.group_rows += rows
@@ -104,6 +111,26 @@ class StepRunner:
         rows = self.sampler.take(count)
         done = coord.generate(self._prompts(rows), self.sampling)
         return Drawn(done, [rows[c.prompt_index] for c in done])
+
+    def _episodes(self, count: int) -> Drawn:
+        """Agent episodes of ``count`` groups (PARTIAL: new groups up to the in-flight count)."""
+        coord, data = self.coord, self.p.train
+        groups = None
+        if self.mode is Pipeline.PARTIAL:
+            in_flight = self.p.libs.pipeline.in_flight_groups
+            rows = self.sampler.take(max(0, in_flight - coord.rollouts.episodes_held()))
+            groups = count
+        else:
+            rows = self.sampler.take(count)
+        first = coord.rollouts.episodes_issued
+        self._episode_rows.update({first + i: r for i, r in enumerate(rows)})
+        results = coord.run_episodes(
+            [data.rows[r] for r in rows], self.agent, self.sampling, groups
+        )
+        ids = [self._episode_rows.pop(r.completion.prompt_index) for r in results[:: self.group]]
+        return Drawn(
+            [r.completion for r in results], [i for i in ids for _ in range(self.group)], results
+        )
 
     def _start_async(self, count: int) -> None:
         rows = self.sampler.take(count)
@@ -181,6 +208,9 @@ class StepRunner:
             scores = pending.result()
         t_reward = time.time()
         total = torch.tensor(scores.total, dtype=torch.float32)
+        if drawn.episodes:
+            env = torch.tensor([e.reward for e in drawn.episodes], dtype=torch.float32)
+            total = total + cfg.agent.reward_weight * env
         if rm_scores is not None:
             total = total + cfg.reward.model_weight * rm_scores.float()
         keep = self._kept_rows(scores, len(drawn.completions))
@@ -228,6 +258,8 @@ class StepRunner:
             }
         )
         row.update(metrics.length_metrics(drawn.completions, cfg.rollout.max_tokens))
+        if drawn.episodes:
+            row.update(metrics.agent_metrics(drawn.episodes))
         row.update(metrics.actor_metrics(stats))
         row.update(metrics.tensor_metrics(batch, total))
         row.update(metrics.reward_metrics(scores, len(keep), len(scores.total) - len(keep)))

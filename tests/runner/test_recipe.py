@@ -242,7 +242,6 @@ def test_the_enum_refusal_lists_values_not_names(recipe):
     [
         ("model", "model.path", "fix: pass model.path=DIR"),
         ("data", "data.train", "fix: pass data.train=FILE"),
-        ("reward", "reward", "fix: pass reward.functions="),
     ],
 )
 def test_a_missing_required_value_says_how_to_give_it(recipe, drop, key, fix):
@@ -261,7 +260,14 @@ def test_a_missing_required_value_says_how_to_give_it(recipe, drop, key, fix):
 def test_every_missing_value_is_named():
     err = refusal(None)
     assert err.key == "model.path"
-    assert "also missing: data.train, reward" in str(err)
+    assert "also missing: data.train" in str(err)
+
+
+def test_a_recipe_without_any_reward_is_refused(recipe):
+    err = refusal(recipe("model:\n  path: /models/policy\ndata:\n  train: prompts.jsonl\n"))
+    assert isinstance(err, RecipeError) and err.key == "reward.functions"
+    assert "neither functions, a model, nor an environment (agent.env)" in str(err)
+    assert "fix: pass reward.functions=" in str(err)
 
 
 # ----- refusals: the sections' values and their combinations ---------------------------------
@@ -283,6 +289,14 @@ SECTION_VALUES = [
     ("reward.workers=0", "reward.workers"),
     ("reward.functions=[no_colon]", "reward.functions[0]"),
     ("reward.functions=[]", "reward.functions"),
+    ("agent.env=no_colon", "agent.env"),
+    ("agent.max_turns=0", "agent.max_turns"),
+    ("agent.turn_tokens=0", "agent.turn_tokens"),
+    ("agent.max_context=0", "agent.max_context"),
+    ("agent.step_timeout_s=0", "agent.step_timeout_s"),
+    ("agent.step_workers=0", "agent.step_workers"),
+    ("agent.observation=html", "agent.observation"),
+    ("agent.reward_weight=1e9", "agent.reward_weight"),
     ("algorithm.clip_low=0", "algorithm.clip_low"),
     ("algorithm.clip_high=0", "algorithm.clip_high"),
     ("algorithm.kl_coef=-1", "algorithm.kl_coef"),
@@ -356,7 +370,32 @@ COMBINATIONS = [
     (["trainer.micro_batch_size=2", "trainer.max_tokens_per_micro_batch=2048"], "trainer."),
     (["trainer.max_tokens_per_micro_batch=512"], "trainer.max_tokens_per_micro_batch"),
     (["skip_sync=true", "cluster.sleep_level=2"], "skip_sync"),
+    (
+        [
+            "agent.env=m:Env",
+            "rollout.pipeline=async",
+            "cluster.trainer_gpus=1",
+            "cluster.engine_gpus=1",
+        ],
+        "rollout.pipeline",
+    ),
+    (["agent.env=m:Env", "algorithm.dynamic_sampling=true"], "algorithm.dynamic_sampling"),
+    (["agent.env=m:Env", "eval.every=5"], "eval.every"),
 ]
+
+
+def test_an_agent_recipe_needs_no_reward_function(recipe):
+    text = "model:\n  path: /models/policy\ndata:\n  train: p.jsonl\nagent:\n  env: m:Env\n"
+    config = load_recipe(recipe(text), [])
+    assert config.agent.env == "m:Env" and config.reward.functions == []
+
+
+def test_an_environment_that_does_not_import_is_refused_on_its_key(recipe, tmp_path):
+    config = load_recipe(recipe(), ["agent.env=no_such_module:Env"])
+    with pytest.raises(RecipeError) as info:
+        library_configs(config, str(tmp_path))
+    assert info.value.key == "agent.env" and "no_such_module" in str(info.value)
+    assert "; fix: " in str(info.value)
 
 
 @pytest.mark.parametrize(("overrides", "key"), COMBINATIONS)
