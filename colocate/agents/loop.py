@@ -92,7 +92,7 @@ class AgentLoop:
             members.setdefault(e.start.group, []).append(e)
 
         def enough() -> bool:
-            if groups is None:
+            if groups is None or all(e.stage is Stage.DONE for e in episodes):
                 return all(e.stage is Stage.DONE for e in episodes)
             done = sum(all(e.stage is Stage.DONE for e in m) for m in members.values())
             return done >= groups
