@@ -27,7 +27,8 @@ wall seconds of the mode's blocks (pooled); ``speedup`` = interleaved / lockstep
 (target >= 2 with 50 ms mean tool latency, on the 2-core CPU machine).
 ``mask_errors``: episodes, of both modes, whose tokens or loss mask differ from what their
 environment saw and returned (each model turn's token ids as the environment received them,
-mask 1; each observation's ids, mask 0), or whose ``make_batch`` row's ``completion_mask`` differs from that mask (target 0).
+mask 1; each observation's ids, mask 0), or whose ``make_batch`` row's ``completion_mask``
+differs from that mask (target 0).
 ``interleaving``: in the interleaved blocks, the share of turns (after the first) submitted
 while a turn of another episode with a lower index was still running in the engine.
 
