@@ -140,7 +140,9 @@ class AgentLoop:
         rid = f"ep{e.start.group}.{e.start.sample}r{self._requests}"
         engine.add_request(rid, {"prompt_token_ids": e.context}, params)
         live[rid] = e
-        if not e.turn:  # a resumed turn keeps its first step
+        # A resumed turn keeps its first step, whether or not it had sampled a token before
+        # the pause (a request still queued in the engine had not).
+        if not e.turn_steps or e.turn_steps[-1][1] != -1:
             e.turn_steps.append([self.steps, -1])
         e.stage = Stage.SAMPLING
         e.context_bound = budget > room  # the context, not the turn budget, bounds this turn
