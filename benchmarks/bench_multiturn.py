@@ -17,8 +17,9 @@ same for every call) and returns 4 observation tokens. Turn lengths are the mode
 untrained tiny model samples near-uniform tokens (temperature 1) and stops at any of
 ``--stop-ids`` token ids (plus EOS), so a turn's length is about geometric (stop
 probability p = (stop ids + 1) / vocabulary), capped at ``--turn-tokens``; the JSON's
-``workload`` states p and the measured turn lengths. Both modes sample with the same
-settings.
+``workload`` states p and the measured turn lengths. The default (50 stop ids, p ~ 0.05,
+turns of ~19 tokens on average, a tail to the cap of 96) stands for tool-calling turns: mostly
+a short call, now and then a long one. Both modes sample with the same settings.
 
 Keys: ``episodes_per_s_lockstep`` and ``episodes_per_s_interleaved`` = episodes finished /
 wall seconds of the mode's blocks (pooled); ``speedup`` = interleaved / lockstep;
@@ -69,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="each call's latency: drawn, exponential with mean --latency-ms; or exactly it",
     )
     p.add_argument("--turn-tokens", type=int, default=96, help="tokens per turn (the cap)")
-    p.add_argument("--stop-ids", type=int, default=10, help="stop token ids (ids 3, 4, ...)")
+    p.add_argument("--stop-ids", type=int, default=50, help="stop token ids (ids 3, 4, ...)")
     p.add_argument("--repeats", type=int, default=2, help="blocks per mode, order ABBA ...")
     p.add_argument("--warmup", type=int, default=3, help="untimed blocks per mode first")
     add_model_args(p, hidden=128, intermediate=256, layers=2)

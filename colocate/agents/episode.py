@@ -21,7 +21,7 @@ __all__ = ["EpisodeStart", "EpisodeResult", "Episode", "Stage", "STAT_KEYS"]
 #: The counters every episode reports (summed over a batch by the driver).
 STAT_KEYS = (
     "turns",
-    "tool_calls",
+    "env_steps",
     "tool_errors",
     "tool_timeouts",
     "truncated_turn_tokens",

@@ -97,6 +97,17 @@ class AgentLoop:
             done = sum(all(e.stage is Stage.DONE for e in m) for m in members.values())
             return done >= groups
 
+        try:
+            self._loop(engine, episodes, sampling, version, live, enough)
+        except BaseException:
+            if live:  # nothing of this call may keep running in the engine
+                engine.abort_request(list(live))
+                for e in live.values():
+                    e.stage = Stage.READY  # a later run resumes the turn from its tokens
+            raise
+        self._pause(engine, episodes, live, version)
+
+    def _loop(self, engine, episodes, sampling, version: int, live: dict, enough) -> None:
         while not enough():
             for e in episodes:
                 if e.stage is Stage.READY:
@@ -116,7 +127,6 @@ class AgentLoop:
             for e in episodes:
                 if e.stage is Stage.STEPPING and (e.future.done() or self.clock() >= e.deadline):
                     self._stepped(e, version)
-        self._pause(engine, episodes, live, version)
 
     # ----- one turn ---------------------------------------------------------------------------
 
@@ -171,7 +181,7 @@ class AgentLoop:
                 self._finish(e, "length")
                 return
             e.stats["truncated_turn_tokens"] += 1
-        e.stats["tool_calls"] += 1
+        e.stats["env_steps"] += 1
         e.future = self.pool.submit(e.env.step, turn)
         e.deadline = self.clock() + self.agent.step_timeout_s
         e.stage = Stage.STEPPING

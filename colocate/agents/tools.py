@@ -99,7 +99,8 @@ class ToolEnvironment(Environment):
             raise ToolError(f"unknown tool {call.name!r} (tools: {known})")
         self.calls.append(call)
         result = tool(**call.arguments)
-        return StepResult(self.result_format.format(name=call.name, result=result))
+        observation = self.result_format.format(name=call.name, result=result)
+        return StepResult(observation, info={"tool_calls": 1.0})
 
     def score(self, row: Any, answer: Turn, calls: list[ToolCall]) -> float:
         """The final answer's reward (``calls``: the tool calls the episode made)."""

@@ -109,7 +109,7 @@ def test_a_call_runs_the_tool_and_returns_its_result():
     env = Calculator()
     env.reset(ROW)
     result = env.step(turn("let me add " + call("add", a=2, b=3)))
-    assert result == StepResult(observation="<tool_response>5</tool_response>")
+    assert result == StepResult("<tool_response>5</tool_response>", info={"tool_calls": 1.0})
     assert not result.done and result.reward == 0.0
     assert env.calls == [ToolCall("add", {"a": 2, "b": 3})]
 
