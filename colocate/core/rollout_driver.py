@@ -49,6 +49,7 @@ class RolloutDriver:
         #: Agent episode groups issued over the run (the next group's id).
         self.episodes_issued = 0
         self._episode_groups = [0] * config.spec.engines  # per engine, groups not yet returned
+        self._episodes_done: list = []  # PARTIAL: finished groups a call returned no room for
         #: PARTIAL: the figures of the last generate (see :meth:`generate_partial`).
         self.stats: dict = {}
 
@@ -129,7 +130,9 @@ class RolloutDriver:
         wait. PARTIAL: new groups go to the engines holding the fewest; rounds of calls (one
         bounded wait each), each engine returning its share of ``groups`` finished groups
         (default: one per row) and pausing its other episodes, which resume in a later call
-        after the sync (their tokens kept, the newer weights' tokens in their spans).
+        after the sync (their tokens kept, the newer weights' tokens in their spans). Exactly
+        ``groups`` groups come back, the oldest: the shares are rounded up, and finished
+        groups beyond ``groups`` are kept here and come back first in the next call.
 
         Returns:
             ``EpisodeResult`` per episode, group by group (the oldest groups first).
@@ -157,11 +160,11 @@ class RolloutDriver:
         self.episodes_issued += len(rows)
         tag = self.exec.tag(Phase.ROLLOUT.value)
         run = EngineTenant.run_episodes
-        out: list = []
+        out: list = list(self._episodes_done)
         with self.exec.span("run_episodes", tag, rows=len(rows)) as detail:
             rounds = 0
-            while len(out) < wanted * sampling.n:
-                need = wanted - len(out) // sampling.n
+            while len(_groups(out)) < wanted:
+                need = wanted - len(_groups(out))
                 active = [e for e in range(engines) if held[e] or starts[e]]
                 if not active:
                     break
@@ -184,7 +187,10 @@ class RolloutDriver:
                     held[e] -= len({r.completion.prompt_index for r in got})
                     out += got
                 rounds += 1
-            detail.update(rounds=rounds, returned=len(out))
+            taken = set(sorted(_groups(out))[:wanted])
+            self._episodes_done = [r for r in out if r.completion.prompt_index not in taken]
+            out = [r for r in out if r.completion.prompt_index in taken]
+            detail.update(rounds=rounds, returned=len(out), kept=len(self._episodes_done))
         out.sort(key=lambda r: (r.completion.prompt_index, r.completion.sample_index))
         if partial:
             self.stats = _episode_stats(out, sum(held), rounds)
@@ -284,6 +290,11 @@ class RolloutDriver:
             self.buffer.restore(snapshot)
         else:
             self._snapshot = snapshot
+
+
+def _groups(results: list) -> set[int]:
+    """The prompt groups of episode results."""
+    return {r.completion.prompt_index for r in results}
 
 
 def _stats(out: list[Completion], buffer: RolloutBuffer, rounds: int, version: int) -> dict:
