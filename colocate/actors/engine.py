@@ -479,13 +479,18 @@ class EngineActor(EngineTenant):
     def status(self) -> dict:
         """Memory state, weight version, what the last sleep released, pid, RSS, fds, threads.
 
-        ``rss_tree_bytes`` includes the engine's TP worker processes.
+        ``rss_tree_bytes`` includes the engine's TP worker processes. ``unfinished_requests``
+        (requests in the engine) and ``episodes_paused`` (agent episodes held for the next
+        ``run_episodes``) show what a rollout left behind: no request may outlive one.
         """
+        llm = self._llm
         return {
             "name": self.name,
             "memory": self.memory.value,
             "weight_version": self.weight_version,
             "released": dict(self.released),
+            "unfinished_requests": llm.llm_engine.get_num_unfinished_requests() if llm else 0,
+            "episodes_paused": len(self._episodes),
             **process_stats(),
         }
 
