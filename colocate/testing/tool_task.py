@@ -5,7 +5,9 @@ a call of the ``lookup`` tool, whose result (an observation: the rewarded token 
 0) the model sees before its final turn, which is scored as the toy task scores a completion
 (the share of its tokens in the row's ``targets``, ``colocate.testing.toy_task``). Rows are
 the toy task's (``write_dataset``). :class:`LatencyEnv` is the benchmark's load: ``turns``
-turns, each followed by a tool call of a fixed latency.
+turns, each followed by a tool call of a fixed latency. :class:`PacedEnv` and
+:class:`FaultyToolEnv` are test environments: episodes of one run at different paces, and a
+tool call that raises or hangs.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 
 from colocate.agents import Environment, StepResult, Turn
 
-__all__ = ["LookupEnv", "LatencyEnv"]
+__all__ = ["LookupEnv", "LatencyEnv", "PacedEnv", "FaultyToolEnv"]
 
 
 class LookupEnv(Environment):
@@ -86,3 +88,49 @@ class LatencyEnv(Environment):
         """Sleeps the tool's latency, then answers; done after ``turns`` turns."""
         time.sleep(self.latency(turn.index))
         return StepResult(observation=self.observation, done=turn.index + 1 >= self.turns)
+
+
+class PacedEnv(LatencyEnv):
+    """A test environment: :class:`LatencyEnv` whose row sets its own pace.
+
+    The row is a dict: ``prompt``, and optionally ``turns`` and ``latency_s`` (else the
+    constructor's), so that episodes of one run differ in length and tool latency.
+    """
+
+    def reset(self, row: dict) -> str:
+        """Takes the row's ``turns`` and ``latency_s``; the prompt is the row's text."""
+        self.turns = row.get("turns", self.turns)
+        self.latency_s = row.get("latency_s", self.latency_s)
+        return super().reset(row)
+
+
+class FaultyToolEnv(Environment):
+    """A test environment: the first tool call fails, the next turn ends the episode.
+
+    The row is a dict: ``prompt`` and ``fault``: ``"raise"`` (the call raises
+    ``RuntimeError``), ``"hang"`` (it sleeps ``hang_s``, past any sane step timeout, then
+    answers) or ``"none"`` (it answers ``observation``). The second turn gets reward 1, done.
+
+    Args:
+        hang_s: How long a hanging call sleeps.
+        observation: The answer of a call that does not fail (token ids).
+    """
+
+    def __init__(self, hang_s: float = 30.0, observation=(5, 6, 7, 8)):
+        self.hang_s = hang_s
+        self.observation = list(observation)
+
+    def reset(self, row: dict) -> str:
+        """Keeps the row's fault; the prompt is the row's text."""
+        self.fault = row["fault"]
+        return row["prompt"]
+
+    def step(self, turn: Turn) -> StepResult:
+        """Turn 0: the faulty call; turn 1: reward 1, done."""
+        if turn.index > 0:
+            return StepResult(reward=1.0, done=True)
+        if self.fault == "raise":
+            raise RuntimeError("the lookup service is down")
+        if self.fault == "hang":
+            time.sleep(self.hang_s)
+        return StepResult(observation=self.observation)
