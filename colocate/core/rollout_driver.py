@@ -193,12 +193,16 @@ class RolloutDriver:
             detail.update(rounds=rounds, returned=len(out), kept=len(self._episodes_done))
         out.sort(key=lambda r: (r.completion.prompt_index, r.completion.sample_index))
         if partial:
-            self.stats = _episode_stats(out, sum(held), rounds)
+            self.stats = _episode_stats(out, self.episodes_held(), rounds)
         return out
 
     def episodes_held(self) -> int:
-        """Agent episode groups issued and not yet returned (paused or finished on engines)."""
-        return sum(self._episode_groups)
+        """Agent episode groups issued and not yet returned.
+
+        On the engines (paused, or finished beyond an engine's share), or finished and kept
+        here for the next call.
+        """
+        return sum(self._episode_groups) + len(_groups(self._episodes_done))
 
     # ----- PARTIAL ----------------------------------------------------------------------------
 
@@ -320,7 +324,8 @@ def _episode_stats(results: list, held: int, rounds: int) -> dict:
 
     ``partial_fraction``: the share whose tokens span more than one weight version (paused
     across a hand-over); ``max_staleness``: the most versions between an episode's oldest and
-    newest tokens; ``in_flight``: groups held by the engines after the call.
+    newest tokens; ``in_flight``: groups issued and not returned after the call
+    (:meth:`RolloutDriver.episodes_held`).
     """
     spans = [[v for v, _ in r.completion.weight_versions] for r in results]
     n = max(1, len(spans))

@@ -103,6 +103,8 @@ def test_partial_episodes_pause_across_the_hand_over_and_resume(ray_local, tiny_
         assert len(first) == sampling.n
         # groups placed alternately: each engine holds one long group, paused there
         _assert_engines_idle(coord, paused=2 * sampling.n)
+        assert coord.rollouts.episodes_held() == 3  # the other short group: on the driver
+        assert coord.rollouts.stats["in_flight"] == 3
 
         coord.train(_grpo(first, sampling.n, pad_id))
         coord.sync()  # the engines slept through the train step and woke on new weights
@@ -110,6 +112,8 @@ def test_partial_episodes_pause_across_the_hand_over_and_resume(ray_local, tiny_
         assert new == old + 1
         rest = coord.run_episodes([], agent, sampling, groups=3)
         _assert_engines_idle(coord)
+        assert coord.rollouts.episodes_held() == 0
+        assert coord.rollouts.stats["partial_fraction"] > 0
         timeline = coord.timeline
 
     got = first + rest
