@@ -48,6 +48,8 @@ class RolloutDriver:
         self._snapshot: dict | None = None  # restored before the first generate
         #: Agent episode groups issued over the run (the next group's id).
         self.episodes_issued = 0
+        #: Agent episode groups lost with an engine that was replaced while it held them.
+        self.episodes_lost = 0
         self._episode_groups = [0] * config.spec.engines  # per engine, groups not yet returned
         self._episodes_done: list = []  # PARTIAL: finished groups a call returned no room for
         #: PARTIAL: the figures of the last generate (see :meth:`generate_partial`).
@@ -184,7 +186,13 @@ class RolloutDriver:
                 results = self.exec.wait(calls, self.config.timeouts.step_s)
                 starts = [[] for _ in range(engines)]
                 for e, got in zip(active, results, strict=True):
-                    held[e] -= len({r.completion.prompt_index for r in got})
+                    returned = len({r.completion.prompt_index for r in got})
+                    if not returned:
+                        # An engine asked for a group returns one unless it holds none: its
+                        # paused episodes were lost with it (a recover() replaced it).
+                        self.episodes_lost += held[e]
+                        returned = held[e]
+                    held[e] -= returned
                     out += got
                 rounds += 1
             taken = set(sorted(_groups(out))[:wanted])
@@ -193,7 +201,7 @@ class RolloutDriver:
             detail.update(rounds=rounds, returned=len(out), kept=len(self._episodes_done))
         out.sort(key=lambda r: (r.completion.prompt_index, r.completion.sample_index))
         if partial:
-            self.stats = _episode_stats(out, self.episodes_held(), rounds)
+            self.stats = _episode_stats(out, self.episodes_held(), rounds, self.episodes_lost)
         return out
 
     def episodes_held(self) -> int:
@@ -319,12 +327,13 @@ def _stats(out: list[Completion], buffer: RolloutBuffer, rounds: int, version: i
     }
 
 
-def _episode_stats(results: list, held: int, rounds: int) -> dict:
+def _episode_stats(results: list, held: int, rounds: int, lost: int) -> dict:
     """PARTIAL agent episodes: the partial-rollout figures of the episodes returned.
 
     ``partial_fraction``: the share whose tokens span more than one weight version (paused
     across a hand-over); ``max_staleness``: the most versions between an episode's oldest and
-    newest tokens; ``in_flight``: groups issued and not returned after the call
+    newest tokens; ``dropped``: groups lost with a replaced engine, over the run;
+    ``in_flight``: groups issued and not returned after the call
     (:meth:`RolloutDriver.episodes_held`).
     """
     spans = [[v for v, _ in r.completion.weight_versions] for r in results]
@@ -332,7 +341,7 @@ def _episode_stats(results: list, held: int, rounds: int) -> dict:
     return {
         "partial_fraction": sum(len(set(s)) > 1 for s in spans) / n,
         "max_staleness": max((max(s) - min(s) for s in spans if s), default=0),
-        "dropped": 0,
+        "dropped": lost,
         "in_flight": held,
         "rounds": rounds,
         "returned": len(results),

@@ -25,6 +25,8 @@ from colocate import (
 )
 from colocate.agents import AgentConfig, ObservationFormat
 from colocate.agents.encoding import ObservationEncoder
+from colocate.core.errors import ActorFailedError
+from colocate.core.faults import Fault
 from colocate.testing.tool_task import FaultyToolEnv, LookupEnv, PacedEnv
 from placement import TopologySpec
 
@@ -115,6 +117,25 @@ def test_partial_episodes_pause_across_the_hand_over_and_resume(ray_local, tiny_
         assert coord.rollouts.episodes_held() == 0
         assert coord.rollouts.stats["partial_fraction"] > 0
         timeline = coord.timeline
+
+        # An engine lost while it holds paused episodes: they are counted as dropped, and the
+        # next call returns the groups that are left without waiting for the lost ones.
+        more = [{"prompt": _prompt(10 + i), **long} for i in range(4)]
+        coord.run_episodes(more, agent, sampling, groups=1)
+        holding = [n for n, s in _engines(coord).items() if s["episodes_paused"]]
+        assert holding, _engines(coord)
+        coord.inject_fault(holding[0], Fault.CRASH_IN_GENERATE)
+        with pytest.raises(ActorFailedError):  # every group held: the engines are called
+            coord.run_episodes([], agent, sampling, groups=coord.rollouts.episodes_held())
+        coord.recover()
+        held = coord.rollouts.episodes_held()
+        back = coord.run_episodes([], agent, sampling, groups=held)
+        assert coord.rollouts.stats["dropped"] >= 1
+        assert (
+            len({r.completion.prompt_index for r in back}) == held - coord.rollouts.stats["dropped"]
+        )
+        assert coord.rollouts.episodes_held() == 0
+        _assert_engines_idle(coord)
 
     got = first + rest
     groups = sorted(r.completion.prompt_index for r in got)
