@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import enum
-import importlib
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,30 +28,31 @@ class ObservationFormat(enum.StrEnum):
     CHAT = "chat"
 
 
-def load_factory(spec: str | Callable) -> Callable:
-    """The environment factory ``spec`` names: ``"package.module:attribute"``, or the callable.
+def load_factory(spec: str | Callable, path: tuple[str, ...] = ()) -> Callable:
+    """The environment factory ``spec`` names, or the callable itself.
+
+    ``"package.module:Name"`` is imported (each directory of ``path`` appended to
+    ``sys.path`` first); ``"path/to/file.py:Name"`` is loaded from the file. The loader is the
+    one reward functions use (``colocate.runner._reward_worker.load``).
 
     Raises:
         ConfigError: Not of that form, not importable, or not callable.
     """
+    from colocate.runner import _reward_worker as loader
+
     if callable(spec):
         return spec
-    if not isinstance(spec, str) or spec.count(":") != 1:
+    if not isinstance(spec, str) or ":" not in spec:
         raise ConfigError(
             f"AgentConfig.env={spec!r}: not an environment factory; fix: pass a class or "
-            "callable, or 'package.module:Name'"
+            "callable, 'package.module:Name' or 'path/to/file.py:Name'"
         )
-    module, name = spec.split(":")
+    for directory in path:
+        loader.add_to_path(directory)
     try:
-        factory = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(
-            f"AgentConfig.env={spec!r}: cannot be loaded ({type(exc).__name__}: {exc}); fix: "
-            "name an importable module and an attribute of it"
-        ) from exc
-    if not callable(factory):
-        raise ConfigError(f"AgentConfig.env={spec!r}: is not callable; fix: name a class")
-    return factory
+        return loader.load(spec)
+    except loader.LoadError as exc:
+        raise ConfigError(f"AgentConfig.env={spec!r}: {exc.problem}; fix: {exc.fix}") from None
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,8 @@ class AgentConfig:
     Attributes:
         env: The environment factory: a class or callable taking ``**env_kwargs`` and
             returning an :class:`~colocate.agents.environment.Environment`, or
-            ``"package.module:Name"`` (imported in the engine actors; checked in the driver).
+            ``"package.module:Name"`` or ``"path/to/file.py:Name"`` (loaded in the engine
+            actors; checked in the driver). A relative file path is made absolute here.
         env_kwargs: Passed to the factory for every episode.
         max_turns: Model turns per episode; an episode not done after them ends, counted as
             ``truncated_turns``.
@@ -77,6 +79,8 @@ class AgentConfig:
         observation_role: The chat role of an observation (``ObservationFormat.CHAT``).
         error_message: The observation for a step that raised (``{error}`` is the error).
         timeout_message: The observation for a step that timed out (``{seconds}``).
+        path: Directories appended to ``sys.path`` before ``env`` is imported, in the driver
+            and in the engine actors (the runner passes the directory it was started in).
     """
 
     env: str | Callable
@@ -90,9 +94,15 @@ class AgentConfig:
     observation_role: str = "tool"
     error_message: str = "\nerror: {error}\n"
     timeout_message: str = "\nerror: the tool timed out after {seconds:g} s\n"
+    path: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        load_factory(self.env)  # a bad name fails in the driver, before any actor starts
+        object.__setattr__(self, "path", tuple(self.path))
+        load_factory(self.env, self.path)  # a bad name fails in the driver, before any actor
+        if isinstance(self.env, str):
+            module, _, name = self.env.rpartition(":")
+            if module.endswith(".py") and not os.path.isabs(module):  # the actors' cwd differs
+                object.__setattr__(self, "env", f"{os.path.abspath(module)}:{name}")
         if not isinstance(self.env_kwargs, dict):
             raise _err("env_kwargs", self.env_kwargs, "must be a dict", "pass a dict")
         for name, low in (("max_turns", 1), ("step_workers", 1)):
@@ -122,7 +132,7 @@ class AgentConfig:
 
     def factory(self) -> Callable:
         """The environment factory (imported if named by a string)."""
-        return load_factory(self.env)
+        return load_factory(self.env, self.path)
 
 
 def _format(value: Any) -> ObservationFormat:

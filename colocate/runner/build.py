@@ -395,6 +395,7 @@ def library_configs(config: RunnerConfig, model: str) -> LibraryConfigs:
                 step_timeout_s=a.step_timeout_s,
                 step_workers=a.step_workers,
                 observation=a.observation,
+                path=(str(Path.cwd()),),  # a module beside the recipe, as for reward functions
             )
     return LibraryConfigs(
         agent=agent,

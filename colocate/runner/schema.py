@@ -253,7 +253,8 @@ class AgentSection:
     functions' and the reward model's, if any). ``docs/agents.md`` has the details.
 
     Attributes:
-        env: ``"pkg.module:Class"``, the environment factory (None: single-turn rollouts).
+        env: ``"pkg.module:Class"`` or ``"path/to/file.py:Class"``, the environment factory
+            (None: single-turn rollouts).
         env_kwargs: Passed to the factory for every episode.
         max_turns: Model turns per episode.
         turn_tokens: Tokens per model turn (default ``rollout.max_tokens``).
@@ -276,12 +277,13 @@ class AgentSection:
 
     def __post_init__(self) -> None:
         if self.env is not None and (
-            not isinstance(self.env, str)
-            or self.env.count(":") != 1
-            or not all(self.env.split(":"))
+            not isinstance(self.env, str) or not all(self.env.rpartition(":")[::2])
         ):
             raise RecipeError(
-                "agent.env", self.env, "is not MODULE:CLASS", 'pass e.g. "my_envs:SearchEnv"'
+                "agent.env",
+                self.env,
+                "is not MODULE:CLASS or FILE.py:CLASS",
+                'pass e.g. "my_envs:SearchEnv" or "envs.py:SearchEnv"',
             )
         for name in ("max_turns", "turn_tokens", "max_context", "step_workers"):
             _int(f"agent.{name}", getattr(self, name))

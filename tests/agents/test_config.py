@@ -29,7 +29,7 @@ def refused(field: str, value, **kwargs) -> str:
 
 @pytest.mark.parametrize(
     "spec",
-    ["colocate.testing.tool_task", "colocate.testing.tool_task:LookupEnv:x", 42, None, ""],
+    ["colocate.testing.tool_task", 42, None, ""],
 )
 def test_env_not_a_factory_name(spec):
     assert "not an environment factory" in refused("env", spec)
@@ -38,13 +38,34 @@ def test_env_not_a_factory_name(spec):
 @pytest.mark.parametrize(
     "spec, error",
     [
-        ("colocate.no_such_module_xyz:Env", "ModuleNotFoundError"),
-        ("colocate.testing.tool_task:NoSuchEnv", "AttributeError"),
+        ("colocate.no_such_module_xyz:Env", "no module named 'colocate.no_such_module_xyz'"),
+        ("colocate.testing.tool_task:LookupEnv:x", "no module named"),
+        ("colocate.testing.tool_task:NoSuchEnv", "has no attribute 'NoSuchEnv'"),
+        ("no_such_file.py:Env", "no file"),
     ],
 )
 def test_env_not_importable(spec, error):
     message = refused("env", spec)
-    assert "cannot be loaded" in message and error in message
+    assert error in message
+
+
+def test_env_from_a_file_is_loaded_by_its_absolute_path(tmp_path, monkeypatch):
+    (tmp_path / "my_envs.py").write_text(
+        "from colocate.testing.tool_task import LookupEnv\n\nclass Mine(LookupEnv):\n    pass\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    config = AgentConfig("my_envs.py:Mine")
+    assert config.env == f"{tmp_path / 'my_envs.py'}:Mine"  # the engine actors' cwd differs
+    assert config.factory().__name__ == "Mine"
+
+
+def test_env_module_found_on_the_given_path(tmp_path):
+    (tmp_path / "agent_cfg_env_mod.py").write_text(
+        "from colocate.testing.tool_task import LatencyEnv as Env\n"
+    )
+    assert AgentConfig("agent_cfg_env_mod:Env", path=(str(tmp_path),)).factory().__name__ == (
+        "LatencyEnv"
+    )
 
 
 def test_env_not_callable():
