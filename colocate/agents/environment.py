@@ -64,7 +64,10 @@ class Environment(ABC):
 
     ``step`` may be slow (a tool call, a sandbox): it runs in a worker thread, and a step that
     raises or outlives ``AgentConfig.step_timeout_s`` becomes an error observation for the
-    model (counted as ``tool_errors`` / ``tool_timeouts``); the episode goes on.
+    model (counted as ``tool_errors`` / ``tool_timeouts``); the episode goes on. ``step`` may
+    also be ``async def``: it then runs on the loop's event loop (many at once on one thread)
+    and one that outlives the bound is cancelled, where a synchronous step's thread can only
+    be abandoned (it may still be running when the episode's next step starts).
     """
 
     @abstractmethod

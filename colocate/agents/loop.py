@@ -17,7 +17,10 @@ loop returns, so the coordinator may put it to sleep.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
+import inspect
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -49,6 +52,7 @@ class AgentLoop:
         self.max_context = min(agent.max_context or max_model_len, max_model_len)
         self.factory = agent.factory()
         self.pool = cf.ThreadPoolExecutor(agent.step_workers, thread_name_prefix="agent-env")
+        self._events: asyncio.AbstractEventLoop | None = None  # for environments' async steps
         self.clock = clock or time.monotonic
         self.steps = 0  # engine steps taken (turn_steps count in them)
         self.abandoned = 0  # environment calls that outlived their timeout (threads left)
@@ -182,7 +186,7 @@ class AgentLoop:
                 return
             e.stats["truncated_turn_tokens"] += 1
         e.stats["env_steps"] += 1
-        e.future = self.pool.submit(e.env.step, turn)
+        e.future = self._submit_step(e.env, turn)
         e.deadline = self.clock() + self.agent.step_timeout_s
         e.stage = Stage.STEPPING
 
@@ -260,6 +264,26 @@ class AgentLoop:
                     self._stepped(e, version)
             stepping = [e for e in stepping if e.stage is Stage.STEPPING]
 
+    def _submit_step(self, env: Any, turn: Turn) -> cf.Future:
+        """``env.step(turn)``: a coroutine on the loop's event loop, else in a worker thread.
+
+        A coroutine that outlives ``step_timeout_s`` is cancelled (``CancelledError`` at its
+        ``await``); a synchronous step cannot be, and its thread is abandoned.
+        """
+        if inspect.iscoroutinefunction(env.step):
+            if self._events is None:
+                self._events = asyncio.new_event_loop()
+                threading.Thread(
+                    target=self._events.run_forever, name="agent-env-async", daemon=True
+                ).start()
+            return asyncio.run_coroutine_threadsafe(env.step(turn), self._events)
+        return self.pool.submit(env.step, turn)
+
     def close(self) -> None:
-        """Stops the worker threads (an abandoned, hung step's thread is left behind)."""
+        """Stops the worker threads and the event loop (a hung synchronous step's thread is
+        left behind).
+        """
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self._events is not None:
+            self._events.call_soon_threadsafe(self._events.stop)
+            self._events = None

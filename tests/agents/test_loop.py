@@ -531,3 +531,46 @@ def test_more_groups_asked_than_there_are(make_loop):
     eps = loop.start(starts(row(20, turns=2), row(21, turns=1)))
     loop.run(FakeEngine({20: 3, 21: 3}), eps, SAMPLING, version=0, groups=3)
     assert all(e.stage is Stage.DONE for e in eps)
+
+
+# ----- async steps ------------------------------------------------------------------------------
+
+
+class AsyncEnv(RecordingEnv):
+    """:class:`RecordingEnv` whose step is a coroutine; ``hang`` turns await far too long."""
+
+    cancelled: list[int] = []  # turn indices whose step was cancelled (class-wide, per test)
+
+    async def step(self, turn):
+        import asyncio
+
+        if turn.index in self.row.get("hang", ()):
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                AsyncEnv.cancelled.append(turn.index)
+                raise
+        await asyncio.sleep(self.row.get("latency", 0.0))
+        done = turn.index + 1 >= self.row.get("turns", 2)
+        self.turns.append(turn)
+        return StepResult(observation=[] if done else [OBS] * 2, reward=1.0, done=done)
+
+
+def test_an_async_step_runs_on_the_event_loop_and_a_hung_one_is_cancelled(tokenizer):
+    AsyncEnv.cancelled.clear()
+    loop = AgentLoop(AgentConfig(env=AsyncEnv, step_timeout_s=0.3), tokenizer, 4096)
+    try:
+        engine = FakeEngine({20: 4})
+        rows = [row(20, turns=2, latency=0.05) for _ in range(8)] + [row(20, turns=2, hang=(0,))]
+        eps = loop.start(starts(*rows))
+        t0 = time.monotonic()
+        loop.run(engine, eps, SAMPLING, version=0)
+        elapsed = time.monotonic() - t0
+        # eight 50 ms steps per turn at once on one event loop thread, one cancelled at 0.3 s
+        assert elapsed < 2, elapsed
+        assert all(e.stage is Stage.DONE for e in eps)
+        assert [e.result("").stats["tool_timeouts"] for e in eps] == [0] * 8 + [1]
+        time.sleep(0.1)  # the cancellation reaches the coroutine on the loop's thread
+        assert AsyncEnv.cancelled == [0]
+    finally:
+        loop.close()
