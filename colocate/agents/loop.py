@@ -280,9 +280,7 @@ class AgentLoop:
         return self.pool.submit(env.step, turn)
 
     def close(self) -> None:
-        """Stops the worker threads and the event loop (a hung synchronous step's thread is
-        left behind).
-        """
+        """Stops the worker threads and the event loop (a hung synchronous step stays)."""
         self.pool.shutdown(wait=False, cancel_futures=True)
         if self._events is not None:
             self._events.call_soon_threadsafe(self._events.stop)
