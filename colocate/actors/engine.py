@@ -192,7 +192,9 @@ class EngineActor(EngineTenant):
             detail["kept"] = sum(not r.done for r in out)
         return out
 
-    def run_episodes(self, starts: list, sampling: Sampling, agent, groups: int | None) -> list:
+    def run_episodes(
+        self, starts: list, sampling: Sampling, agent, groups: int | None, alone: bool = False
+    ) -> list:
         """Runs agent episodes here (see ``EngineTenant.run_episodes``; ``colocate.agents``).
 
         Raises:
@@ -208,8 +210,9 @@ class EngineActor(EngineTenant):
             new = loop.start(starts)
         except ValueError as exc:
             raise InputError(str(exc)) from exc
-        episodes = self._episodes + new
-        with self.span("engine.run_episodes", new=len(new), resumed=len(self._episodes)) as d:
+        kept = [] if alone else self._episodes
+        episodes = kept + new
+        with self.span("engine.run_episodes", new=len(new), resumed=len(kept)) as d:
             loop.run(llm.llm_engine, episodes, sampling, self.weight_version, groups)
             by_group: dict[int, list] = {}
             for e in episodes:
@@ -218,7 +221,8 @@ class EngineActor(EngineTenant):
             if groups is not None:  # the oldest; other finished groups wait for the next call
                 finished = sorted(finished)[:groups]
             done = set(finished)
-            self._episodes = [e for e in episodes if e.start.group not in done]
+            if not alone:
+                self._episodes = [e for e in episodes if e.start.group not in done]
             tokenizer = llm.get_tokenizer()
             out = [
                 e.result(tokenizer.decode(e.ids))

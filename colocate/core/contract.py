@@ -359,7 +359,9 @@ class EngineTenant(Tenant):
             Every request, updated (new tokens tagged with this engine's weight version).
         """
 
-    def run_episodes(self, starts: list, sampling: Any, agent: Any, groups: int | None) -> list:
+    def run_episodes(
+        self, starts: list, sampling: Any, agent: Any, groups: int | None, alone: bool = False
+    ) -> list:
         """Runs agent episodes (``colocate.agents``) on this engine, each at its own pace.
 
         ``starts`` (``EpisodeStart``) join the episodes paused here by an earlier call; each
@@ -368,7 +370,8 @@ class EngineTenant(Tenant):
         otherwise the call returns once ``groups`` prompt groups are done, and the other
         episodes are paused here (the turn in the engine aborted with its tokens kept, the
         environment steps settled) until the next call. Nothing runs in the engine when it
-        returns. Needs the engine awake.
+        returns. With ``alone`` (evaluation) only ``starts`` run, each to its end, and the
+        paused episodes are left as they are. Needs the engine awake.
 
         Returns:
             ``EpisodeResult`` of every episode of each finished group, group by group.

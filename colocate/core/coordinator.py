@@ -180,6 +180,15 @@ class Coordinator:
         run = self.rollouts.run_episodes
         return self._guard(lambda: run(self.fleet, rows, agent, sampling, groups))
 
+    def evaluate_episodes(self, rows: Sequence, agent, sampling: Sampling) -> list:
+        """Runs agent episodes for evaluation (ROLLOUT; the trainer stays offloaded).
+
+        Each to its end, in every pipeline; PARTIAL's paused episodes are left alone
+        (:meth:`RolloutDriver.evaluate_episodes`).
+        """
+        run = self.rollouts.evaluate_episodes
+        return self._guard(lambda: run(self.fleet, rows, agent, sampling))
+
     def evaluate(self, prompts: Sequence, sampling: Sampling) -> list[Completion]:
         """Generates for evaluation on the served weights (ROLLOUT; the trainer stays offloaded).
 

@@ -204,6 +204,36 @@ class RolloutDriver:
             self.stats = _episode_stats(out, self.episodes_held(), rounds, self.episodes_lost)
         return out
 
+    def evaluate_episodes(self, fleet, rows: Sequence, agent, sampling: Sampling) -> list:
+        """Runs ``sampling.n`` episodes per row, each to its end, whatever the pipeline (ROLLOUT).
+
+        For evaluation: contiguous rows per engine in one bounded wait; the episodes paused
+        by a PARTIAL ``run_episodes`` are left as they are, and no group id of the run is
+        used (``completion.prompt_index`` is the row's index in ``rows``).
+        """
+        require(self.exec.phase, Phase.ROLLOUT, "evaluate_episodes")
+        from colocate.agents.episode import EpisodeStart
+
+        rows = list(rows)
+        if not rows:
+            raise InputError("evaluate_episodes: rows is empty; pass at least one row")
+        engines = self.config.spec.engines
+        starts: list[list] = [[] for _ in range(engines)]
+        for i, row in enumerate(rows):
+            starts[i * engines // len(rows)] += [EpisodeStart(i, s, row) for s in range(sampling.n)]
+        tag = self.exec.tag(Phase.ROLLOUT.value)
+        run = EngineTenant.run_episodes
+        calls = [
+            fleet.engine_call(e, run, starts[e], sampling, agent, None, True, tag=tag)
+            for e in range(engines)
+            if starts[e]
+        ]
+        with self.exec.span("evaluate_episodes", tag, rows=len(rows)):
+            results = self.exec.wait(calls, self.config.timeouts.step_s)
+        out = [r for got in results for r in got]
+        out.sort(key=lambda r: (r.completion.prompt_index, r.completion.sample_index))
+        return out
+
     def episodes_held(self) -> int:
         """Agent episode groups issued and not yet returned.
 

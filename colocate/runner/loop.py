@@ -119,7 +119,7 @@ def _check_eval(cfg: RunnerConfig, eval_data, names: list[str]) -> None:
             "there is no eval split",
             "pass data.eval=FILE or data.eval_size=N, or eval.every=0",
         )
-    if cfg.eval.every and not names:
+    if cfg.eval.every and not names and cfg.agent.env is None:
         raise RecipeError(
             "eval.every",
             cfg.eval.every,
@@ -248,8 +248,15 @@ def run(prepared: Prepared, announce: bool = True) -> dict:
     if state:
         sampler.restore(task["sampler"])
     evaluator = None
-    if prepared.eval is not None and prepared.reward_names and libs.agent is None:
-        evaluator = Evaluator(cfg.eval, prepared.eval, cfg.rollout.max_tokens, prepared.decode)
+    if prepared.eval is not None and (prepared.reward_names or libs.agent is not None):
+        evaluator = Evaluator(
+            cfg.eval,
+            prepared.eval,
+            cfg.rollout.max_tokens,
+            prepared.decode,
+            libs.agent,
+            cfg.agent.reward_weight,
+        )
     evals: list[dict] = list(task.get("evals", []))
     exports: list[str] = list(task.get("exports", []))
     export_root = (Path(cfg.export.dir) if cfg.export.dir else out / "export").resolve()

@@ -659,13 +659,6 @@ class RunnerConfig:
                 "dynamic sampling is not implemented for agent episodes",
                 "drop algorithm.dynamic_sampling",
             ),
-            (
-                "eval.every",
-                self.eval.every,
-                self.eval.every > 0,
-                "evaluation generates single-turn completions; it does not run episodes",
-                "pass eval.every=0",
-            ),
         ]
         for key, value, refused, problem, fix in refusals:
             if refused:

@@ -107,6 +107,16 @@ def test_partial_episodes_pause_across_the_hand_over_and_resume(ray_local, tiny_
         _assert_engines_idle(coord, paused=2 * sampling.n)
         assert coord.rollouts.episodes_held() == 3  # the other short group: on the driver
         assert coord.rollouts.stats["in_flight"] == 3
+        # an evaluation meanwhile runs its own episodes to their end, the paused ones untouched
+        evaluated = coord.evaluate_episodes(rows[:2], agent, sampling)
+        assert [(r.completion.prompt_index, r.stats["turns"]) for r in evaluated] == [
+            (0, 1),
+            (0, 1),
+            (1, 1),
+            (1, 1),
+        ]
+        _assert_engines_idle(coord, paused=2 * sampling.n)
+        assert coord.rollouts.episodes_held() == 3
 
         coord.train(_grpo(first, sampling.n, pad_id))
         coord.sync()  # the engines slept through the train step and woke on new weights

@@ -1,7 +1,8 @@
 """Multi-turn agent episodes through the runner, for real on the tiny model.
 
 - ``examples/configs/agent_toy.yaml`` (GRPO, ``colocate.testing.tool_task:LookupEnv``): every
-  episode calls the tool, sees its result as an observation, and the final turn's reward rises.
+  episode calls the tool, sees its result as an observation, and the final turn's reward rises,
+  in training and in the evaluations (episodes too) before the first and after the last step.
 - The same environment under PPO's GAE with the critic and a KL penalty to the reference, in
   the partial pipeline: the roles score multi-turn rows, episodes are paused across the
   hand-over and resumed, and every step trains.
@@ -48,9 +49,23 @@ def data(tmp_path_factory) -> dict:
 
 
 def test_agent_recipe_learns(tmp_path, data):
-    summary, rows = _train(tmp_path, f"data.train={data['train']}", "steps=30")
+    summary, rows = _train(
+        tmp_path,
+        f"data.train={data['train']}",
+        f"data.eval={data['eval']}",
+        "steps=30",
+        "eval.at_start=true",
+        "eval.at_end=true",
+        "eval.prompts=8",
+        "eval.k=2",
+    )
     rewards = summary["rewards"]
     assert rewards[0] < 0.05 and sum(rewards[-5:]) / 5 > 0.5, rewards
+    evals = [json.loads(x) for x in (tmp_path / "out" / "eval.jsonl").read_text().splitlines()]
+    assert [e["eval/step"] for e in evals] == [0.0, 30.0]
+    # the environment's reward, greedy and sampled, rises on the eval rows as in training
+    assert evals[1]["eval/env/greedy"] > evals[0]["eval/env/greedy"] + 0.3, evals
+    assert evals[1]["eval/env/mean@2"] > evals[0]["eval/env/mean@2"] + 0.3, evals
     for r in rows:
         # two model turns, one tool call and its 4 observation tokens, per episode
         assert r["agent/turns/mean"] == 2.0

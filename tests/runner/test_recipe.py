@@ -380,7 +380,6 @@ COMBINATIONS = [
         "rollout.pipeline",
     ),
     (["agent.env=m:Env", "algorithm.dynamic_sampling=true"], "algorithm.dynamic_sampling"),
-    (["agent.env=m:Env", "eval.every=5"], "eval.every"),
 ]
 
 
