@@ -165,27 +165,18 @@ class Coordinator:
     def run_episodes(
         self, rows: Sequence, agent, sampling: Sampling, groups: int | None = None
     ) -> list:
-        """Runs ``sampling.n`` multi-turn agent episodes per row on the engines; needs ROLLOUT.
+        """Runs ``sampling.n`` agent episodes per row on the engines (``colocate.agents``).
 
-        ``agent`` is a ``colocate.agents.AgentConfig`` (the environment, the episode limits).
-        Each episode's turns go to the engines as soon as its environment answers
-        (``colocate.agents.AgentLoop``); every episode is finished, or in PARTIAL mode paused
-        with its tokens kept, when this returns (:meth:`RolloutDriver.run_episodes`).
-
-        Returns:
-            ``colocate.agents.EpisodeResult`` per episode, group by group: ``completion``
-            (observation tokens have ``loss_mask`` 0; ``make_batch`` makes them 0 in
-            ``completion_mask``), ``reward`` (the environment's), ``stats``.
+        Needs ROLLOUT; ``agent`` is an ``AgentConfig``. Every episode is finished, or in PARTIAL
+        mode paused with its tokens kept, when this returns
+        (:meth:`RolloutDriver.run_episodes`). Returns ``EpisodeResult`` per episode, group by
+        group (``completion.loss_mask`` 0 on observation tokens).
         """
         run = self.rollouts.run_episodes
         return self._guard(lambda: run(self.fleet, rows, agent, sampling, groups))
 
     def evaluate_episodes(self, rows: Sequence, agent, sampling: Sampling) -> list:
-        """Runs agent episodes for evaluation (ROLLOUT; the trainer stays offloaded).
-
-        Each to its end, in every pipeline; PARTIAL's paused episodes are left alone
-        (:meth:`RolloutDriver.evaluate_episodes`).
-        """
+        """Agent episodes for evaluation, each to its end; PARTIAL's paused ones left alone."""
         run = self.rollouts.evaluate_episodes
         return self._guard(lambda: run(self.fleet, rows, agent, sampling))
 
