@@ -127,7 +127,11 @@ def _check_eval(cfg: RunnerConfig, eval_data, names: list[str]) -> None:
             "add reward.functions, or pass eval.every=0",
         )
     metric = cfg.algorithm.filter_metric
-    if metric is not None and metric not in names:
+    if metric == "env" and cfg.agent.env is None:
+        raise RecipeError(
+            "algorithm.filter_metric", metric, "is the environment's reward", "set agent.env"
+        )
+    if metric is not None and metric != "env" and metric not in names:
         raise RecipeError(
             "algorithm.filter_metric", metric, "names no reward function", f"pass one of {names}"
         )

@@ -318,8 +318,8 @@ class AlgorithmSection:
         max_sampling_rounds: Most generate rounds per step with ``dynamic_sampling``.
         filter_metric: The raw score ``dynamic_sampling`` filters on: a reward function's
             name (e.g. ``math_answer``, so a shaping term such as the overlong penalty does
-            not make a group look informative), or None for the total reward (verl's
-            ``filter_groups.metric``).
+            not make a group look informative), ``env`` (an agent's environment's reward),
+            or None for the total reward (verl's ``filter_groups.metric``).
     """
 
     estimator: Estimator = Estimator.GRPO
@@ -642,24 +642,11 @@ class RunnerConfig:
             )
 
     def _check_agent(self) -> None:
-        """What multi-turn episodes do not run with (yet): each refusal names its key."""
-        rollout = self.rollout
-        refusals = [
-            (
+        """What multi-turn episodes do not run with (yet), refused on its key."""
+        if self.rollout.pipeline is Pipeline.ASYNC:
+            raise RecipeError(
                 "rollout.pipeline",
-                rollout.pipeline.value,
-                rollout.pipeline is Pipeline.ASYNC,
+                self.rollout.pipeline.value,
                 "agent episodes run in the colocated loop (sync or partial)",
                 "pass rollout.pipeline=sync (or partial)",
-            ),
-            (
-                "algorithm.dynamic_sampling",
-                self.algorithm.dynamic_sampling,
-                self.algorithm.dynamic_sampling,
-                "dynamic sampling is not implemented for agent episodes",
-                "drop algorithm.dynamic_sampling",
-            ),
-        ]
-        for key, value, refused, problem, fix in refusals:
-            if refused:
-                raise RecipeError(key, value, problem, fix)
+            )

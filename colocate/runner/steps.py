@@ -150,9 +150,18 @@ class StepRunner:
             for c, r in zip(drawn.completions, drawn.rows, strict=True)
         ]
 
-    def _filter_metric(self, scores) -> list[float]:
+    def _filter_metric(self, scores, drawn: Drawn) -> list[float]:
+        """The raw score a group is judged informative by (agents: ``env`` is theirs)."""
         name = self.cfg.algorithm.filter_metric
-        return scores.total if name is None else scores.per_function[name]
+        env = [e.reward for e in drawn.episodes]
+        if name == "env":
+            return env
+        if name is not None:
+            return scores.per_function[name]
+        if not env:
+            return scores.total
+        weight = self.cfg.agent.reward_weight
+        return [t + weight * r for t, r in zip(scores.total, env, strict=True)]
 
     def rollout(self, last: bool = False) -> tuple[Drawn, object | None, dict]:
         """Step 1: the batch's groups; with dynamic sampling their rewards too."""
@@ -167,11 +176,12 @@ class StepRunner:
             drawn = self._draw(wanted - len(kept.rows) // self.group)
             scores = self.scorer.score(self.items(drawn))
             latest = (drawn, scores)
-            useful = informative_groups(self._filter_metric(scores), self.group)
+            useful = informative_groups(self._filter_metric(scores, drawn), self.group)
             for g, keep in enumerate(useful):
                 lo, hi = g * self.group, (g + 1) * self.group
                 if keep:
-                    kept.extend(Drawn(drawn.completions[lo:hi], drawn.rows[lo:hi]))
+                    episodes = drawn.episodes[lo:hi]
+                    kept.extend(Drawn(drawn.completions[lo:hi], drawn.rows[lo:hi], episodes))
                     scored.append((scores, lo, hi))
                 else:
                     dropped += 1

@@ -6,6 +6,7 @@
 - The same environment under PPO's GAE with the critic and a KL penalty to the reference, in
   the partial pipeline: the roles score multi-turn rows, episodes are paused across the
   hand-over and resumed, and every step trains.
+- With DAPO's dynamic sampling filtering groups on the environment's reward.
 """
 
 import json
@@ -96,3 +97,22 @@ def test_agent_episodes_with_roles_in_the_partial_pipeline(tmp_path, data):
         for key in ("critic/vf_loss", "critic/values/mean", "actor/kl"):
             assert key in r, key
     assert summary["ordering_violations"] == []
+
+
+def test_agent_episodes_with_dynamic_sampling_on_the_environments_reward(tmp_path, data):
+    _, rows = _train(
+        tmp_path,
+        f"data.train={data['train']}",
+        "steps=3",
+        "rollout.prompts=4",
+        "rollout.group_size=4",
+        "algorithm.dynamic_sampling=true",
+        "algorithm.filter_metric=env",
+    )
+    for r in rows:
+        assert 1 <= r["dynamic_sampling/rounds"] <= 3
+        # the batch is full of informative groups, unless no round found any
+        assert r["dynamic_sampling/kept_groups"] == 4 or r["dynamic_sampling/rounds"] == 3
+        assert r["agent/turns/mean"] == 2.0
+    # the untrained model's groups often all score 0 on the environment: those are dropped
+    assert sum(r["dynamic_sampling/dropped_groups"] for r in rows) > 0

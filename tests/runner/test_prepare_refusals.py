@@ -94,6 +94,11 @@ def test_train_refuses_what_prepare_finds_before_ray(task):
             ["'share'"],
         ),
         (
+            ["algorithm.dynamic_sampling=true", "algorithm.filter_metric=env"],
+            "algorithm.filter_metric='env': is the environment's reward",
+            ["set agent.env"],
+        ),
+        (
             [f"checkpoint.resume={not_a_run}"],
             f"checkpoint.resume='{not_a_run}':",
             ["no checkpoints/step<N>", "checkpoint.save_every"],

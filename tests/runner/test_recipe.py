@@ -379,7 +379,6 @@ COMBINATIONS = [
         ],
         "rollout.pipeline",
     ),
-    (["agent.env=m:Env", "algorithm.dynamic_sampling=true"], "algorithm.dynamic_sampling"),
 ]
 
 
