@@ -227,7 +227,10 @@ class StepRunner:
         if len(keep) < len(drawn.completions):
             batch = {k: v[keep] for k, v in batch.items()}
             total = total[keep]
-            drawn = Drawn([drawn.completions[i] for i in keep], [drawn.rows[i] for i in keep])
+            episodes = [drawn.episodes[i] for i in keep] if drawn.episodes else []
+            drawn = Drawn(
+                [drawn.completions[i] for i in keep], [drawn.rows[i] for i in keep], episodes
+            )
         alg = cfg.algorithm
         batch = estimate(
             alg.estimator,

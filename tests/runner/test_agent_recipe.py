@@ -6,7 +6,8 @@
 - The same environment under PPO's GAE with the critic and a KL penalty to the reference, in
   the partial pipeline: the roles score multi-turn rows, episodes are paused across the
   hand-over and resumed, and every step trains.
-- With DAPO's dynamic sampling filtering groups on the environment's reward.
+- With DAPO's dynamic sampling filtering groups on the environment's reward, and a reward
+  function that raises for some episodes under ``on_error: drop``.
 """
 
 import json
@@ -99,7 +100,16 @@ def test_agent_episodes_with_roles_in_the_partial_pipeline(tmp_path, data):
     assert summary["ordering_violations"] == []
 
 
-def test_agent_episodes_with_dynamic_sampling_on_the_environments_reward(tmp_path, data):
+FLAKY = """
+def flaky(prompt, completion, completion_ids, row, **_):
+    if len(prompt) % 4 == 0:  # the whole group of a prompt fails
+        raise RuntimeError("flaky fails on this one")
+    return 0.0
+"""
+
+
+def test_agent_episodes_with_dynamic_sampling_and_dropped_reward_errors(tmp_path, data):
+    (tmp_path / "flaky.py").write_text(FLAKY)
     _, rows = _train(
         tmp_path,
         f"data.train={data['train']}",
@@ -108,7 +118,11 @@ def test_agent_episodes_with_dynamic_sampling_on_the_environments_reward(tmp_pat
         "rollout.group_size=4",
         "algorithm.dynamic_sampling=true",
         "algorithm.filter_metric=env",
+        "reward.functions=[flaky.py:flaky]",
+        "reward.on_error=drop",
     )
+    # a raising reward function drops its episodes' groups; the rest train, with their figures
+    assert sum(r.get("reward/errors/flaky/raised", 0) for r in rows) > 0
     for r in rows:
         assert 1 <= r["dynamic_sampling/rounds"] <= 3
         # the batch is full of informative groups, unless no round found any
