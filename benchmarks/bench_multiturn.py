@@ -160,7 +160,15 @@ def lockstep(llm, tokenizer, prompts, args, sampling, pool) -> tuple[list, list[
     episodes = [
         (
             Completion(
-                i, 0, tuple(prompt_ids[i]), tuple(ids[i]), (), "", None, 0, (), tuple(mask[i])
+                prompt_index=i,
+                sample_index=0,
+                prompt_token_ids=tuple(prompt_ids[i]),
+                token_ids=tuple(ids[i]),
+                logprobs=(),
+                text="",
+                finish_reason=None,
+                weight_version=0,
+                loss_mask=tuple(mask[i]),
             ),
             envs[i],
         )

@@ -82,7 +82,6 @@ def _is_ids(value: Any) -> bool:
         isinstance(value, Sequence)
         and not isinstance(value, str)
         and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
-        and not (isinstance(value, list) and value and isinstance(value[0], dict))
     )
 
 

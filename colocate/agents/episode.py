@@ -87,7 +87,6 @@ class Episode:
     logprobs: list[float] = field(default_factory=list)
     spans: tuple[tuple[int, int], ...] = ()
     turn: list[int] = field(default_factory=list)  # the current turn's tokens so far
-    turn_logprob_start: int = 0
     stage: Stage = Stage.READY
     reward: float = 0.0
     stats: Counter = field(default_factory=Counter)
